@@ -1,0 +1,1 @@
+"""Generated stubs of the headwater.v1 contract, plus its reference batch codec (batch.py)."""

@@ -1,0 +1,198 @@
+"""The reference codec of the record batch format defined in ``records.proto``.
+
+This is the one hand-written module of ``headwater.v1``: it is part of the contract, shared by the
+client (which builds batches) and the node's storage (which checks and stamps them), so both sides
+compute the CRC and the compression frames the same way. Any other language implements the same few
+rules, written in ``records.proto``.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import crc32c as _crc32c
+import lz4.frame as _lz4
+import zstandard as _zstd
+
+from headwater.v1 import records_pb2
+
+__all__ = [
+    "NO_PRODUCER_ID",
+    "RecordBatch",
+    "DecodedRecord",
+    "UnknownCompressionError",
+    "batch_crc",
+    "build_batch",
+    "compress",
+    "decompress",
+    "decode_records",
+    "crc_is_valid",
+    "COMPRESSION_BY_NAME",
+]
+
+RecordBatch = records_pb2.RecordBatch
+NO_PRODUCER_ID = -1
+
+# The fields covered by the CRC, in order: see records.proto.
+_CRC_HEADER = struct.Struct(">iqqqiiii")
+
+COMPRESSION_BY_NAME: dict[str, int] = {
+    "none": records_pb2.COMPRESSION_TYPE_NONE,
+    "gzip": records_pb2.COMPRESSION_TYPE_GZIP,
+    "lz4": records_pb2.COMPRESSION_TYPE_LZ4,
+    "zstd": records_pb2.COMPRESSION_TYPE_ZSTD,
+}
+
+_local = threading.local()
+
+
+class UnknownCompressionError(ValueError):
+    """A batch names a compression type this codec does not know."""
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedRecord:
+    """One record of a batch with its absolute offset and timestamp."""
+
+    offset: int
+    timestamp_ms: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes | None], ...]
+
+
+def batch_crc(batch: records_pb2.RecordBatch) -> int:
+    """CRC32C over the producer-set header fields and the records bytes (see records.proto)."""
+    header = _CRC_HEADER.pack(
+        batch.last_offset_delta,
+        batch.first_timestamp_ms,
+        batch.max_timestamp_ms,
+        batch.producer_id,
+        batch.producer_epoch,
+        batch.base_sequence,
+        batch.compression,
+        batch.record_count,
+    )
+    return _crc32c.crc32c(batch.records, _crc32c.crc32c(header))
+
+
+def crc_is_valid(batch: records_pb2.RecordBatch) -> bool:
+    try:
+        return batch_crc(batch) == batch.crc
+    except struct.error:  # a header field out of its fixed-width range cannot have a valid CRC
+        return False
+
+
+def _zstd_compressor() -> _zstd.ZstdCompressor:
+    c = getattr(_local, "zstd_c", None)
+    if c is None:
+        c = _local.zstd_c = _zstd.ZstdCompressor(level=3)
+    return c
+
+
+def _zstd_decompressor() -> _zstd.ZstdDecompressor:
+    d = getattr(_local, "zstd_d", None)
+    if d is None:
+        d = _local.zstd_d = _zstd.ZstdDecompressor()
+    return d
+
+
+def compress(compression: int, data: bytes) -> bytes:
+    if compression == records_pb2.COMPRESSION_TYPE_NONE:
+        return data
+    if compression == records_pb2.COMPRESSION_TYPE_ZSTD:
+        return _zstd_compressor().compress(data)
+    if compression == records_pb2.COMPRESSION_TYPE_LZ4:
+        return bytes(_lz4.compress(data))
+    if compression == records_pb2.COMPRESSION_TYPE_GZIP:
+        c = zlib.compressobj(6, zlib.DEFLATED, 31)  # wbits 31: a gzip member
+        return c.compress(data) + c.flush()
+    raise UnknownCompressionError(f"unknown compression type {compression}")
+
+
+def decompress(compression: int, data: bytes, max_size: int = 1 << 30) -> bytes:
+    """Inflate a records payload; refuses to inflate past ``max_size`` bytes (a compression bomb)."""
+    if compression == records_pb2.COMPRESSION_TYPE_NONE:
+        return data
+    if compression == records_pb2.COMPRESSION_TYPE_ZSTD:
+        return bytes(_zstd_decompressor().decompress(data, max_output_size=max_size))
+    if compression == records_pb2.COMPRESSION_TYPE_LZ4:
+        out = bytes(_lz4.decompress(data))
+    elif compression == records_pb2.COMPRESSION_TYPE_GZIP:
+        d = zlib.decompressobj(31)
+        out = d.decompress(data, max_size + 1)
+    else:
+        raise UnknownCompressionError(f"unknown compression type {compression}")
+    if len(out) > max_size:
+        raise ValueError(f"records payload inflates past {max_size} bytes")
+    return out
+
+
+Header = tuple[str, bytes | None]
+
+
+def build_batch(
+    records: Sequence[tuple[bytes | None, bytes | None, Iterable[Header] | None, int]],
+    compression: int = records_pb2.COMPRESSION_TYPE_NONE,
+    *,
+    producer_id: int = NO_PRODUCER_ID,
+    producer_epoch: int = -1,
+    base_sequence: int = -1,
+) -> records_pb2.RecordBatch:
+    """Build a batch from ``(key, value, headers, timestamp_ms)`` tuples; base_offset is left 0."""
+    if not records:
+        raise ValueError("a batch holds at least one record")
+    first_ts = records[0][3]
+    max_ts = first_ts
+    payload = records_pb2.Records()
+    add = payload.records.add
+    for i, (key, value, headers, ts) in enumerate(records):
+        r = add(offset_delta=i, timestamp_delta_ms=ts - first_ts)
+        if key is not None:
+            r.key = key
+        if value is not None:
+            r.value = value
+        if headers:
+            for hk, hv in headers:
+                h = r.headers.add(key=hk)
+                if hv is not None:
+                    h.value = hv
+        if ts > max_ts:
+            max_ts = ts
+    batch = records_pb2.RecordBatch(
+        last_offset_delta=len(records) - 1,
+        first_timestamp_ms=first_ts,
+        max_timestamp_ms=max_ts,
+        producer_id=producer_id,
+        producer_epoch=producer_epoch,
+        base_sequence=base_sequence,
+        compression=compression,  # type: ignore[arg-type]
+        record_count=len(records),
+        records=compress(compression, payload.SerializeToString()),
+    )
+    batch.crc = batch_crc(batch)
+    return batch
+
+
+def decode_records(batch: records_pb2.RecordBatch, max_size: int = 1 << 30) -> list[DecodedRecord]:
+    """The records of a batch, with absolute offsets and timestamps."""
+    payload = records_pb2.Records()
+    payload.ParseFromString(decompress(batch.compression, batch.records, max_size))
+    base = batch.base_offset
+    first_ts = batch.first_timestamp_ms
+    out = []
+    for r in payload.records:
+        out.append(
+            DecodedRecord(
+                base + r.offset_delta,
+                first_ts + r.timestamp_delta_ms,
+                r.key if r.HasField("key") else None,
+                r.value if r.HasField("value") else None,
+                tuple((h.key, h.value if h.HasField("value") else None) for h in r.headers),
+            )
+        )
+    return out
