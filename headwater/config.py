@@ -1,0 +1,261 @@
+"""Every setting of a node, and every topic config, with its default: the one place bounds live.
+
+A node's settings come from three layers, later ones winning: a TOML file, ``HEADWATER_*``
+environment variables (``HEADWATER_MAX_MESSAGE_BYTES=2097152``), and command-line flags
+(``--max-message-bytes 2097152``). Topic configs are per topic, set at creation or by
+``AlterConfigs``; where a topic does not set one, the node's ``log_*`` default applies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "NodeConfig",
+    "ConfigError",
+    "load_config",
+    "TopicConfigSpec",
+    "TOPIC_CONFIGS",
+    "validate_topic_configs",
+    "normalize_config_name",
+    "effective_topic_config",
+    "ENV_PREFIX",
+]
+
+ENV_PREFIX = "HEADWATER_"
+
+
+class ConfigError(ValueError):
+    """A setting is unknown or its value is out of range."""
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Settings of one node. Every bound the node enforces has a name and a default here."""
+
+    node_id: int = 1
+    # Address clients and peers use; the node binds it.
+    host: str = "127.0.0.1"
+    port: int = 9192
+    # Address other nodes' clients are told (defaults to host:port).
+    advertised_host: str = ""
+    rack: str = ""
+    data_dir: str = "./data"
+    # Prometheus text on http://host:metrics_port/metrics; 0 disables it.
+    metrics_port: int = 0
+    log_level: str = "INFO"
+
+    # --- request and record bounds
+    # Largest record batch a producer may send, after compression (Kafka: message.max.bytes).
+    max_message_bytes: int = 1024 * 1024
+    # Largest gRPC message the node accepts or sends.
+    max_request_bytes: int = 64 * 1024 * 1024
+    # Caps on a Fetch: whole response, one partition, and the longest long poll.
+    fetch_max_bytes: int = 50 * 1024 * 1024
+    max_partition_fetch_bytes: int = 10 * 1024 * 1024
+    fetch_max_wait_ms: int = 30_000
+    # Parked long-poll fetches and acks=all waiters, across the node.
+    max_fetch_waiters: int = 10_000
+    max_ack_waiters: int = 100_000
+    # Concurrent Subscribe streams.
+    max_subscribe_streams: int = 1_000
+    # Partitions and topics.
+    max_partitions_per_topic: int = 10_000
+    max_topics: int = 100_000
+    default_num_partitions: int = 1
+    default_replication_factor: int = 1
+    # Largest records payload a batch may inflate to when the node decodes one (timestamps, Subscribe).
+    max_decompressed_bytes: int = 64 * 1024 * 1024
+
+    # --- log defaults, used where a topic does not set its own
+    log_retention_ms: int = 7 * 24 * 3600 * 1000
+    log_retention_bytes: int = -1
+    # How often the retention task runs.
+    retention_check_interval_ms: int = 5_000
+    # "none": the OS flushes (Kafka's default; safety comes from replication); "fsync": sync every
+    # write before it is acknowledged.
+    log_flush_policy: str = "none"
+
+    # --- shutdown
+    shutdown_grace_s: float = 10.0
+
+    def advertised(self) -> tuple[str, int]:
+        return (self.advertised_host or self.host, self.port)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(NodeConfig)}
+
+
+def _coerce(name: str, raw: Any) -> Any:
+    f = _FIELDS[name]
+    kind = f.type if isinstance(f.type, str) else f.type.__name__
+    try:
+        if kind == "int":
+            if isinstance(raw, bool):
+                raise ValueError
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "bool":
+            if isinstance(raw, bool):
+                return raw
+            return str(raw).lower() in ("1", "true", "yes", "on")
+        return str(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"setting {name}: {raw!r} is not a valid {kind}") from None
+
+
+def _validate(cfg: NodeConfig) -> NodeConfig:
+    positive = [
+        "max_message_bytes", "max_request_bytes", "fetch_max_bytes", "max_partition_fetch_bytes",
+        "max_fetch_waiters", "max_ack_waiters", "max_subscribe_streams", "max_partitions_per_topic",
+        "max_topics", "default_num_partitions", "default_replication_factor",
+        "max_decompressed_bytes", "retention_check_interval_ms",
+    ]
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"setting {name} must be > 0, got {getattr(cfg, name)}")
+    if not 0 < cfg.port < 65536:
+        raise ConfigError(f"setting port must be in 1..65535, got {cfg.port}")
+    if not 0 <= cfg.metrics_port < 65536:
+        raise ConfigError(f"setting metrics_port must be in 0..65535, got {cfg.metrics_port}")
+    if cfg.max_message_bytes + 64 * 1024 > cfg.max_request_bytes:
+        raise ConfigError("max_request_bytes must exceed max_message_bytes by at least 64 KiB")
+    if cfg.log_flush_policy not in ("none", "fsync"):
+        raise ConfigError(f"setting log_flush_policy must be none or fsync, got {cfg.log_flush_policy!r}")
+    if cfg.fetch_max_wait_ms < 0:
+        raise ConfigError("setting fetch_max_wait_ms must be >= 0")
+    return cfg
+
+
+def load_config(
+    path: str | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> NodeConfig:
+    """File, then ``HEADWATER_*`` environment, then explicit overrides (flags); later wins."""
+    values: dict[str, Any] = {}
+    if path:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+        node_section = data.get("node", data)
+        for key, raw in node_section.items():
+            name = key.replace("-", "_")
+            if name not in _FIELDS:
+                raise ConfigError(f"{path}: unknown setting {key!r}")
+            values[name] = _coerce(name, raw)
+    env = os.environ if env is None else env
+    for key, raw in env.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        name = key[len(ENV_PREFIX):].lower()
+        if name in _FIELDS:
+            values[name] = _coerce(name, raw)
+    for name, raw in (overrides or {}).items():
+        if raw is None:
+            continue
+        name = name.replace("-", "_")
+        if name not in _FIELDS:
+            raise ConfigError(f"unknown setting {name!r}")
+        values[name] = _coerce(name, raw)
+    return _validate(NodeConfig(**values))
+
+
+# ------------------------------------------------------------------ topic configs
+
+
+@dataclass(frozen=True)
+class TopicConfigSpec:
+    """One topic config: its parser, which also validates, and where its default comes from."""
+
+    name: str
+    parse: Callable[[str], Any]
+    # Name of the NodeConfig field that gives the default, or the literal default.
+    node_default: str = ""
+    default: Any = None
+    doc: str = ""
+    aliases: tuple[str, ...] = field(default=())
+
+
+def _int_at_least(lo: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            v = int(raw)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{raw!r} is not an integer") from None
+        if v < lo:
+            raise ConfigError(f"{v} is below the minimum {lo}")
+        return v
+
+    return parse
+
+
+def _one_of(*choices: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        if raw not in choices:
+            raise ConfigError(f"{raw!r} is not one of {', '.join(choices)}")
+        return raw
+
+    return parse
+
+
+TOPIC_CONFIGS: dict[str, TopicConfigSpec] = {
+    s.name: s
+    for s in [
+        TopicConfigSpec("retention_ms", _int_at_least(-1), node_default="log_retention_ms",
+                        doc="Delete batches older than this; -1 keeps them forever."),
+        TopicConfigSpec("retention_bytes", _int_at_least(-1), node_default="log_retention_bytes",
+                        doc="Delete the oldest batches while a partition is larger; -1: no limit."),
+        TopicConfigSpec("max_message_bytes", _int_at_least(1), node_default="max_message_bytes",
+                        doc="Largest batch a producer may send to this topic."),
+        TopicConfigSpec("cleanup_policy", _one_of("delete", "compact"), default="delete",
+                        doc="delete: retention by time and size."),
+        TopicConfigSpec("min_insync_replicas", _int_at_least(1), default=1,
+                        doc="acks=all writes are refused with fewer in-sync replicas."),
+        TopicConfigSpec("flush_policy", _one_of("none", "fsync"), node_default="log_flush_policy",
+                        doc="fsync: sync each write to disk before acknowledging it."),
+        TopicConfigSpec("message_timestamp_type", _one_of("CreateTime", "LogAppendTime"),
+                        default="CreateTime", doc="Whose clock stamps records."),
+        TopicConfigSpec("unclean_leader_election_enable", _one_of("true", "false"), default="false",
+                        doc="Allow an out-of-sync replica to become leader (may lose data)."),
+    ]
+}
+
+
+def normalize_config_name(name: str) -> str:
+    """Accept Kafka's dotted spelling (``retention.ms``) as well as ``retention_ms``."""
+    return name.strip().replace(".", "_").replace("-", "_")
+
+
+def validate_topic_configs(configs: Mapping[str, str]) -> dict[str, str]:
+    """Normalised, validated copy of a topic's configs; raises ConfigError naming the bad one."""
+    out: dict[str, str] = {}
+    for raw_name, raw_value in configs.items():
+        name = normalize_config_name(raw_name)
+        spec = TOPIC_CONFIGS.get(name)
+        if spec is None:
+            raise ConfigError(f"unknown topic config {raw_name!r}")
+        try:
+            spec.parse(str(raw_value))
+        except ConfigError as e:
+            raise ConfigError(f"topic config {name}: {e}") from None
+        out[name] = str(raw_value)
+    return out
+
+
+def effective_topic_config(topic_configs: Mapping[str, str], node: NodeConfig) -> dict[str, Any]:
+    """Every topic config, parsed: the topic's own value where set, else the node's default."""
+    out: dict[str, Any] = {}
+    for name, spec in TOPIC_CONFIGS.items():
+        if name in topic_configs:
+            out[name] = spec.parse(topic_configs[name])
+        elif spec.node_default:
+            out[name] = getattr(node, spec.node_default)
+        else:
+            out[name] = spec.default
+    return out
