@@ -25,6 +25,8 @@ __all__ = [
     "normalize_config_name",
     "effective_topic_config",
     "ENV_PREFIX",
+    "add_config_flags",
+    "config_from_args",
 ]
 
 ENV_PREFIX = "HEADWATER_"
@@ -259,3 +261,26 @@ def effective_topic_config(topic_configs: Mapping[str, str], node: NodeConfig) -
         else:
             out[name] = spec.default
     return out
+
+
+# ------------------------------------------------------------------ command-line flags
+
+
+def add_config_flags(parser: Any) -> None:
+    """Add ``--config FILE`` and one flag per NodeConfig field (``--max-message-bytes``) to argparse."""
+    parser.add_argument("--config", metavar="FILE", help="TOML file of node settings")
+    for f in dataclasses.fields(NodeConfig):
+        kind = f.type if isinstance(f.type, str) else f.type.__name__
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            default=None,
+            metavar=kind.upper(),
+            help=f"(default {f.default!r}; env {ENV_PREFIX}{f.name.upper()})",
+        )
+
+
+def config_from_args(args: Any, env: Mapping[str, str] | None = None) -> NodeConfig:
+    """NodeConfig from parsed flags (those given win), the environment and the ``--config`` file."""
+    overrides = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(NodeConfig)}
+    return load_config(getattr(args, "config", None), env, overrides)

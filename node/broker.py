@@ -1,0 +1,549 @@
+"""The node's request logic: topics, produce, fetch, offsets and configs over the local logs.
+
+gRPC stays out of this module (``service.py`` adapts it); RocksDB stays behind ``headwater.storage``.
+Every answer that acknowledges a write says which write it follows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from headwater.config import (
+    TOPIC_CONFIGS,
+    ConfigError,
+    NodeConfig,
+    effective_topic_config,
+    normalize_config_name,
+    validate_topic_configs,
+)
+from headwater.node.catalog import InvalidTopicName, TopicCatalog, TopicInfo, validate_topic_name
+from headwater.node.partition import Partition
+from headwater.storage import (
+    CorruptRecordError,
+    LogStore,
+    LogWriteError,
+    OffsetOutOfRangeError,
+)
+from headwater.v1 import batch as batch_codec
+from headwater.v1 import client_pb2 as pb
+from headwater.v1 import errors_pb2
+from headwater.v1 import records_pb2
+
+__all__ = ["Broker", "EARLIEST", "LATEST", "MAX_TIMESTAMP"]
+
+E = errors_pb2
+log = logging.getLogger("headwater.node")
+
+EARLIEST = -2
+LATEST = -1
+MAX_TIMESTAMP = -3
+
+
+def _wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Broker:
+    """Topics and partition replicas on this node, and the requests that read and write them."""
+
+    def __init__(self, config: NodeConfig, store: LogStore, *, clock_ms: Callable[[], int] = _wall_clock_ms) -> None:
+        self.config = config
+        self.store = store
+        self.clock_ms = clock_ms
+        self.catalog = TopicCatalog(store)
+        self.partitions: dict[tuple[str, int], Partition] = {}
+        self._parked = 0
+        self._closing = False
+        self._topic_config_cache: dict[str, dict[str, Any]] = {}
+        for info in self.catalog:
+            self._open_partitions(info)
+        self._drop_orphan_partitions()
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def _open_partitions(self, info: TopicInfo) -> None:
+        for index in range(info.partition_count):
+            plog = self.store.open_partition(info.topic_id, index)
+            self.partitions[(info.name, index)] = Partition(
+                info.name, info.topic_id, index, plog, node_id=self.config.node_id
+            )
+
+    def _drop_orphan_partitions(self) -> None:
+        """Partitions whose topic is gone (a crash between the catalog delete and the data delete)."""
+        live = {(i.topic_id, n) for i in self.catalog for n in range(i.partition_count)}
+        for topic_id, index in self.store.list_partitions():
+            if (topic_id, index) not in live:
+                log.info("removing data of deleted topic %s partition %d", topic_id.hex(), index)
+                self.store.delete_partition(topic_id, index)
+
+    def close(self) -> None:
+        """Wake every parked reader so in-flight fetches answer before the store closes."""
+        self._closing = True
+        for p in self.partitions.values():
+            p.wake()
+
+    def topic_config(self, name: str) -> dict[str, Any]:
+        cached = self._topic_config_cache.get(name)
+        if cached is None:
+            info = self.catalog.get(name)
+            assert info is not None
+            cached = self._topic_config_cache[name] = effective_topic_config(info.configs, self.config)
+        return cached
+
+    # ----------------------------------------------------------------- topics
+
+    def create_topics(self, req: pb.CreateTopicsRequest) -> pb.CreateTopicsResponse:
+        resp = pb.CreateTopicsResponse()
+        seen: set[str] = set()
+        for t in req.topics:
+            r = resp.topics.add(name=t.name)
+            code, msg, partitions, rf, configs = self._check_new_topic(t, seen)
+            seen.add(t.name)
+            r.num_partitions, r.replication_factor = partitions, rf
+            if code != E.ERROR_CODE_NONE:
+                r.error_code, r.error_message = code, msg  # type: ignore[assignment]
+                continue
+            if req.validate_only:
+                continue
+            info = self.catalog.create(t.name, partitions, rf, configs)  # synced to the store first
+            self._open_partitions(info)
+            r.topic_id = info.topic_id
+            log.info("created topic %s with %d partitions", t.name, partitions)
+        return resp
+
+    def _check_new_topic(
+        self, t: pb.CreatableTopic, seen: set[str]
+    ) -> tuple[int, str, int, int, dict[str, str]]:
+        if t.num_partitions == -1:
+            partitions = self.config.default_num_partitions
+        elif t.num_partitions == 0 and t.assignments:
+            partitions = len(t.assignments)
+        else:
+            partitions = t.num_partitions
+        rf = self.config.default_replication_factor if t.replication_factor == -1 else t.replication_factor
+        try:
+            validate_topic_name(t.name)
+        except InvalidTopicName as e:
+            return E.ERROR_CODE_INVALID_TOPIC, str(e), partitions, rf, {}
+        if t.name in seen:
+            return E.ERROR_CODE_INVALID_REQUEST, f"topic {t.name} appears twice in the request", partitions, rf, {}
+        if self.catalog.get(t.name) is not None:
+            return E.ERROR_CODE_TOPIC_ALREADY_EXISTS, f"topic {t.name} already exists", partitions, rf, {}
+        if len(self.catalog) >= self.config.max_topics:
+            return E.ERROR_CODE_POLICY_VIOLATION, f"the node holds max_topics={self.config.max_topics}", partitions, rf, {}
+        if not 1 <= partitions <= self.config.max_partitions_per_topic:
+            return (
+                E.ERROR_CODE_INVALID_PARTITIONS,
+                f"partition count must be 1..{self.config.max_partitions_per_topic}, got {partitions}",
+                partitions, rf, {},
+            )
+        live_nodes = 1
+        if not 1 <= rf <= live_nodes:
+            return (
+                E.ERROR_CODE_INVALID_REPLICATION_FACTOR,
+                f"replication factor must be 1..{live_nodes} (live nodes), got {rf}",
+                partitions, rf, {},
+            )
+        for a in t.assignments:
+            if list(a.replicas) != [self.config.node_id] or not 0 <= a.partition < partitions:
+                return (
+                    E.ERROR_CODE_INVALID_REPLICA_ASSIGNMENT,
+                    f"assignment {a.partition}:{list(a.replicas)} names unknown nodes or partitions",
+                    partitions, rf, {},
+                )
+        try:
+            configs = validate_topic_configs(dict(t.configs))
+        except ConfigError as e:
+            return E.ERROR_CODE_INVALID_CONFIG, str(e), partitions, rf, {}
+        return E.ERROR_CODE_NONE, "", partitions, rf, configs
+
+    def delete_topics(self, req: pb.DeleteTopicsRequest) -> pb.DeleteTopicsResponse:
+        resp = pb.DeleteTopicsResponse()
+        for name in req.names:
+            r = resp.topics.add(name=name)
+            info = self.catalog.get(name)
+            if info is None:
+                r.error_code = E.ERROR_CODE_UNKNOWN_TOPIC_OR_PARTITION
+                r.error_message = f"topic {name!r} does not exist"
+                continue
+            r.topic_id = info.topic_id
+            self.catalog.delete(name)  # synced first: a crash now leaves orphan data, removed at start-up
+            self._topic_config_cache.pop(name, None)
+            for index in range(info.partition_count):
+                p = self.partitions.pop((name, index))
+                p.wake()
+                self.store.delete_partition(info.topic_id, index)
+            log.info("deleted topic %s", name)
+        return resp
+
+    def metadata(self, req: pb.MetadataRequest) -> pb.MetadataResponse:
+        host, port = self.config.advertised()
+        resp = pb.MetadataResponse(cluster_id=self.catalog.cluster_id, controller_id=self.config.node_id)
+        resp.nodes.add(node_id=self.config.node_id, host=host, port=port, rack=self.config.rack, broker_epoch=0)
+        names: Iterable[str] = req.topics if req.topics else [i.name for i in self.catalog]
+        for name in names:
+            t = resp.topics.add(name=name)
+            info = self.catalog.get(name)
+            if info is None:
+                t.error_code = E.ERROR_CODE_UNKNOWN_TOPIC_OR_PARTITION
+                t.error_message = f"topic {name!r} does not exist"
+                continue
+            t.topic_id = info.topic_id
+            for index in range(info.partition_count):
+                p = self.partitions[(name, index)]
+                t.partitions.add(
+                    partition=index,
+                    leader_id=p.leader_id,
+                    leader_epoch=p.leader_epoch,
+                    partition_epoch=0,
+                    replicas=[self.config.node_id],
+                    isr=[self.config.node_id],
+                )
+        return resp
+
+    # ----------------------------------------------------------------- produce
+
+    def _lookup(self, topic: str, index: int) -> tuple[Partition | None, str]:
+        p = self.partitions.get((topic, index))
+        if p is not None:
+            return p, ""
+        if self.catalog.get(topic) is None:
+            return None, f"topic {topic!r} does not exist"
+        return None, f"topic {topic!r} has no partition {index}"
+
+    async def produce(self, req: pb.ProduceRequest) -> pb.ProduceResponse:
+        resp = pb.ProduceResponse()
+        now_ms = self.clock_ms()
+        for t in req.topics:
+            tr = resp.topics.add(topic=t.topic)
+            for pd in t.partitions:
+                pr = tr.partitions.add(partition=pd.partition, base_offset=-1, log_append_time_ms=-1, leader_id=-1)
+                code, msg = await self._produce_partition(req.acks, t.topic, pd, pr, now_ms)
+                if code != E.ERROR_CODE_NONE:
+                    pr.error_code, pr.error_message = code, msg  # type: ignore[assignment]
+        return resp
+
+    async def _produce_partition(
+        self, acks: int, topic: str, pd: pb.ProducePartitionData, pr: pb.ProducePartitionResponse, now_ms: int
+    ) -> tuple[int, str]:
+        if acks not in (0, 1, -1):
+            return E.ERROR_CODE_INVALID_REQUIRED_ACKS, f"acks must be 0, 1 or -1 (all), got {acks}"
+        p, why = self._lookup(topic, pd.partition)
+        if p is None:
+            return E.ERROR_CODE_UNKNOWN_TOPIC_OR_PARTITION, why
+        check = p.check_leader(-1)
+        if check.error_code != E.ERROR_CODE_NONE:
+            pr.leader_id, pr.leader_epoch = p.leader_id, p.leader_epoch
+            return check.error_code, check.message
+        if not pd.batches:
+            return E.ERROR_CODE_INVALID_REQUEST, "no record batches for this partition"
+        cfg = self.topic_config(topic)
+        max_message_bytes = cfg["max_message_bytes"]
+        # Validate every batch before appending any, so a bad batch leaves the partition untouched.
+        for b in pd.batches:
+            size = b.ByteSize()
+            if size > max_message_bytes:
+                return (
+                    E.ERROR_CODE_RECORD_TOO_LARGE,
+                    f"batch of {size} bytes exceeds max_message_bytes={max_message_bytes}",
+                )
+            if b.record_count < 1 or b.last_offset_delta != b.record_count - 1 or not batch_codec.crc_is_valid(b):
+                return E.ERROR_CODE_CORRUPT_MESSAGE, "batch CRC or header is invalid; nothing was stored"
+        if acks == -1 and cfg["min_insync_replicas"] > 1:  # one node: the ISR is this node alone
+            return (
+                E.ERROR_CODE_NOT_ENOUGH_REPLICAS,
+                f"in-sync replicas 1 < min_insync_replicas={cfg['min_insync_replicas']}",
+            )
+        log_append_time = cfg["message_timestamp_type"] == "LogAppendTime"
+        sync = cfg["flush_policy"] == "fsync"
+        first = None
+        try:
+            for b in pd.batches:
+                if sync:
+                    # fsync policy: the append is synced to disk before the reply (off the event loop).
+                    result = await asyncio.get_running_loop().run_in_executor(
+                        None, lambda b=b: p.log.append(  # type: ignore[misc]
+                            b, p.leader_epoch, now_ms=now_ms, log_append_time=log_append_time, sync=True
+                        )
+                    )
+                else:
+                    result = p.log.append(b, p.leader_epoch, now_ms=now_ms, log_append_time=log_append_time)
+                if first is None:
+                    first = result
+        except CorruptRecordError as e:
+            return E.ERROR_CODE_CORRUPT_MESSAGE, str(e)
+        except LogWriteError as e:
+            log.warning("append to %s-%d failed: %s", topic, pd.partition, e)
+            self._maybe_recover_store()
+            return E.ERROR_CODE_STORAGE_ERROR, f"the node could not write to its log: {e}"
+        finally:
+            # On one node a record is committed once it is in the local log (RocksDB WAL, written by
+            # the append that just returned): that is the acks=all guarantee here.
+            if p.log.log_end_offset > p.high_watermark:
+                p.advance_high_watermark(p.log.log_end_offset)
+        assert first is not None
+        pr.base_offset = first.base_offset
+        pr.log_start_offset = p.log.log_start_offset
+        if log_append_time:
+            pr.log_append_time_ms = now_ms
+        return E.ERROR_CODE_NONE, ""
+
+    def _maybe_recover_store(self) -> None:
+        recover = getattr(self.store, "recover", None)
+        if recover is not None:
+            try:
+                recover()
+            except Exception as e:  # still no space: the next write tries again
+                log.warning("store not recovered yet: %s", e)
+
+    # ----------------------------------------------------------------- fetch
+
+    async def fetch(self, req: pb.FetchRequest) -> pb.FetchResponse:
+        cfg = self.config
+        max_wait_ms = max(0, min(req.max_wait_ms, cfg.fetch_max_wait_ms))
+        max_bytes = cfg.fetch_max_bytes if req.max_bytes <= 0 else min(req.max_bytes, cfg.fetch_max_bytes)
+        min_bytes = max(0, req.min_bytes)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max_wait_ms / 1000
+        while True:
+            resp, total, touched, errored = self._read_fetch(req, max_bytes)
+            remaining = deadline - loop.time()
+            if total >= min_bytes or errored or remaining <= 0 or not touched or self._closing:
+                return resp
+            if self._parked >= cfg.max_fetch_waiters:
+                return resp  # bound reached: answer now rather than park another waiter
+            fut: asyncio.Future[None] = loop.create_future()
+            for p in touched:
+                p.park(fut)
+            self._parked += 1
+            try:
+                await asyncio.wait_for(fut, remaining)
+            except TimeoutError:
+                pass
+            finally:
+                self._parked -= 1
+                for p in touched:
+                    p.unpark(fut)
+
+    def _read_fetch(
+        self, req: pb.FetchRequest, max_bytes: int
+    ) -> tuple[pb.FetchResponse, int, list[Partition], bool]:
+        resp = pb.FetchResponse()
+        total = 0
+        touched: list[Partition] = []
+        errored = False
+        is_follower = req.replica_id >= 0
+        for t in req.topics:
+            tr = resp.topics.add(topic=t.topic)
+            for fp in t.partitions:
+                pr = tr.partitions.add(partition=fp.partition, high_watermark=-1, last_stable_offset=-1,
+                                       log_start_offset=-1, log_end_offset=-1, leader_id=-1)
+                p, why = self._lookup(t.topic, fp.partition)
+                if p is None:
+                    pr.error_code, pr.error_message = E.ERROR_CODE_UNKNOWN_TOPIC_OR_PARTITION, why
+                    errored = True
+                    continue
+                check = p.check_leader(fp.current_leader_epoch)
+                pr.leader_id, pr.leader_epoch = p.leader_id, p.leader_epoch
+                if check.error_code != E.ERROR_CODE_NONE:
+                    pr.error_code, pr.error_message = check.error_code, check.message  # type: ignore[assignment]
+                    errored = True
+                    continue
+                hw = p.high_watermark
+                pr.high_watermark = hw
+                pr.last_stable_offset = hw
+                pr.log_start_offset = p.log.log_start_offset
+                pr.log_end_offset = p.log.log_end_offset
+                touched.append(p)
+                part_max = self.config.max_partition_fetch_bytes
+                if fp.partition_max_bytes > 0:
+                    part_max = min(part_max, fp.partition_max_bytes)
+                budget = min(part_max, max_bytes - total)
+                if budget <= 0 and total > 0:
+                    continue
+                try:
+                    raw = p.log.read(fp.fetch_offset, max(budget, 1), None if is_follower else hw)
+                except OffsetOutOfRangeError as e:
+                    pr.error_code = E.ERROR_CODE_OFFSET_OUT_OF_RANGE
+                    pr.error_message = str(e)
+                    errored = True
+                    continue
+                for b in raw:
+                    pr.batches.add().ParseFromString(b)
+                    total += len(b)
+        return resp, total, touched, errored
+
+    # ----------------------------------------------------------------- subscribe
+
+    async def subscribe_batches(
+        self, topic: str, index: int, offset: int, max_bytes: int
+    ) -> Any:
+        """Yield ``(high_watermark, [RecordBatch])`` from ``offset`` on, waiting for new data."""
+        p, why = self._lookup(topic, index)
+        if p is None:
+            yield E.ERROR_CODE_UNKNOWN_TOPIC_OR_PARTITION, why, -1, []
+            return
+        if offset == EARLIEST:
+            offset = p.log.log_start_offset
+        elif offset == LATEST:
+            offset = p.high_watermark
+        max_bytes = self.config.max_partition_fetch_bytes if max_bytes <= 0 else min(
+            max_bytes, self.config.max_partition_fetch_bytes
+        )
+        loop = asyncio.get_running_loop()
+        while not self._closing:
+            if self.partitions.get((topic, index)) is not p:
+                yield E.ERROR_CODE_UNKNOWN_TOPIC_OR_PARTITION, f"topic {topic!r} was deleted", -1, []
+                return
+            try:
+                raw = p.log.read(offset, max_bytes, p.high_watermark)
+            except OffsetOutOfRangeError as e:
+                yield E.ERROR_CODE_OFFSET_OUT_OF_RANGE, str(e), p.high_watermark, []
+                return
+            if raw:
+                batches = [records_pb2.RecordBatch.FromString(b) for b in raw]
+                last = batches[-1]
+                offset = last.base_offset + last.last_offset_delta + 1
+                yield E.ERROR_CODE_NONE, "", p.high_watermark, batches
+                continue
+            fut: asyncio.Future[None] = loop.create_future()
+            p.park(fut)
+            try:
+                await asyncio.wait_for(fut, 1.0)
+            except TimeoutError:
+                pass
+            finally:
+                p.unpark(fut)
+
+    # ----------------------------------------------------------------- list offsets
+
+    def list_offsets(self, req: pb.ListOffsetsRequest) -> pb.ListOffsetsResponse:
+        resp = pb.ListOffsetsResponse()
+        for t in req.topics:
+            tr = resp.topics.add(topic=t.topic)
+            for lp in t.partitions:
+                pr = tr.partitions.add(partition=lp.partition, offset=-1, timestamp_ms=-1, leader_epoch=-1)
+                p, why = self._lookup(t.topic, lp.partition)
+                if p is None:
+                    pr.error_code, pr.error_message = E.ERROR_CODE_UNKNOWN_TOPIC_OR_PARTITION, why
+                    continue
+                check = p.check_leader(lp.current_leader_epoch)
+                if check.error_code != E.ERROR_CODE_NONE:
+                    pr.error_code, pr.error_message = check.error_code, check.message  # type: ignore[assignment]
+                    continue
+                pr.leader_epoch = p.leader_epoch
+                ts = lp.timestamp_ms
+                if ts == EARLIEST:
+                    pr.offset = p.log.log_start_offset
+                elif ts == LATEST:
+                    pr.offset = p.high_watermark
+                elif ts == MAX_TIMESTAMP:
+                    found = p.log.max_timestamp()
+                    if found is not None:
+                        pr.offset, pr.timestamp_ms = found
+                elif ts >= 0:
+                    found = p.log.offset_for_timestamp(ts)
+                    if found is not None and found[0] < p.high_watermark:
+                        pr.offset, pr.timestamp_ms = found
+                else:
+                    pr.error_code = E.ERROR_CODE_INVALID_REQUEST
+                    pr.error_message = f"timestamp_ms must be -3, -2, -1 or >= 0, got {ts}"
+        return resp
+
+    # ----------------------------------------------------------------- configs
+
+    def describe_configs(self, req: pb.DescribeConfigsRequest) -> pb.DescribeConfigsResponse:
+        resp = pb.DescribeConfigsResponse()
+        for res in req.resources:
+            r = resp.results.add(resource_type=res.resource_type, resource_name=res.resource_name)
+            wanted = {normalize_config_name(n) for n in res.config_names}
+            if res.resource_type == pb.RESOURCE_TYPE_TOPIC:
+                info = self.catalog.get(res.resource_name)
+                if info is None:
+                    r.error_code = E.ERROR_CODE_UNKNOWN_TOPIC_OR_PARTITION
+                    r.error_message = f"topic {res.resource_name!r} does not exist"
+                    continue
+                effective = self.topic_config(info.name)
+                for name, spec in TOPIC_CONFIGS.items():
+                    if wanted and name not in wanted:
+                        continue
+                    source = (
+                        pb.CONFIG_SOURCE_TOPIC if name in info.configs
+                        else pb.CONFIG_SOURCE_NODE if spec.node_default else pb.CONFIG_SOURCE_DEFAULT
+                    )
+                    r.entries.add(name=name, value=str(effective[name]), source=source, documentation=spec.doc)
+            elif res.resource_type == pb.RESOURCE_TYPE_NODE:
+                if res.resource_name not in ("", str(self.config.node_id)):
+                    r.error_code = E.ERROR_CODE_RESOURCE_NOT_FOUND
+                    r.error_message = f"node {res.resource_name!r} is not this node ({self.config.node_id})"
+                    continue
+                for name, value in sorted(vars(self.config).items()):
+                    if wanted and name not in wanted:
+                        continue
+                    r.entries.add(name=name, value=str(value), source=pb.CONFIG_SOURCE_NODE, read_only=True)
+            else:
+                r.error_code = E.ERROR_CODE_INVALID_REQUEST
+                r.error_message = f"unsupported resource type {res.resource_type}"
+        return resp
+
+    def alter_configs(self, req: pb.AlterConfigsRequest) -> pb.AlterConfigsResponse:
+        resp = pb.AlterConfigsResponse()
+        for res in req.resources:
+            r = resp.results.add(resource_type=res.resource_type, resource_name=res.resource_name)
+            if res.resource_type != pb.RESOURCE_TYPE_TOPIC:
+                r.error_code = E.ERROR_CODE_INVALID_REQUEST
+                r.error_message = "only topic configs can be altered; node settings come from its config"
+                continue
+            info = self.catalog.get(res.resource_name)
+            if info is None:
+                r.error_code = E.ERROR_CODE_UNKNOWN_TOPIC_OR_PARTITION
+                r.error_message = f"topic {res.resource_name!r} does not exist"
+                continue
+            merged = dict(info.configs)
+            try:
+                for c in res.configs:
+                    name = normalize_config_name(c.name)
+                    if name not in TOPIC_CONFIGS:
+                        raise ConfigError(f"unknown topic config {c.name!r}")
+                    if c.op == pb.ALTER_CONFIG_OP_DELETE:
+                        merged.pop(name, None)
+                    elif c.op == pb.ALTER_CONFIG_OP_SET:
+                        merged[name] = c.value
+                    else:
+                        raise ConfigError(f"unknown operation {c.op} for {c.name}")
+                merged = validate_topic_configs(merged)
+            except ConfigError as e:
+                r.error_code, r.error_message = E.ERROR_CODE_INVALID_CONFIG, str(e)
+                continue
+            if req.validate_only:
+                continue
+            self.catalog.set_configs(info.name, merged)  # synced before the answer
+            self._topic_config_cache.pop(info.name, None)
+            log.info("altered configs of topic %s", info.name)
+        return resp
+
+    # ----------------------------------------------------------------- retention
+
+    def apply_retention(self) -> int:
+        """One pass of time and size retention over every partition; returns batches deleted."""
+        now_ms = self.clock_ms()
+        deleted = 0
+        for (topic, _), p in list(self.partitions.items()):
+            if self.catalog.get(topic) is None:
+                continue
+            cfg = self.topic_config(topic)
+            if cfg["cleanup_policy"] != "delete":
+                continue
+            try:
+                n = p.log.apply_retention(now_ms, cfg["retention_ms"], cfg["retention_bytes"])
+            except LogWriteError as e:
+                log.warning("retention on %s-%d failed: %s", topic, p.index, e)
+                continue
+            if n:
+                p.on_log_changed()
+                deleted += n
+        return deleted

@@ -1,0 +1,72 @@
+"""Prometheus metrics of a node: ``headwater_*`` names, base units, on their own HTTP port."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from headwater.node.broker import Broker
+
+__all__ = ["NodeMetrics"]
+
+
+class _LogCollector(Collector):
+    """Per-partition gauges read from the broker at scrape time (no bookkeeping on the hot path)."""
+
+    def __init__(self, broker: Broker) -> None:
+        self._broker = broker
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        labels = ["topic", "partition"]
+        end = GaugeMetricFamily("headwater_log_end_offset", "Offset after the last record of the log.", labels=labels)
+        start = GaugeMetricFamily("headwater_log_start_offset", "First offset still in the log.", labels=labels)
+        hw = GaugeMetricFamily("headwater_high_watermark", "Offset below which records are committed.", labels=labels)
+        size = GaugeMetricFamily("headwater_log_size_bytes", "Bytes of batches in the log.", labels=labels)
+        partitions = list(self._broker.partitions.items())
+        for (topic, index), p in partitions:
+            lv = [topic, str(index)]
+            end.add_metric(lv, p.log.log_end_offset)
+            start.add_metric(lv, p.log.log_start_offset)
+            hw.add_metric(lv, p.high_watermark)
+            size.add_metric(lv, p.log.size_bytes)
+        yield from (end, start, hw, size)
+        yield GaugeMetricFamily("headwater_partitions", "Partition replicas on this node.", value=len(partitions))
+        leaders = sum(1 for _, p in partitions if p.leader_id == p.node_id)
+        yield GaugeMetricFamily("headwater_leader_partitions", "Partitions this node leads.", value=leaders)
+        yield GaugeMetricFamily(
+            "headwater_under_replicated_partitions",
+            "Led partitions whose ISR is smaller than their replica set.",
+            value=0,  # one node: every replica set is this node alone
+        )
+        yield GaugeMetricFamily(
+            "headwater_offline_partitions", "Partitions with no live leader.", value=0
+        )
+
+
+class NodeMetrics:
+    """The node's metrics in their own registry."""
+
+    def __init__(self, broker: Broker) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "headwater_requests", "Requests handled, by RPC and outcome.", ["rpc", "outcome"], registry=self.registry
+        )
+        self.request_latency = Histogram(
+            "headwater_request_duration_seconds",
+            "Time to answer a request, by RPC (long-poll waits included).",
+            ["rpc"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=self.registry,
+        )
+        self.bytes_in = Counter("headwater_bytes_in", "Record batch bytes appended.", registry=self.registry)
+        self.bytes_out = Counter("headwater_bytes_out", "Record batch bytes sent to readers.", registry=self.registry)
+        self.records_in = Counter("headwater_records_in", "Records appended.", registry=self.registry)
+        self.registry.register(_LogCollector(broker))
+
+    def serve_http(self, host: str, port: int) -> None:
+        start_http_server(port, addr=host, registry=self.registry)

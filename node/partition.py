@@ -1,0 +1,104 @@
+"""One partition replica on this node: its role, leader epoch, high watermark and parked waiters.
+
+The role is an explicit state (Kafka's ``Partition``): a replica is the leader or a follower of a
+given ``leader_epoch``, and every request that names an epoch is checked here, in one place. On a
+single node the replica is always the leader and the high watermark is the log end: ``acks=all``
+means "in the local log".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from dataclasses import dataclass
+
+from headwater.storage import PartitionLog
+from headwater.v1 import errors_pb2
+
+__all__ = ["Role", "Partition", "EpochCheck"]
+
+E = errors_pb2
+
+
+class Role(enum.Enum):
+    LEADER = "leader"
+    FOLLOWER = "follower"
+
+
+@dataclass(frozen=True)
+class EpochCheck:
+    error_code: int
+    message: str = ""
+
+
+_OK = EpochCheck(E.ERROR_CODE_NONE)
+
+
+class Partition:
+    """A replica of ``(topic, index)`` on this node."""
+
+    def __init__(
+        self, topic: str, topic_id: bytes, index: int, log: PartitionLog, *, node_id: int, leader_epoch: int = 0
+    ) -> None:
+        self.topic = topic
+        self.topic_id = topic_id
+        self.index = index
+        self.log = log
+        self.node_id = node_id
+        self.role = Role.LEADER
+        self.leader_id = node_id
+        self.leader_epoch = leader_epoch
+        # Parked long-poll fetches and Subscribe streams, woken when the high watermark moves.
+        self._waiters: set[asyncio.Future[None]] = set()
+        # One node: every record in the local log is committed.
+        self._high_watermark = log.log_end_offset
+
+    @property
+    def high_watermark(self) -> int:
+        return self._high_watermark
+
+    def check_leader(self, current_leader_epoch: int) -> EpochCheck:
+        """Is this replica the leader a request expects? (KIP-320 fencing by ``current_leader_epoch``)."""
+        if self.role is not Role.LEADER:
+            return EpochCheck(E.ERROR_CODE_NOT_LEADER_OR_FOLLOWER, f"node {self.node_id} is not the leader")
+        if current_leader_epoch >= 0:
+            if current_leader_epoch < self.leader_epoch:
+                return EpochCheck(
+                    E.ERROR_CODE_FENCED_LEADER_EPOCH,
+                    f"leader epoch {current_leader_epoch} is older than the current {self.leader_epoch}",
+                )
+            if current_leader_epoch > self.leader_epoch:
+                return EpochCheck(
+                    E.ERROR_CODE_UNKNOWN_LEADER_EPOCH,
+                    f"leader epoch {current_leader_epoch} is newer than the current {self.leader_epoch}",
+                )
+        return _OK
+
+    def advance_high_watermark(self, offset: int) -> None:
+        """Called once the records below ``offset`` meet the durability guarantee; wakes readers."""
+        assert self.log.log_start_offset <= offset <= self.log.log_end_offset, (offset, self.log.log_end_offset)
+        if offset > self._high_watermark:
+            self._high_watermark = offset
+            self.wake()
+        elif offset < self._high_watermark:
+            # Only truncation below the high watermark (a lost election in a later issue) moves it back.
+            self._high_watermark = offset
+
+    def on_log_changed(self) -> None:
+        """After retention or truncation: keep the high watermark inside the log."""
+        hw = min(max(self._high_watermark, self.log.log_start_offset), self.log.log_end_offset)
+        self._high_watermark = hw
+
+    # ----------------------------------------------------------------- parked readers
+
+    def park(self, fut: asyncio.Future[None]) -> None:
+        self._waiters.add(fut)
+
+    def unpark(self, fut: asyncio.Future[None]) -> None:
+        self._waiters.discard(fut)
+
+    def wake(self) -> None:
+        waiters, self._waiters = self._waiters, set()
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)

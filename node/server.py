@@ -1,0 +1,115 @@
+"""The node process: an asyncio gRPC server over the node's store, with health, reflection and metrics.
+
+``serve(config)`` runs until SIGTERM or SIGINT, then shuts down gracefully: it stops accepting
+requests, lets in-flight ones finish (parked fetches answer at once), and closes the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from headwater.config import NodeConfig
+from headwater.node.broker import Broker
+from headwater.node.metrics import NodeMetrics
+from headwater.node.service import HeadwaterService
+from headwater.storage import LogStore, StorageError
+from headwater.v1 import client_pb2, client_pb2_grpc
+
+__all__ = ["serve", "run_node"]
+
+log = logging.getLogger("headwater.node")
+SERVICE_NAME = client_pb2.DESCRIPTOR.services_by_name["HeadwaterService"].full_name
+
+
+def grpc_server_options(config: NodeConfig) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", config.max_request_bytes),
+        ("grpc.max_send_message_length", config.max_request_bytes),
+        ("grpc.so_reuseport", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ]
+
+
+async def _retention_loop(broker: Broker, interval_s: float) -> None:
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            deleted = broker.apply_retention()
+            if deleted:
+                log.info("retention deleted %d batches", deleted)
+        except Exception:
+            log.exception("retention pass failed")
+
+
+async def run_node(config: NodeConfig, stop: asyncio.Event) -> None:
+    """Serve until ``stop`` is set."""
+    os.makedirs(config.data_dir, exist_ok=True)
+    store = LogStore(os.path.join(config.data_dir, "log"))
+    try:
+        broker = Broker(config, store)
+        metrics = NodeMetrics(broker)
+        server = grpc.aio.server(options=grpc_server_options(config))
+        client_pb2_grpc.add_HeadwaterServiceServicer_to_server(HeadwaterService(broker, metrics), server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server,
+        )
+        address = f"{config.host}:{config.port}"
+        if server.add_insecure_port(address) == 0:
+            raise OSError(f"cannot listen on {address}")
+        await server.start()
+        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        if config.metrics_port:
+            metrics.serve_http(config.host, config.metrics_port)
+        retention = asyncio.create_task(_retention_loop(broker, config.retention_check_interval_ms / 1000))
+        log.info(
+            "headwater node %d serving on %s (data in %s, %d topics)",
+            config.node_id, address, config.data_dir, len(broker.catalog),
+        )
+        await stop.wait()
+        log.info("shutting down: finishing in-flight requests")
+        await health_servicer.enter_graceful_shutdown()
+        broker.close()
+        await server.stop(config.shutdown_grace_s)
+        retention.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await retention
+    finally:
+        store.close()
+    log.info("node %d stopped", config.node_id)
+
+
+def serve(config: NodeConfig) -> int:
+    """Run a node in this process until SIGTERM/SIGINT; returns the process exit code."""
+    logging.basicConfig(
+        level=getattr(logging, config.log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await run_node(config, stop)
+
+    try:
+        asyncio.run(main())
+    except (OSError, StorageError) as e:
+        log.error("node %d cannot run: %s", config.node_id, e)
+        return 1
+    return 0

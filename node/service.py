@@ -1,0 +1,132 @@
+"""The gRPC face of a node: adapts ``HeadwaterService`` calls to the ``Broker``.
+
+Whole-request failures use gRPC status codes; everything else is a per-partition ``ErrorCode``.
+An unexpected exception fails that one request with INTERNAL and is logged; the node stays up.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+import grpc
+
+from headwater.node.broker import Broker
+from headwater.node.metrics import NodeMetrics
+from headwater.v1 import batch as batch_codec
+from headwater.v1 import client_pb2 as pb
+from headwater.v1 import client_pb2_grpc, errors_pb2
+
+__all__ = ["HeadwaterService"]
+
+log = logging.getLogger("headwater.node")
+T = TypeVar("T")
+E = errors_pb2
+
+
+class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
+    def __init__(self, broker: Broker, metrics: NodeMetrics) -> None:
+        self.broker = broker
+        self.metrics = metrics
+        self._streams = 0
+
+    async def _handle(
+        self, rpc: str, context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[T] | T]
+    ) -> T:
+        started = time.perf_counter()
+        outcome = "ok"
+        try:
+            result = call()
+            if isinstance(result, Awaitable):
+                result = await result
+            return result  # type: ignore[return-value]
+        except Exception:
+            outcome = "error"
+            log.exception("%s failed", rpc)
+            await context.abort(grpc.StatusCode.INTERNAL, f"{rpc} failed on the node; see its log")
+            raise  # unreachable: abort raises
+        finally:
+            self.metrics.requests.labels(rpc, outcome).inc()
+            self.metrics.request_latency.labels(rpc).observe(time.perf_counter() - started)
+
+    async def CreateTopics(self, request: pb.CreateTopicsRequest, context: grpc.aio.ServicerContext) -> pb.CreateTopicsResponse:  # noqa: N802,E501
+        return await self._handle("CreateTopics", context, lambda: self.broker.create_topics(request))
+
+    async def DeleteTopics(self, request: pb.DeleteTopicsRequest, context: grpc.aio.ServicerContext) -> pb.DeleteTopicsResponse:  # noqa: N802,E501
+        return await self._handle("DeleteTopics", context, lambda: self.broker.delete_topics(request))
+
+    async def Metadata(self, request: pb.MetadataRequest, context: grpc.aio.ServicerContext) -> pb.MetadataResponse:  # noqa: N802,E501
+        return await self._handle("Metadata", context, lambda: self.broker.metadata(request))
+
+    async def Produce(self, request: pb.ProduceRequest, context: grpc.aio.ServicerContext) -> pb.ProduceResponse:  # noqa: N802,E501
+        resp = await self._handle("Produce", context, lambda: self.broker.produce(request))
+        appended = 0
+        records = 0
+        for t, tr in zip(request.topics, resp.topics, strict=True):
+            for pd, pr in zip(t.partitions, tr.partitions, strict=True):
+                if pr.error_code == E.ERROR_CODE_NONE:
+                    appended += sum(len(b.records) for b in pd.batches)
+                    records += sum(b.record_count for b in pd.batches)
+        self.metrics.bytes_in.inc(appended)
+        self.metrics.records_in.inc(records)
+        return resp
+
+    async def Fetch(self, request: pb.FetchRequest, context: grpc.aio.ServicerContext) -> pb.FetchResponse:  # noqa: N802,E501
+        resp = await self._handle("Fetch", context, lambda: self.broker.fetch(request))
+        self.metrics.bytes_out.inc(sum(len(b.records) for t in resp.topics for p in t.partitions for b in p.batches))
+        return resp
+
+    async def ListOffsets(self, request: pb.ListOffsetsRequest, context: grpc.aio.ServicerContext) -> pb.ListOffsetsResponse:  # noqa: N802,E501
+        return await self._handle("ListOffsets", context, lambda: self.broker.list_offsets(request))
+
+    async def DescribeConfigs(self, request: pb.DescribeConfigsRequest, context: grpc.aio.ServicerContext) -> pb.DescribeConfigsResponse:  # noqa: N802,E501
+        return await self._handle("DescribeConfigs", context, lambda: self.broker.describe_configs(request))
+
+    async def AlterConfigs(self, request: pb.AlterConfigsRequest, context: grpc.aio.ServicerContext) -> pb.AlterConfigsResponse:  # noqa: N802,E501
+        return await self._handle("AlterConfigs", context, lambda: self.broker.alter_configs(request))
+
+    async def Subscribe(  # noqa: N802
+        self, request: pb.SubscribeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.SubscribeResponse]:
+        if self._streams >= self.broker.config.max_subscribe_streams:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the node serves max_subscribe_streams={self.broker.config.max_subscribe_streams} streams",
+            )
+        self._streams += 1
+        self.metrics.requests.labels("Subscribe", "ok").inc()
+        max_inflate = self.broker.config.max_decompressed_bytes
+        try:
+            gen = self.broker.subscribe_batches(request.topic, request.partition, request.offset, request.max_bytes)
+            async for code, message, hw, batches in gen:
+                out = pb.SubscribeResponse(error_code=code, error_message=message, high_watermark=hw)
+                if request.decode:
+                    for b in batches:
+                        try:
+                            decoded = batch_codec.decode_records(b, max_inflate)
+                        except Exception as e:  # a batch this node cannot inflate is reported, not fatal
+                            out.error_code = E.ERROR_CODE_CORRUPT_MESSAGE
+                            out.error_message = f"cannot decode batch at {b.base_offset}: {e}"
+                            break
+                        for r in decoded:
+                            if r.offset < request.offset:
+                                continue
+                            cr = out.records.add(offset=r.offset, timestamp_ms=r.timestamp_ms,
+                                                 leader_epoch=b.partition_leader_epoch)
+                            if r.key is not None:
+                                cr.key = r.key
+                            if r.value is not None:
+                                cr.value = r.value
+                            for hk, hv in r.headers:
+                                h = cr.headers.add(key=hk)
+                                if hv is not None:
+                                    h.value = hv
+                else:
+                    out.batches.extend(batches)
+                yield out
+                if out.error_code != E.ERROR_CODE_NONE:
+                    return
+        finally:
+            self._streams -= 1

@@ -1,0 +1,448 @@
+"""A real node process spoken to over raw gRPC: the contract, bad input, durability, shutdown.
+
+These tests use only the generated stubs and the batch codec, as a client in another language would.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from headwater.v1 import batch as codec
+from headwater.v1 import client_pb2 as pb
+from headwater.v1 import client_pb2_grpc
+from headwater.v1 import errors_pb2 as E
+
+from .conftest import NodeProcess
+
+ALL = -1
+
+
+@pytest.fixture
+def stub(node: NodeProcess) -> Iterator[client_pb2_grpc.HeadwaterServiceStub]:
+    with grpc.insecure_channel(node.bootstrap, options=[("grpc.max_send_message_length", 256 << 20)]) as ch:
+        yield client_pb2_grpc.HeadwaterServiceStub(ch)
+
+
+def create(stub: client_pb2_grpc.HeadwaterServiceStub, name: str, partitions: int = 1, **configs: str) -> pb.CreatableTopicResult:
+    resp = stub.CreateTopics(
+        pb.CreateTopicsRequest(topics=[pb.CreatableTopic(name=name, num_partitions=partitions, replication_factor=1,
+                                                         configs=configs)]),
+        timeout=10,
+    )
+    return resp.topics[0]
+
+
+def produce(stub: client_pb2_grpc.HeadwaterServiceStub, topic: str, values: list[bytes], partition: int = 0,
+            acks: int = ALL, ts: int | None = None, batch: pb.RecordBatch | None = None) -> pb.ProducePartitionResponse:
+    now = int(time.time() * 1000) if ts is None else ts
+    b = batch or codec.build_batch([(None, v, None, now) for v in values])
+    req = pb.ProduceRequest(acks=acks, timeout_ms=10_000, topics=[
+        pb.ProduceTopicData(topic=topic, partitions=[pb.ProducePartitionData(partition=partition, batches=[b])])
+    ])
+    return stub.Produce(req, timeout=10).topics[0].partitions[0]
+
+
+def fetch(stub: client_pb2_grpc.HeadwaterServiceStub, topic: str, offset: int, partition: int = 0,
+          max_wait_ms: int = 0, min_bytes: int = 0) -> pb.FetchPartitionResponse:
+    req = pb.FetchRequest(replica_id=-1, max_wait_ms=max_wait_ms, min_bytes=min_bytes, max_bytes=1 << 20, topics=[
+        pb.FetchTopic(topic=topic, partitions=[pb.FetchPartition(partition=partition, fetch_offset=offset,
+                                                                 current_leader_epoch=-1, partition_max_bytes=1 << 20)])
+    ])
+    return stub.Fetch(req, timeout=30).topics[0].partitions[0]
+
+
+def values_of(p: pb.FetchPartitionResponse, from_offset: int = 0) -> list[bytes]:
+    return [r.value for b in p.batches for r in codec.decode_records(b) if r.offset >= from_offset and r.value is not None]
+
+
+# ------------------------------------------------------------------ the contract
+
+
+def test_produce_then_fetch_returns_records_in_offset_order(stub: client_pb2_grpc.HeadwaterServiceStub) -> None:
+    assert create(stub, "orders").error_code == E.ERROR_CODE_NONE
+    first = produce(stub, "orders", [b"a", b"b", b"c"])
+    second = produce(stub, "orders", [b"d"])
+    assert (first.error_code, first.base_offset) == (E.ERROR_CODE_NONE, 0)
+    assert (second.error_code, second.base_offset) == (E.ERROR_CODE_NONE, 3)
+    got = fetch(stub, "orders", 0)
+    assert got.error_code == E.ERROR_CODE_NONE
+    assert got.high_watermark == 4 and got.log_start_offset == 0
+    assert values_of(got) == [b"a", b"b", b"c", b"d"]
+    assert values_of(fetch(stub, "orders", 1), from_offset=1) == [b"b", b"c", b"d"]
+
+
+def test_stored_batch_keeps_the_producers_record_bytes(stub: client_pb2_grpc.HeadwaterServiceStub) -> None:
+    create(stub, "raw")
+    sent = codec.build_batch([(b"k", b"v" * 100, [("h", b"1")], 1_700_000_000_000)], codec.COMPRESSION_BY_NAME["zstd"])
+    produce(stub, "raw", [], batch=sent)
+    got = fetch(stub, "raw", 0).batches[0]
+    assert got.records == sent.records and got.crc == sent.crc
+    assert codec.crc_is_valid(got)
+    assert (got.base_offset, got.partition_leader_epoch) == (0, 0)
+
+
+def test_long_poll_fetch_wakes_when_data_arrives(stub: client_pb2_grpc.HeadwaterServiceStub) -> None:
+    create(stub, "poll")
+    req = pb.FetchRequest(replica_id=-1, max_wait_ms=10_000, min_bytes=1, max_bytes=1 << 20, topics=[
+        pb.FetchTopic(topic="poll", partitions=[pb.FetchPartition(partition=0, fetch_offset=0, current_leader_epoch=-1)])
+    ])
+    started = time.monotonic()
+    pending = stub.Fetch.future(req, timeout=30)
+    time.sleep(0.3)
+    assert not pending.done()
+    produce(stub, "poll", [b"wake"])
+    got = pending.result().topics[0].partitions[0]
+    assert values_of(got) == [b"wake"]
+    assert time.monotonic() - started < 5
+
+
+def test_long_poll_fetch_returns_empty_after_max_wait(stub: client_pb2_grpc.HeadwaterServiceStub) -> None:
+    create(stub, "idle")
+    started = time.monotonic()
+    got = fetch(stub, "idle", 0, max_wait_ms=300, min_bytes=1)
+    assert got.error_code == E.ERROR_CODE_NONE and not got.batches
+    assert time.monotonic() - started >= 0.25
+
+
+def test_list_offsets_earliest_latest_and_by_timestamp(stub: client_pb2_grpc.HeadwaterServiceStub) -> None:
+    create(stub, "times")
+    for i, ts in enumerate([1000, 2000, 3000]):
+        produce(stub, "times", [f"v{i}".encode()], ts=ts)
+
+    def lookup(ts: int) -> tuple[int, int]:
+        r = stub.ListOffsets(pb.ListOffsetsRequest(topics=[pb.ListOffsetsTopic(topic="times", partitions=[
+            pb.ListOffsetsPartition(partition=0, timestamp_ms=ts, current_leader_epoch=-1)])]), timeout=5)
+        p = r.topics[0].partitions[0]
+        assert p.error_code == E.ERROR_CODE_NONE
+        return p.offset, p.timestamp_ms
+
+    assert lookup(-2)[0] == 0
+    assert lookup(-1)[0] == 3
+    assert lookup(1500) == (1, 2000)
+    assert lookup(2000) == (1, 2000)
+    assert lookup(0) == (0, 1000)
+    assert lookup(9999)[0] == -1
+
+
+def test_metadata_describes_topics_and_the_node(stub: client_pb2_grpc.HeadwaterServiceStub, node: NodeProcess) -> None:
+    created = create(stub, "meta", partitions=3)
+    md = stub.Metadata(pb.MetadataRequest(), timeout=5)
+    assert [n.port for n in md.nodes] == [node.port]
+    (t,) = [t for t in md.topics if t.name == "meta"]
+    assert t.topic_id == created.topic_id and len(t.topic_id) == 16
+    assert [p.partition for p in t.partitions] == [0, 1, 2]
+    assert all(p.leader_id == md.nodes[0].node_id and list(p.isr) == [p.leader_id] for p in t.partitions)
+
+
+def test_subscribe_streams_decoded_records_from_an_offset(stub: client_pb2_grpc.HeadwaterServiceStub) -> None:
+    create(stub, "tail")
+    produce(stub, "tail", [b"0", b"1", b"2"])
+    stream = stub.Subscribe(pb.SubscribeRequest(topic="tail", partition=0, offset=1, decode=True), timeout=10)
+    got: list[tuple[int, bytes]] = []
+    for msg in stream:
+        assert msg.error_code == E.ERROR_CODE_NONE
+        got += [(r.offset, r.value) for r in msg.records]
+        if len(got) == 2:
+            produce(stub, "tail", [b"3"])
+        if len(got) == 3:
+            break
+    stream.cancel()
+    assert got == [(1, b"1"), (2, b"2"), (3, b"3")]
+
+
+def test_health_and_reflection_are_served(node: NodeProcess) -> None:
+    with grpc.insecure_channel(node.bootstrap) as ch:
+        status = health_pb2_grpc.HealthStub(ch).Check(
+            health_pb2.HealthCheckRequest(service="headwater.v1.HeadwaterService"), timeout=5)
+        assert status.status == health_pb2.HealthCheckResponse.SERVING
+        replies = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+        names = {s.name for r in replies for s in r.list_services_response.service}
+        assert "headwater.v1.HeadwaterService" in names
+
+
+def test_configs_describe_alter_and_validate(stub: client_pb2_grpc.HeadwaterServiceStub) -> None:
+    create(stub, "conf", retention_ms="60000")
+    topic = pb.ConfigResource(resource_type=pb.RESOURCE_TYPE_TOPIC, resource_name="conf")
+    entries = {e.name: e for e in stub.DescribeConfigs(pb.DescribeConfigsRequest(resources=[topic])).results[0].entries}
+    assert entries["retention_ms"].value == "60000" and entries["retention_ms"].source == pb.CONFIG_SOURCE_TOPIC
+    assert entries["retention_bytes"].source == pb.CONFIG_SOURCE_NODE
+
+    def alter(*ops: pb.AlterableConfig) -> pb.AlterConfigsResult:
+        return stub.AlterConfigs(pb.AlterConfigsRequest(resources=[pb.AlterConfigsResource(
+            resource_type=pb.RESOURCE_TYPE_TOPIC, resource_name="conf", configs=list(ops))])).results[0]
+
+    assert alter(pb.AlterableConfig(name="retention.bytes", value="1000")).error_code == E.ERROR_CODE_NONE
+    bad = alter(pb.AlterableConfig(name="retention_ms", value="soon"))
+    assert bad.error_code == E.ERROR_CODE_INVALID_CONFIG and "retention_ms" in bad.error_message
+    assert alter(pb.AlterableConfig(name="no_such_thing", value="1")).error_code == E.ERROR_CODE_INVALID_CONFIG
+    assert alter(pb.AlterableConfig(name="retention_ms", op=pb.ALTER_CONFIG_OP_DELETE)).error_code == E.ERROR_CODE_NONE
+    entries = {e.name: e for e in stub.DescribeConfigs(pb.DescribeConfigsRequest(resources=[topic])).results[0].entries}
+    assert entries["retention_bytes"].value == "1000"
+    assert entries["retention_ms"].source == pb.CONFIG_SOURCE_NODE
+
+
+# ------------------------------------------------------------------ retention
+
+
+def test_retention_by_time_removes_old_batches_after_a_config_change(node_factory: object) -> None:
+    n: NodeProcess = node_factory(extra_args=["--retention-check-interval-ms", "200"])  # type: ignore[operator]
+    with grpc.insecure_channel(n.bootstrap) as ch:
+        s = client_pb2_grpc.HeadwaterServiceStub(ch)
+        create(s, "old")
+        now = int(time.time() * 1000)
+        produce(s, "old", [b"ancient"], ts=now - 3_600_000)
+        produce(s, "old", [b"fresh"], ts=now)
+        time.sleep(0.6)
+        assert fetch(s, "old", 0).log_start_offset == 0  # default retention keeps both
+        s.AlterConfigs(pb.AlterConfigsRequest(resources=[pb.AlterConfigsResource(
+            resource_type=pb.RESOURCE_TYPE_TOPIC, resource_name="old",
+            configs=[pb.AlterableConfig(name="retention_ms", value="60000")])]))
+        deadline = time.monotonic() + 10
+        while fetch(s, "old", 1).log_start_offset != 1:
+            assert time.monotonic() < deadline, "retention did not remove the old batch"
+            time.sleep(0.1)
+        assert fetch(s, "old", 0).error_code == E.ERROR_CODE_OFFSET_OUT_OF_RANGE
+        assert values_of(fetch(s, "old", 1)) == [b"fresh"]
+
+
+# ------------------------------------------------------------------ durability and shutdown
+
+
+def test_acked_writes_survive_kill_9(node_factory: object) -> None:
+    n: NodeProcess = node_factory()  # type: ignore[operator]
+    with grpc.insecure_channel(n.bootstrap) as ch:
+        s = client_pb2_grpc.HeadwaterServiceStub(ch)
+        create(s, "durable", partitions=2)
+        acked = []
+        for i in range(200):
+            r = produce(s, "durable", [f"r{i}".encode()], partition=i % 2)
+            assert r.error_code == E.ERROR_CODE_NONE
+            acked.append((i % 2, r.base_offset, f"r{i}".encode()))
+    n.kill9()
+    n.start()
+    with grpc.insecure_channel(n.bootstrap) as ch:
+        s = client_pb2_grpc.HeadwaterServiceStub(ch)
+        stored = {p: values_of(fetch(s, "durable", 0, partition=p)) for p in (0, 1)}
+        for p, offset, value in acked:
+            assert stored[p][offset] == value
+        assert produce(s, "durable", [b"after"]).base_offset == 100
+
+
+def test_sigterm_shuts_down_cleanly_and_data_stays(node_factory: object) -> None:
+    n: NodeProcess = node_factory()  # type: ignore[operator]
+    with grpc.insecure_channel(n.bootstrap) as ch:
+        s = client_pb2_grpc.HeadwaterServiceStub(ch)
+        create(s, "graceful")
+        produce(s, "graceful", [b"x"])
+        # A parked long poll must not hold the shutdown for its whole max_wait.
+        parked = s.Fetch.future(pb.FetchRequest(replica_id=-1, max_wait_ms=30_000, min_bytes=1, topics=[
+            pb.FetchTopic(topic="graceful", partitions=[pb.FetchPartition(partition=0, fetch_offset=1,
+                                                                          current_leader_epoch=-1)])]), timeout=60)
+        time.sleep(0.2)
+        started = time.monotonic()
+        assert n.stop() == 0
+        assert time.monotonic() - started < 8
+        assert parked.result().topics[0].partitions[0].error_code == E.ERROR_CODE_NONE
+    assert "stopped" in n.log()
+    n.start()
+    with grpc.insecure_channel(n.bootstrap) as ch:
+        assert values_of(fetch(client_pb2_grpc.HeadwaterServiceStub(ch), "graceful", 0)) == [b"x"]
+
+
+# ------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["", ".", "..", "a" * 250, "has space", "slash/name", "ünïcode", "semi;colon"],
+)
+def test_invalid_topic_names_are_refused(stub: client_pb2_grpc.HeadwaterServiceStub, name: str) -> None:
+    r = create(stub, name)
+    assert r.error_code == E.ERROR_CODE_INVALID_TOPIC, (name, r)
+    assert r.error_message
+
+
+def test_longest_legal_topic_name_is_accepted(stub: client_pb2_grpc.HeadwaterServiceStub) -> None:
+    assert create(stub, "a." + "b_-" * 82 + "c").error_code == E.ERROR_CODE_NONE  # 249 characters
+
+
+@pytest.mark.parametrize("partitions", [0, -5, 10_001])
+def test_bad_partition_counts_are_refused(stub: client_pb2_grpc.HeadwaterServiceStub, partitions: int) -> None:
+    r = create(stub, "counted", partitions=partitions)
+    assert r.error_code == E.ERROR_CODE_INVALID_PARTITIONS, r
+    assert stub.Metadata(pb.MetadataRequest(topics=["counted"])).topics[0].error_code == E.ERROR_CODE_UNKNOWN_TOPIC_OR_PARTITION
+
+
+def test_duplicate_topic_and_bad_replication_factor(stub: client_pb2_grpc.HeadwaterServiceStub) -> None:
+    assert create(stub, "twice").error_code == E.ERROR_CODE_NONE
+    assert create(stub, "twice").error_code == E.ERROR_CODE_TOPIC_ALREADY_EXISTS
+    r = stub.CreateTopics(pb.CreateTopicsRequest(topics=[pb.CreatableTopic(name="rf", num_partitions=1,
+                                                                         replication_factor=3)]))
+    assert r.topics[0].error_code == E.ERROR_CODE_INVALID_REPLICATION_FACTOR
+    bad_cfg = create(stub, "cfg", retention_ms="-7")
+    assert bad_cfg.error_code == E.ERROR_CODE_INVALID_CONFIG
+
+
+def test_unknown_topic_or_partition_everywhere(stub: client_pb2_grpc.HeadwaterServiceStub) -> None:
+    assert produce(stub, "nope", [b"x"]).error_code == E.ERROR_CODE_UNKNOWN_TOPIC_OR_PARTITION
+    assert fetch(stub, "nope", 0).error_code == E.ERROR_CODE_UNKNOWN_TOPIC_OR_PARTITION
+    create(stub, "one", partitions=1)
+    assert produce(stub, "one", [b"x"], partition=1).error_code == E.ERROR_CODE_UNKNOWN_TOPIC_OR_PARTITION
+    assert produce(stub, "one", [b"x"], partition=-1).error_code == E.ERROR_CODE_UNKNOWN_TOPIC_OR_PARTITION
+    d = stub.DeleteTopics(pb.DeleteTopicsRequest(names=["nope"])).topics[0]
+    assert d.error_code == E.ERROR_CODE_UNKNOWN_TOPIC_OR_PARTITION
+
+
+def test_delete_topic_then_recreate_starts_empty(stub: client_pb2_grpc.HeadwaterServiceStub) -> None:
+    create(stub, "gone")
+    produce(stub, "gone", [b"x", b"y"])
+    assert stub.DeleteTopics(pb.DeleteTopicsRequest(names=["gone"])).topics[0].error_code == E.ERROR_CODE_NONE
+    assert stub.DeleteTopics(pb.DeleteTopicsRequest(names=["gone"])).topics[0].error_code == (
+        E.ERROR_CODE_UNKNOWN_TOPIC_OR_PARTITION)
+    create(stub, "gone")
+    assert fetch(stub, "gone", 0).high_watermark == 0
+    assert produce(stub, "gone", [b"z"]).base_offset == 0
+
+
+def test_record_above_max_message_bytes_is_refused_and_nothing_stored(stub: client_pb2_grpc.HeadwaterServiceStub) -> None:
+    create(stub, "big", max_message_bytes="10000")
+    r = produce(stub, "big", [b"x" * 20_000])
+    assert r.error_code == E.ERROR_CODE_RECORD_TOO_LARGE and "max_message_bytes" in r.error_message
+    assert fetch(stub, "big", 0).high_watermark == 0
+    assert produce(stub, "big", [b"x" * 100]).error_code == E.ERROR_CODE_NONE
+
+
+def test_corrupt_batch_is_refused_and_nothing_stored(stub: client_pb2_grpc.HeadwaterServiceStub) -> None:
+    create(stub, "crc")
+    b = codec.build_batch([(None, b"payload", None, 1)])
+    b.records = b.records[:-1] + bytes([b.records[-1] ^ 0xFF])
+    assert produce(stub, "crc", [], batch=b).error_code == E.ERROR_CODE_CORRUPT_MESSAGE
+    lying = codec.build_batch([(None, b"a", None, 1), (None, b"b", None, 1)])
+    lying.record_count = 5
+    assert produce(stub, "crc", [], batch=lying).error_code == E.ERROR_CODE_CORRUPT_MESSAGE
+    assert fetch(stub, "crc", 0).high_watermark == 0
+
+
+def test_invalid_acks_is_refused(stub: client_pb2_grpc.HeadwaterServiceStub) -> None:
+    create(stub, "acks")
+    assert produce(stub, "acks", [b"x"], acks=2).error_code == E.ERROR_CODE_INVALID_REQUIRED_ACKS
+    assert fetch(stub, "acks", 0).high_watermark == 0
+
+
+def test_fetch_offset_out_of_range(stub: client_pb2_grpc.HeadwaterServiceStub) -> None:
+    create(stub, "range")
+    produce(stub, "range", [b"x"])
+    assert fetch(stub, "range", 1).error_code == E.ERROR_CODE_NONE  # the log end: nothing yet
+    assert fetch(stub, "range", 2).error_code == E.ERROR_CODE_OFFSET_OUT_OF_RANGE
+    assert fetch(stub, "range", -1).error_code == E.ERROR_CODE_OFFSET_OUT_OF_RANGE
+
+
+def test_request_above_the_grpc_limit_is_refused_whole(node_factory: object) -> None:
+    n: NodeProcess = node_factory(extra_args=["--max-request-bytes", str(2 << 20)])  # type: ignore[operator]
+    with grpc.insecure_channel(n.bootstrap, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
+        s = client_pb2_grpc.HeadwaterServiceStub(ch)
+        create(s, "huge")
+        batches = [codec.build_batch([(None, os.urandom(512 << 10), None, 1)]) for _ in range(8)]
+        req = pb.ProduceRequest(acks=ALL, topics=[pb.ProduceTopicData(topic="huge", partitions=[
+            pb.ProducePartitionData(partition=0, batches=batches)])])
+        with pytest.raises(grpc.RpcError) as err:
+            s.Produce(req, timeout=10)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert fetch(s, "huge", 0).high_watermark == 0
+        assert produce(s, "huge", [b"small"]).error_code == E.ERROR_CODE_NONE
+
+
+def test_garbage_on_the_port_does_not_hurt_the_node(node: NodeProcess, stub: client_pb2_grpc.HeadwaterServiceStub) -> None:
+    create(stub, "sturdy")
+    produce(stub, "sturdy", [b"before"])
+    rng = __import__("random").Random(7)
+    for i in range(20):
+        with socket.create_connection(("127.0.0.1", node.port), timeout=5) as sock:
+            junk = bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 4096)))
+            if i % 4 == 0:
+                junk = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + junk  # a valid preface, then nonsense frames
+            try:
+                sock.sendall(junk)
+                sock.recv(1024)
+            except OSError:
+                pass
+    assert node.alive()
+    assert produce(stub, "sturdy", [b"after"]).base_offset == 1
+    assert values_of(fetch(stub, "sturdy", 0)) == [b"before", b"after"]
+
+
+def test_undecodable_request_body_gets_a_clear_status(node: NodeProcess, stub: client_pb2_grpc.HeadwaterServiceStub) -> None:
+    with grpc.insecure_channel(node.bootstrap) as ch:
+        raw = ch.unary_unary("/headwater.v1.HeadwaterService/Produce", request_serializer=None,
+                             response_deserializer=None)
+        with pytest.raises(grpc.RpcError) as err:
+            raw(b"\xff\xff\xff\xff\x0f garbage", timeout=5)
+        assert err.value.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.INVALID_ARGUMENT)
+    create(stub, "after-garbage")
+    assert produce(stub, "after-garbage", [b"ok"]).error_code == E.ERROR_CODE_NONE
+
+
+# ------------------------------------------------------------------ a full disk
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 48 MiB tmpfs: a disk that fills. Needs root (the CI runs as root); fails loudly otherwise."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_disk_fails_writes_clearly_keeps_the_log_and_recovers(node_factory: object, small_disk: Path) -> None:
+    n: NodeProcess = node_factory(data_dir=small_disk / "data")  # type: ignore[operator]
+    filler = small_disk / "filler"
+    with grpc.insecure_channel(n.bootstrap) as ch:
+        s = client_pb2_grpc.HeadwaterServiceStub(ch)
+        create(s, "disk")
+        assert produce(s, "disk", [b"kept"]).error_code == E.ERROR_CODE_NONE
+        # Fill the disk to the brim.
+        with open(filler, "wb") as fh:
+            try:
+                while True:
+                    fh.write(b"\0" * (1 << 20))
+                    fh.flush()
+            except OSError:
+                pass
+        errors = set()
+        for _ in range(20):
+            r = produce(s, "disk", [os.urandom(200_000)])
+            errors.add(r.error_code)
+            if r.error_code == E.ERROR_CODE_STORAGE_ERROR:
+                assert "write" in r.error_message
+                break
+        assert E.ERROR_CODE_STORAGE_ERROR in errors, errors
+        assert n.alive()
+        readable = fetch(s, "disk", 0)
+        assert readable.error_code == E.ERROR_CODE_NONE and values_of(readable)[0] == b"kept"
+        hw_when_full = readable.high_watermark
+        filler.unlink()
+        deadline = time.monotonic() + 15
+        while True:
+            r = produce(s, "disk", [b"resumed"])
+            if r.error_code == E.ERROR_CODE_NONE:
+                break
+            assert r.error_code == E.ERROR_CODE_STORAGE_ERROR
+            assert time.monotonic() < deadline, "writes did not resume after space returned"
+            time.sleep(0.2)
+        assert r.base_offset == hw_when_full
+        assert values_of(fetch(s, "disk", 0))[-1] == b"resumed"
