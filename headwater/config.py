@@ -114,10 +114,19 @@ def _coerce(name: str, raw: Any) -> Any:
 
 def _validate(cfg: NodeConfig) -> NodeConfig:
     positive = [
-        "max_message_bytes", "max_request_bytes", "fetch_max_bytes", "max_partition_fetch_bytes",
-        "max_fetch_waiters", "max_ack_waiters", "max_subscribe_streams", "max_partitions_per_topic",
-        "max_topics", "default_num_partitions", "default_replication_factor",
-        "max_decompressed_bytes", "retention_check_interval_ms",
+        "max_message_bytes",
+        "max_request_bytes",
+        "fetch_max_bytes",
+        "max_partition_fetch_bytes",
+        "max_fetch_waiters",
+        "max_ack_waiters",
+        "max_subscribe_streams",
+        "max_partitions_per_topic",
+        "max_topics",
+        "default_num_partitions",
+        "default_replication_factor",
+        "max_decompressed_bytes",
+        "retention_check_interval_ms",
     ]
     for name in positive:
         if getattr(cfg, name) <= 0:
@@ -155,7 +164,7 @@ def load_config(
     for key, raw in env.items():
         if not key.startswith(ENV_PREFIX):
             continue
-        name = key[len(ENV_PREFIX):].lower()
+        name = key[len(ENV_PREFIX) :].lower()
         if name in _FIELDS:
             values[name] = _coerce(name, raw)
     for name, raw in (overrides or {}).items():
@@ -209,22 +218,54 @@ def _one_of(*choices: str) -> Callable[[str], str]:
 TOPIC_CONFIGS: dict[str, TopicConfigSpec] = {
     s.name: s
     for s in [
-        TopicConfigSpec("retention_ms", _int_at_least(-1), node_default="log_retention_ms",
-                        doc="Delete batches older than this; -1 keeps them forever."),
-        TopicConfigSpec("retention_bytes", _int_at_least(-1), node_default="log_retention_bytes",
-                        doc="Delete the oldest batches while a partition is larger; -1: no limit."),
-        TopicConfigSpec("max_message_bytes", _int_at_least(1), node_default="max_message_bytes",
-                        doc="Largest batch a producer may send to this topic."),
-        TopicConfigSpec("cleanup_policy", _one_of("delete", "compact"), default="delete",
-                        doc="delete: retention by time and size."),
-        TopicConfigSpec("min_insync_replicas", _int_at_least(1), default=1,
-                        doc="acks=all writes are refused with fewer in-sync replicas."),
-        TopicConfigSpec("flush_policy", _one_of("none", "fsync"), node_default="log_flush_policy",
-                        doc="fsync: sync each write to disk before acknowledging it."),
-        TopicConfigSpec("message_timestamp_type", _one_of("CreateTime", "LogAppendTime"),
-                        default="CreateTime", doc="Whose clock stamps records."),
-        TopicConfigSpec("unclean_leader_election_enable", _one_of("true", "false"), default="false",
-                        doc="Allow an out-of-sync replica to become leader (may lose data)."),
+        TopicConfigSpec(
+            "retention_ms",
+            _int_at_least(-1),
+            node_default="log_retention_ms",
+            doc="Delete batches older than this; -1 keeps them forever.",
+        ),
+        TopicConfigSpec(
+            "retention_bytes",
+            _int_at_least(-1),
+            node_default="log_retention_bytes",
+            doc="Delete the oldest batches while a partition is larger; -1: no limit.",
+        ),
+        TopicConfigSpec(
+            "max_message_bytes",
+            _int_at_least(1),
+            node_default="max_message_bytes",
+            doc="Largest batch a producer may send to this topic.",
+        ),
+        TopicConfigSpec(
+            "cleanup_policy",
+            _one_of("delete", "compact"),
+            default="delete",
+            doc="delete: retention by time and size.",
+        ),
+        TopicConfigSpec(
+            "min_insync_replicas",
+            _int_at_least(1),
+            default=1,
+            doc="acks=all writes are refused with fewer in-sync replicas.",
+        ),
+        TopicConfigSpec(
+            "flush_policy",
+            _one_of("none", "fsync"),
+            node_default="log_flush_policy",
+            doc="fsync: sync each write to disk before acknowledging it.",
+        ),
+        TopicConfigSpec(
+            "message_timestamp_type",
+            _one_of("CreateTime", "LogAppendTime"),
+            default="CreateTime",
+            doc="Whose clock stamps records.",
+        ),
+        TopicConfigSpec(
+            "unclean_leader_election_enable",
+            _one_of("true", "false"),
+            default="false",
+            doc="Allow an out-of-sync replica to become leader (may lose data).",
+        ),
     ]
 }
 

@@ -12,14 +12,6 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from headwater.config import (
-    TOPIC_CONFIGS,
-    ConfigError,
-    NodeConfig,
-    effective_topic_config,
-    normalize_config_name,
-    validate_topic_configs,
-)
 from headwater.node.catalog import InvalidTopicName, TopicCatalog, TopicInfo, validate_topic_name
 from headwater.node.partition import Partition
 from headwater.storage import (
@@ -28,10 +20,18 @@ from headwater.storage import (
     LogWriteError,
     OffsetOutOfRangeError,
 )
+
+from headwater.config import (
+    TOPIC_CONFIGS,
+    ConfigError,
+    NodeConfig,
+    effective_topic_config,
+    normalize_config_name,
+    validate_topic_configs,
+)
 from headwater.v1 import batch as batch_codec
 from headwater.v1 import client_pb2 as pb
-from headwater.v1 import errors_pb2
-from headwater.v1 import records_pb2
+from headwater.v1 import errors_pb2, records_pb2
 
 __all__ = ["Broker", "EARLIEST", "LATEST", "MAX_TIMESTAMP"]
 
@@ -50,7 +50,9 @@ def _wall_clock_ms() -> int:
 class Broker:
     """Topics and partition replicas on this node, and the requests that read and write them."""
 
-    def __init__(self, config: NodeConfig, store: LogStore, *, clock_ms: Callable[[], int] = _wall_clock_ms) -> None:
+    def __init__(
+        self, config: NodeConfig, store: LogStore, *, clock_ms: Callable[[], int] = _wall_clock_ms
+    ) -> None:
         self.config = config
         self.store = store
         self.clock_ms = clock_ms
@@ -130,30 +132,48 @@ class Broker:
         except InvalidTopicName as e:
             return E.ERROR_CODE_INVALID_TOPIC, str(e), partitions, rf, {}
         if t.name in seen:
-            return E.ERROR_CODE_INVALID_REQUEST, f"topic {t.name} appears twice in the request", partitions, rf, {}
+            return (
+                E.ERROR_CODE_INVALID_REQUEST,
+                f"topic {t.name} appears twice in the request",
+                partitions,
+                rf,
+                {},
+            )
         if self.catalog.get(t.name) is not None:
             return E.ERROR_CODE_TOPIC_ALREADY_EXISTS, f"topic {t.name} already exists", partitions, rf, {}
         if len(self.catalog) >= self.config.max_topics:
-            return E.ERROR_CODE_POLICY_VIOLATION, f"the node holds max_topics={self.config.max_topics}", partitions, rf, {}
+            return (
+                E.ERROR_CODE_POLICY_VIOLATION,
+                f"the node holds max_topics={self.config.max_topics}",
+                partitions,
+                rf,
+                {},
+            )
         if not 1 <= partitions <= self.config.max_partitions_per_topic:
             return (
                 E.ERROR_CODE_INVALID_PARTITIONS,
                 f"partition count must be 1..{self.config.max_partitions_per_topic}, got {partitions}",
-                partitions, rf, {},
+                partitions,
+                rf,
+                {},
             )
         live_nodes = 1
         if not 1 <= rf <= live_nodes:
             return (
                 E.ERROR_CODE_INVALID_REPLICATION_FACTOR,
                 f"replication factor must be 1..{live_nodes} (live nodes), got {rf}",
-                partitions, rf, {},
+                partitions,
+                rf,
+                {},
             )
         for a in t.assignments:
             if list(a.replicas) != [self.config.node_id] or not 0 <= a.partition < partitions:
                 return (
                     E.ERROR_CODE_INVALID_REPLICA_ASSIGNMENT,
                     f"assignment {a.partition}:{list(a.replicas)} names unknown nodes or partitions",
-                    partitions, rf, {},
+                    partitions,
+                    rf,
+                    {},
                 )
         try:
             configs = validate_topic_configs(dict(t.configs))
@@ -183,7 +203,9 @@ class Broker:
     def metadata(self, req: pb.MetadataRequest) -> pb.MetadataResponse:
         host, port = self.config.advertised()
         resp = pb.MetadataResponse(cluster_id=self.catalog.cluster_id, controller_id=self.config.node_id)
-        resp.nodes.add(node_id=self.config.node_id, host=host, port=port, rack=self.config.rack, broker_epoch=0)
+        resp.nodes.add(
+            node_id=self.config.node_id, host=host, port=port, rack=self.config.rack, broker_epoch=0
+        )
         names: Iterable[str] = req.topics if req.topics else [i.name for i in self.catalog]
         for name in names:
             t = resp.topics.add(name=name)
@@ -221,7 +243,9 @@ class Broker:
         for t in req.topics:
             tr = resp.topics.add(topic=t.topic)
             for pd in t.partitions:
-                pr = tr.partitions.add(partition=pd.partition, base_offset=-1, log_append_time_ms=-1, leader_id=-1)
+                pr = tr.partitions.add(
+                    partition=pd.partition, base_offset=-1, log_append_time_ms=-1, leader_id=-1
+                )
                 code, msg = await self._produce_partition(req.acks, t.topic, pd, pr, now_ms)
                 if code != E.ERROR_CODE_NONE:
                     pr.error_code, pr.error_message = code, msg  # type: ignore[assignment]
@@ -251,7 +275,11 @@ class Broker:
                     E.ERROR_CODE_RECORD_TOO_LARGE,
                     f"batch of {size} bytes exceeds max_message_bytes={max_message_bytes}",
                 )
-            if b.record_count < 1 or b.last_offset_delta != b.record_count - 1 or not batch_codec.crc_is_valid(b):
+            if (
+                b.record_count < 1
+                or b.last_offset_delta != b.record_count - 1
+                or not batch_codec.crc_is_valid(b)
+            ):
                 return E.ERROR_CODE_CORRUPT_MESSAGE, "batch CRC or header is invalid; nothing was stored"
         if acks == -1 and cfg["min_insync_replicas"] > 1:  # one node: the ISR is this node alone
             return (
@@ -266,9 +294,10 @@ class Broker:
                 if sync:
                     # fsync policy: the append is synced to disk before the reply (off the event loop).
                     result = await asyncio.get_running_loop().run_in_executor(
-                        None, lambda b=b: p.log.append(  # type: ignore[misc]
+                        None,
+                        lambda b=b: p.log.append(  # type: ignore[misc]
                             b, p.leader_epoch, now_ms=now_ms, log_append_time=log_append_time, sync=True
-                        )
+                        ),
                     )
                 else:
                     result = p.log.append(b, p.leader_epoch, now_ms=now_ms, log_append_time=log_append_time)
@@ -340,8 +369,14 @@ class Broker:
         for t in req.topics:
             tr = resp.topics.add(topic=t.topic)
             for fp in t.partitions:
-                pr = tr.partitions.add(partition=fp.partition, high_watermark=-1, last_stable_offset=-1,
-                                       log_start_offset=-1, log_end_offset=-1, leader_id=-1)
+                pr = tr.partitions.add(
+                    partition=fp.partition,
+                    high_watermark=-1,
+                    last_stable_offset=-1,
+                    log_start_offset=-1,
+                    log_end_offset=-1,
+                    leader_id=-1,
+                )
                 p, why = self._lookup(t.topic, fp.partition)
                 if p is None:
                     pr.error_code, pr.error_message = E.ERROR_CODE_UNKNOWN_TOPIC_OR_PARTITION, why
@@ -379,9 +414,7 @@ class Broker:
 
     # ----------------------------------------------------------------- subscribe
 
-    async def subscribe_batches(
-        self, topic: str, index: int, offset: int, max_bytes: int
-    ) -> Any:
+    async def subscribe_batches(self, topic: str, index: int, offset: int, max_bytes: int) -> Any:
         """Yield ``(high_watermark, [RecordBatch])`` from ``offset`` on, waiting for new data."""
         p, why = self._lookup(topic, index)
         if p is None:
@@ -391,8 +424,10 @@ class Broker:
             offset = p.log.log_start_offset
         elif offset == LATEST:
             offset = p.high_watermark
-        max_bytes = self.config.max_partition_fetch_bytes if max_bytes <= 0 else min(
-            max_bytes, self.config.max_partition_fetch_bytes
+        max_bytes = (
+            self.config.max_partition_fetch_bytes
+            if max_bytes <= 0
+            else min(max_bytes, self.config.max_partition_fetch_bytes)
         )
         loop = asyncio.get_running_loop()
         while not self._closing:
@@ -472,10 +507,15 @@ class Broker:
                     if wanted and name not in wanted:
                         continue
                     source = (
-                        pb.CONFIG_SOURCE_TOPIC if name in info.configs
-                        else pb.CONFIG_SOURCE_NODE if spec.node_default else pb.CONFIG_SOURCE_DEFAULT
+                        pb.CONFIG_SOURCE_TOPIC
+                        if name in info.configs
+                        else pb.CONFIG_SOURCE_NODE
+                        if spec.node_default
+                        else pb.CONFIG_SOURCE_DEFAULT
                     )
-                    r.entries.add(name=name, value=str(effective[name]), source=source, documentation=spec.doc)
+                    r.entries.add(
+                        name=name, value=str(effective[name]), source=source, documentation=spec.doc
+                    )
             elif res.resource_type == pb.RESOURCE_TYPE_NODE:
                 if res.resource_name not in ("", str(self.config.node_id)):
                     r.error_code = E.ERROR_CODE_RESOURCE_NOT_FOUND

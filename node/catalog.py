@@ -101,7 +101,9 @@ class TopicCatalog:
     def get(self, name: str) -> TopicInfo | None:
         return self._topics.get(name)
 
-    def create(self, name: str, partition_count: int, replication_factor: int, configs: dict[str, str]) -> TopicInfo:
+    def create(
+        self, name: str, partition_count: int, replication_factor: int, configs: dict[str, str]
+    ) -> TopicInfo:
         assert name not in self._topics
         info = TopicInfo(name, uuid.uuid4().bytes, partition_count, replication_factor, dict(configs))
         self._store.put_meta(_TOPIC_KEY + name.encode(), info.encode())  # synced before the caller answers

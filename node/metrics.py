@@ -23,9 +23,15 @@ class _LogCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         labels = ["topic", "partition"]
-        end = GaugeMetricFamily("headwater_log_end_offset", "Offset after the last record of the log.", labels=labels)
-        start = GaugeMetricFamily("headwater_log_start_offset", "First offset still in the log.", labels=labels)
-        hw = GaugeMetricFamily("headwater_high_watermark", "Offset below which records are committed.", labels=labels)
+        end = GaugeMetricFamily(
+            "headwater_log_end_offset", "Offset after the last record of the log.", labels=labels
+        )
+        start = GaugeMetricFamily(
+            "headwater_log_start_offset", "First offset still in the log.", labels=labels
+        )
+        hw = GaugeMetricFamily(
+            "headwater_high_watermark", "Offset below which records are committed.", labels=labels
+        )
         size = GaugeMetricFamily("headwater_log_size_bytes", "Bytes of batches in the log.", labels=labels)
         partitions = list(self._broker.partitions.items())
         for (topic, index), p in partitions:
@@ -35,7 +41,9 @@ class _LogCollector(Collector):
             hw.add_metric(lv, p.high_watermark)
             size.add_metric(lv, p.log.size_bytes)
         yield from (end, start, hw, size)
-        yield GaugeMetricFamily("headwater_partitions", "Partition replicas on this node.", value=len(partitions))
+        yield GaugeMetricFamily(
+            "headwater_partitions", "Partition replicas on this node.", value=len(partitions)
+        )
         leaders = sum(1 for _, p in partitions if p.leader_id == p.node_id)
         yield GaugeMetricFamily("headwater_leader_partitions", "Partitions this node leads.", value=leaders)
         yield GaugeMetricFamily(
@@ -43,9 +51,7 @@ class _LogCollector(Collector):
             "Led partitions whose ISR is smaller than their replica set.",
             value=0,  # one node: every replica set is this node alone
         )
-        yield GaugeMetricFamily(
-            "headwater_offline_partitions", "Partitions with no live leader.", value=0
-        )
+        yield GaugeMetricFamily("headwater_offline_partitions", "Partitions with no live leader.", value=0)
 
 
 class NodeMetrics:
@@ -54,7 +60,10 @@ class NodeMetrics:
     def __init__(self, broker: Broker) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "headwater_requests", "Requests handled, by RPC and outcome.", ["rpc", "outcome"], registry=self.registry
+            "headwater_requests",
+            "Requests handled, by RPC and outcome.",
+            ["rpc", "outcome"],
+            registry=self.registry,
         )
         self.request_latency = Histogram(
             "headwater_request_duration_seconds",
@@ -64,7 +73,9 @@ class NodeMetrics:
             registry=self.registry,
         )
         self.bytes_in = Counter("headwater_bytes_in", "Record batch bytes appended.", registry=self.registry)
-        self.bytes_out = Counter("headwater_bytes_out", "Record batch bytes sent to readers.", registry=self.registry)
+        self.bytes_out = Counter(
+            "headwater_bytes_out", "Record batch bytes sent to readers.", registry=self.registry
+        )
         self.records_in = Counter("headwater_records_in", "Records appended.", registry=self.registry)
         self.registry.register(_LogCollector(broker))
 

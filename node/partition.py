@@ -13,6 +13,7 @@ import enum
 from dataclasses import dataclass
 
 from headwater.storage import PartitionLog
+
 from headwater.v1 import errors_pb2
 
 __all__ = ["Role", "Partition", "EpochCheck"]
@@ -38,7 +39,14 @@ class Partition:
     """A replica of ``(topic, index)`` on this node."""
 
     def __init__(
-        self, topic: str, topic_id: bytes, index: int, log: PartitionLog, *, node_id: int, leader_epoch: int = 0
+        self,
+        topic: str,
+        topic_id: bytes,
+        index: int,
+        log: PartitionLog,
+        *,
+        node_id: int,
+        leader_epoch: int = 0,
     ) -> None:
         self.topic = topic
         self.topic_id = topic_id
@@ -76,7 +84,10 @@ class Partition:
 
     def advance_high_watermark(self, offset: int) -> None:
         """Called once the records below ``offset`` meet the durability guarantee; wakes readers."""
-        assert self.log.log_start_offset <= offset <= self.log.log_end_offset, (offset, self.log.log_end_offset)
+        assert self.log.log_start_offset <= offset <= self.log.log_end_offset, (
+            offset,
+            self.log.log_end_offset,
+        )
         if offset > self._high_watermark:
             self._high_watermark = offset
             self.wake()

@@ -16,13 +16,13 @@ import sys
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-
-from headwater.config import NodeConfig
 from headwater.node.broker import Broker
 from headwater.node.metrics import NodeMetrics
-from headwater.node.service import HeadwaterService
+from headwater.node.service import HeadwaterService, add_to_server
 from headwater.storage import LogStore, StorageError
-from headwater.v1 import client_pb2, client_pb2_grpc
+
+from headwater.config import NodeConfig
+from headwater.v1 import client_pb2
 
 __all__ = ["serve", "run_node"]
 
@@ -59,11 +59,15 @@ async def run_node(config: NodeConfig, stop: asyncio.Event) -> None:
         broker = Broker(config, store)
         metrics = NodeMetrics(broker)
         server = grpc.aio.server(options=grpc_server_options(config))
-        client_pb2_grpc.add_HeadwaterServiceServicer_to_server(HeadwaterService(broker, metrics), server)
+        add_to_server(HeadwaterService(broker, metrics), server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
             server,
         )
         address = f"{config.host}:{config.port}"
@@ -77,7 +81,10 @@ async def run_node(config: NodeConfig, stop: asyncio.Event) -> None:
         retention = asyncio.create_task(_retention_loop(broker, config.retention_check_interval_ms / 1000))
         log.info(
             "headwater node %d serving on %s (data in %s, %d topics)",
-            config.node_id, address, config.data_dir, len(broker.catalog),
+            config.node_id,
+            address,
+            config.data_dir,
+            len(broker.catalog),
         )
         await stop.wait()
         log.info("shutting down: finishing in-flight requests")

@@ -9,21 +9,59 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
-
 from headwater.node.broker import Broker
 from headwater.node.metrics import NodeMetrics
-from headwater.v1 import batch as batch_codec
-from headwater.v1 import client_pb2 as pb
-from headwater.v1 import client_pb2_grpc, errors_pb2
 
-__all__ = ["HeadwaterService"]
+from headwater.v1 import batch as batch_codec
+from headwater.v1 import client_pb2, client_pb2_grpc, errors_pb2
+from headwater.v1 import client_pb2 as pb
+
+__all__ = ["HeadwaterService", "add_to_server"]
 
 log = logging.getLogger("headwater.node")
 T = TypeVar("T")
 E = errors_pb2
+
+
+class _Malformed:
+    """Stands in for a request body that is not a valid message, so the handler can refuse it."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _lenient(message_type: Any) -> Callable[[bytes], Any]:
+    def deserialize(raw: bytes) -> Any:
+        try:
+            return message_type.FromString(raw)
+        except Exception as e:  # DecodeError and friends: the body is not this message
+            return _Malformed(e)
+
+    return deserialize
+
+
+def add_to_server(servicer: HeadwaterService, server: grpc.aio.Server) -> None:
+    """Register the service like the generated helper, but answer an undecodable body with
+    INVALID_ARGUMENT (the generated deserializer would fail the call with UNKNOWN)."""
+    service = client_pb2.DESCRIPTOR.services_by_name["HeadwaterService"]
+    handlers = {}
+    for method in service.methods:
+        request_type = getattr(pb, method.input_type.name)
+        response_type = getattr(pb, method.output_type.name)
+        make = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=_lenient(request_type),
+            response_serializer=response_type.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
 
 
 class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
@@ -33,15 +71,26 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
         self._streams = 0
 
     async def _handle(
-        self, rpc: str, context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[T] | T]
+        self,
+        rpc: str,
+        request: object,
+        context: grpc.aio.ServicerContext,
+        call: Callable[[], Awaitable[T] | T],
     ) -> T:
         started = time.perf_counter()
         outcome = "ok"
         try:
+            if isinstance(request, _Malformed):
+                outcome = "invalid"
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"{rpc}: malformed request: {request.error}"
+                )
             result = call()
             if isinstance(result, Awaitable):
                 result = await result
             return result  # type: ignore[return-value]
+        except grpc.aio.AbortError:
+            raise
         except Exception:
             outcome = "error"
             log.exception("%s failed", rpc)
@@ -51,17 +100,29 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
             self.metrics.requests.labels(rpc, outcome).inc()
             self.metrics.request_latency.labels(rpc).observe(time.perf_counter() - started)
 
-    async def CreateTopics(self, request: pb.CreateTopicsRequest, context: grpc.aio.ServicerContext) -> pb.CreateTopicsResponse:  # noqa: N802,E501
-        return await self._handle("CreateTopics", context, lambda: self.broker.create_topics(request))
+    async def CreateTopics(
+        self, request: pb.CreateTopicsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CreateTopicsResponse:  # noqa: N802,E501
+        return await self._handle(
+            "CreateTopics", request, context, lambda: self.broker.create_topics(request)
+        )
 
-    async def DeleteTopics(self, request: pb.DeleteTopicsRequest, context: grpc.aio.ServicerContext) -> pb.DeleteTopicsResponse:  # noqa: N802,E501
-        return await self._handle("DeleteTopics", context, lambda: self.broker.delete_topics(request))
+    async def DeleteTopics(
+        self, request: pb.DeleteTopicsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteTopicsResponse:  # noqa: N802,E501
+        return await self._handle(
+            "DeleteTopics", request, context, lambda: self.broker.delete_topics(request)
+        )
 
-    async def Metadata(self, request: pb.MetadataRequest, context: grpc.aio.ServicerContext) -> pb.MetadataResponse:  # noqa: N802,E501
-        return await self._handle("Metadata", context, lambda: self.broker.metadata(request))
+    async def Metadata(
+        self, request: pb.MetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.MetadataResponse:  # noqa: N802,E501
+        return await self._handle("Metadata", request, context, lambda: self.broker.metadata(request))
 
-    async def Produce(self, request: pb.ProduceRequest, context: grpc.aio.ServicerContext) -> pb.ProduceResponse:  # noqa: N802,E501
-        resp = await self._handle("Produce", context, lambda: self.broker.produce(request))
+    async def Produce(
+        self, request: pb.ProduceRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ProduceResponse:  # noqa: N802,E501
+        resp = await self._handle("Produce", request, context, lambda: self.broker.produce(request))
         appended = 0
         records = 0
         for t, tr in zip(request.topics, resp.topics, strict=True):
@@ -74,22 +135,38 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
         return resp
 
     async def Fetch(self, request: pb.FetchRequest, context: grpc.aio.ServicerContext) -> pb.FetchResponse:  # noqa: N802,E501
-        resp = await self._handle("Fetch", context, lambda: self.broker.fetch(request))
-        self.metrics.bytes_out.inc(sum(len(b.records) for t in resp.topics for p in t.partitions for b in p.batches))
+        resp = await self._handle("Fetch", request, context, lambda: self.broker.fetch(request))
+        self.metrics.bytes_out.inc(
+            sum(len(b.records) for t in resp.topics for p in t.partitions for b in p.batches)
+        )
         return resp
 
-    async def ListOffsets(self, request: pb.ListOffsetsRequest, context: grpc.aio.ServicerContext) -> pb.ListOffsetsResponse:  # noqa: N802,E501
-        return await self._handle("ListOffsets", context, lambda: self.broker.list_offsets(request))
+    async def ListOffsets(
+        self, request: pb.ListOffsetsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListOffsetsResponse:  # noqa: N802,E501
+        return await self._handle("ListOffsets", request, context, lambda: self.broker.list_offsets(request))
 
-    async def DescribeConfigs(self, request: pb.DescribeConfigsRequest, context: grpc.aio.ServicerContext) -> pb.DescribeConfigsResponse:  # noqa: N802,E501
-        return await self._handle("DescribeConfigs", context, lambda: self.broker.describe_configs(request))
+    async def DescribeConfigs(
+        self, request: pb.DescribeConfigsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DescribeConfigsResponse:  # noqa: N802,E501
+        return await self._handle(
+            "DescribeConfigs", request, context, lambda: self.broker.describe_configs(request)
+        )
 
-    async def AlterConfigs(self, request: pb.AlterConfigsRequest, context: grpc.aio.ServicerContext) -> pb.AlterConfigsResponse:  # noqa: N802,E501
-        return await self._handle("AlterConfigs", context, lambda: self.broker.alter_configs(request))
+    async def AlterConfigs(
+        self, request: pb.AlterConfigsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AlterConfigsResponse:  # noqa: N802,E501
+        return await self._handle(
+            "AlterConfigs", request, context, lambda: self.broker.alter_configs(request)
+        )
 
     async def Subscribe(  # noqa: N802
         self, request: pb.SubscribeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.SubscribeResponse]:
+        if isinstance(request, _Malformed):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"Subscribe: malformed request: {request.error}"
+            )
         if self._streams >= self.broker.config.max_subscribe_streams:
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -99,7 +176,9 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
         self.metrics.requests.labels("Subscribe", "ok").inc()
         max_inflate = self.broker.config.max_decompressed_bytes
         try:
-            gen = self.broker.subscribe_batches(request.topic, request.partition, request.offset, request.max_bytes)
+            gen = self.broker.subscribe_batches(
+                request.topic, request.partition, request.offset, request.max_bytes
+            )
             async for code, message, hw, batches in gen:
                 out = pb.SubscribeResponse(error_code=code, error_message=message, high_watermark=hw)
                 if request.decode:
@@ -113,8 +192,11 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
                         for r in decoded:
                             if r.offset < request.offset:
                                 continue
-                            cr = out.records.add(offset=r.offset, timestamp_ms=r.timestamp_ms,
-                                                 leader_epoch=b.partition_leader_epoch)
+                            cr = out.records.add(
+                                offset=r.offset,
+                                timestamp_ms=r.timestamp_ms,
+                                leader_epoch=b.partition_leader_epoch,
+                            )
                             if r.key is not None:
                                 cr.key = r.key
                             if r.value is not None:

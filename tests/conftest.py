@@ -42,8 +42,15 @@ class NodeProcess:
         assert self.proc is None or self.proc.poll() is not None, "node already running"
         self.log_path = self.data_dir.parent / f"node-{self.port}.log"
         args = [
-            sys.executable, "-m", "headwater.node",
-            "--host", "127.0.0.1", "--port", str(self.port), "--data-dir", str(self.data_dir),
+            sys.executable,
+            "-m",
+            "headwater.node",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--data-dir",
+            str(self.data_dir),
             *self.extra_args,
         ]
         env = {**os.environ, **self.env}
@@ -101,9 +108,15 @@ def node_factory(tmp_path: Path) -> Iterator[type[NodeProcess] | object]:
     """Make nodes with ``node_factory(extra_args=[...])``; every one is stopped at teardown."""
     made: list[NodeProcess] = []
 
-    def make(extra_args: list[str] | None = None, env: dict[str, str] | None = None,
-             data_dir: Path | None = None, start: bool = True) -> NodeProcess:
-        n = NodeProcess(data_dir or tmp_path / f"node{len(made)}", free_port(), list(extra_args or []), dict(env or {}))
+    def make(
+        extra_args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        data_dir: Path | None = None,
+        start: bool = True,
+    ) -> NodeProcess:
+        n = NodeProcess(
+            data_dir or tmp_path / f"node{len(made)}", free_port(), list(extra_args or []), dict(env or {})
+        )
         made.append(n)
         return n.start() if start else n
 
