@@ -1,0 +1,343 @@
+"""The producer's pure core: per-partition batches, readiness, the memory bound, record futures.
+
+No threads, sockets or clocks in here: the producer holds one lock around every call and passes the
+time in. That keeps ``send`` to one lock acquisition per record and lets the tests drive batching,
+lingering, retry ordering, expiry and the buffer bound by hand.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
+from concurrent.futures._base import FINISHED, PENDING
+from threading import Condition
+
+from headwater.client.errors import HeadwaterError
+from headwater.client.partitioner import StickyPartitioner
+from headwater.client.types import Header, RecordMetadata
+
+from headwater.v1 import records_pb2
+
+__all__ = ["RecordFuture", "ProducerBatch", "RecordAccumulator", "Drained", "record_size"]
+
+#: What one record costs in the buffer beyond its key, value and headers (varints, tags, offsets).
+RECORD_OVERHEAD_BYTES = 24
+
+RecordTuple = tuple[bytes | None, bytes | None, list[Header] | None, int]
+
+
+def record_size(key: bytes | None, value: bytes | None, headers: list[Header] | None) -> int:
+    """The bytes a record is charged against ``batch_size_bytes`` and ``buffer_memory_bytes``."""
+    size = RECORD_OVERHEAD_BYTES
+    if key is not None:
+        size += len(key)
+    if value is not None:
+        size += len(value)
+    if headers:
+        for hk, hv in headers:
+            size += len(hk) + (len(hv) if hv is not None else 0) + 4
+    return size
+
+
+class RecordFuture(Future[RecordMetadata]):
+    """A ``concurrent.futures.Future`` of one record's ``RecordMetadata``.
+
+    A stock Future builds its own ``threading.Condition``, which costs more than the rest of
+    ``Producer.send`` together; a record future shares its batch's condition instead. Every future
+    of a batch is completed at once under that condition (``complete_all``), so a waiter woken by a
+    sibling always finds its own future done. A record handed to the producer cannot be cancelled.
+    """
+
+    def __init__(self, condition: Condition) -> None:  # noqa: D107 - Future.__init__ is bypassed on purpose
+        self._condition = condition
+        self._state = PENDING
+        self._result = None
+        self._exception = None
+        self._waiters = []
+        self._done_callbacks = []
+
+    def cancel(self) -> bool:
+        return False
+
+    @staticmethod
+    def complete_all(
+        condition: Condition,
+        futures: list[RecordFuture],
+        results: Iterator[RecordMetadata] | None,
+        error: BaseException | None = None,
+    ) -> None:
+        """Complete every future of a batch with ``results`` (one each) or ``error``, then run callbacks."""
+        with condition:
+            for f in futures:
+                if f._state == FINISHED:
+                    continue
+                if error is None:
+                    assert results is not None
+                    f._result = next(results)
+                    f._state = FINISHED
+                    for w in f._waiters:
+                        w.add_result(f)
+                else:
+                    f._exception = error
+                    f._state = FINISHED
+                    for w in f._waiters:
+                        w.add_exception(f)
+            condition.notify_all()
+        for f in futures:
+            if f._done_callbacks:
+                f._invoke_callbacks()  # type: ignore[attr-defined]
+
+
+class ProducerBatch:
+    """The records bound for one partition that travel together; built into a RecordBatch once."""
+
+    __slots__ = (
+        "topic",
+        "partition",
+        "records",
+        "futures",
+        "size_bytes",
+        "created_ms",
+        "condition",
+        "attempts",
+        "retry_at_ms",
+        "built",
+        "last_error",
+        "done",
+    )
+
+    def __init__(self, topic: str, partition: int, created_ms: int) -> None:
+        self.topic = topic
+        self.partition = partition
+        self.records: list[RecordTuple] = []
+        self.futures: list[RecordFuture] = []
+        self.size_bytes = 0
+        self.created_ms = created_ms
+        self.condition = Condition()
+        self.attempts = 0
+        self.retry_at_ms = 0
+        self.built: records_pb2.RecordBatch | None = None
+        self.last_error: HeadwaterError | None = None
+        self.done = False
+
+    def __repr__(self) -> str:
+        where = f"{self.topic}-{self.partition}"
+        return f"ProducerBatch({where}, records={len(self.records)}, attempts={self.attempts})"
+
+    def complete(self, base_offset: int, log_append_time_ms: int = -1) -> None:
+        """Resolve every record future: offsets are ``base_offset + index`` (-1 for acks=0)."""
+        topic, partition = self.topic, self.partition
+        if base_offset < 0:
+            results = (RecordMetadata(topic, partition, -1, r[3]) for r in self.records)
+        elif log_append_time_ms > 0:  # proto3 leaves 0 when a node omits it; -1 means create time
+            results = (
+                RecordMetadata(topic, partition, base_offset + i, log_append_time_ms)
+                for i in range(len(self.records))
+            )
+        else:
+            results = (
+                RecordMetadata(topic, partition, base_offset + i, r[3]) for i, r in enumerate(self.records)
+            )
+        RecordFuture.complete_all(self.condition, self.futures, results)
+
+    def fail(self, error: BaseException) -> None:
+        RecordFuture.complete_all(self.condition, self.futures, None, error)
+
+
+class Drained:
+    """What ``RecordAccumulator.drain`` hands the sender: batches per leader node, and whether a leader
+    was missing (so metadata should be refreshed)."""
+
+    __slots__ = ("by_node", "leader_missing")
+
+    def __init__(self) -> None:
+        self.by_node: dict[int, list[ProducerBatch]] = {}
+        self.leader_missing = False
+
+
+class RecordAccumulator:
+    """Open batches per partition, closed batches awaiting send, and the buffer-memory account.
+
+    Invariants: a partition has at most one open batch and at most one request in flight; ``ready``
+    holds closed batches oldest first, retries put back at the front, so batches of one partition
+    reach the node in the order they were made;
+    ``buffer_used_bytes`` is the sum of ``size_bytes`` over ``incomplete``.
+    """
+
+    def __init__(
+        self,
+        *,
+        batch_size_bytes: int,
+        linger_ms: int,
+        buffer_memory_bytes: int,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.batch_size_bytes = batch_size_bytes
+        self.linger_ms = linger_ms
+        self.buffer_memory_bytes = buffer_memory_bytes
+        self.buffer_used_bytes = 0
+        self.open: dict[tuple[str, int], ProducerBatch] = {}
+        self.ready: deque[ProducerBatch] = deque()
+        self.incomplete: set[ProducerBatch] = set()
+        # Partitions with a request in flight (see drain).
+        self.in_flight: set[tuple[str, int]] = set()
+        self.sticky = StickyPartitioner(rng)
+
+    # ------------------------------------------------------------------ the send path
+
+    def has_room(self, size: int) -> bool:
+        return self.buffer_used_bytes + size <= self.buffer_memory_bytes
+
+    def append(
+        self, topic: str, partition: int, record: RecordTuple, size: int, now_ms: int
+    ) -> tuple[RecordFuture, bool]:
+        """Add a record; returns its future and whether a batch was opened or closed (wake the sender)."""
+        key = (topic, partition)
+        batch = self.open.get(key)
+        changed = False
+        if batch is not None and batch.size_bytes + size > self.batch_size_bytes:
+            self._close(batch)
+            batch = None
+        if batch is None:
+            batch = self.open[key] = ProducerBatch(topic, partition, now_ms)
+            self.incomplete.add(batch)
+            changed = True
+        batch.records.append(record)
+        batch.size_bytes += size
+        self.buffer_used_bytes += size
+        future = RecordFuture(batch.condition)
+        batch.futures.append(future)
+        if batch.size_bytes >= self.batch_size_bytes:
+            self._close(batch)
+            changed = True
+        return future, changed
+
+    def _close(self, batch: ProducerBatch) -> None:
+        del self.open[(batch.topic, batch.partition)]
+        self.ready.append(batch)
+        self.sticky.on_batch_done(batch.topic, batch.partition)
+
+    # ------------------------------------------------------------------ the sender
+
+    def drain(
+        self,
+        now_ms: int,
+        *,
+        flush: bool,
+        leader_of: Callable[[str, int], int | None],
+        node_has_room: Callable[[int], bool],
+        max_request_bytes: int,
+    ) -> Drained:
+        """Take the batches that can go now: per leader node, one request of at most ``max_request_bytes``.
+
+        A batch can go when it is closed, its linger has run out, or a flush is under way; its retry
+        backoff has passed; its leader is known; its partition has no request in flight; and its
+        node has an in-flight slot for one more request. A partition whose oldest batch cannot go
+        sends nothing newer either. The drained partitions stay muted until ``unmute``: gRPC does not
+        order concurrent calls, so one request per partition at a time is what keeps its batches in
+        order (until idempotent producers can let the node reorder them by sequence number).
+        """
+        out = Drained()
+        blocked: set[tuple[str, int]] = set()
+        request_bytes: dict[int, int] = {}
+
+        def take(batch: ProducerBatch) -> bool:
+            tp = (batch.topic, batch.partition)
+            if tp in blocked:
+                return False
+            if tp in self.in_flight or batch.retry_at_ms > now_ms:
+                blocked.add(tp)
+                return False
+            node = leader_of(batch.topic, batch.partition)
+            if node is None:
+                out.leader_missing = True
+                blocked.add(tp)
+                return False
+            used = request_bytes.get(node)
+            if used is None:
+                if not node_has_room(node):
+                    blocked.add(tp)
+                    return False
+                used = 0
+            elif used + batch.size_bytes > max_request_bytes:
+                blocked.add(tp)
+                return False
+            request_bytes[node] = used + batch.size_bytes
+            out.by_node.setdefault(node, []).append(batch)
+            return True
+
+        if self.ready:
+            keep: deque[ProducerBatch] = deque()
+            for batch in self.ready:
+                if not take(batch):
+                    keep.append(batch)
+            self.ready = keep
+        if self.open:
+            deadline = now_ms - self.linger_ms
+            for key, batch in list(self.open.items()):
+                if (flush or batch.created_ms <= deadline) and take(batch):
+                    del self.open[key]
+                    self.sticky.on_batch_done(batch.topic, batch.partition)
+        for batches in out.by_node.values():
+            for batch in batches:
+                self.in_flight.add((batch.topic, batch.partition))
+        return out
+
+    def unmute(self, batches: Iterable[ProducerBatch]) -> None:
+        """The request carrying these batches is over: their partitions may send again."""
+        for batch in batches:
+            self.in_flight.discard((batch.topic, batch.partition))
+
+    def next_deadline_ms(self) -> int | None:
+        """The earliest time something may become sendable by itself (linger or backoff ending)."""
+        deadline: int | None = None
+        for batch in self.open.values():
+            t = batch.created_ms + self.linger_ms
+            if deadline is None or t < deadline:
+                deadline = t
+        for batch in self.ready:
+            t = batch.retry_at_ms
+            if deadline is None or t < deadline:
+                deadline = t
+        return deadline
+
+    def reenqueue(self, batches: list[ProducerBatch], retry_at_ms: int) -> None:
+        """Put batches (in their original order) back for a retry, ahead of their partitions' newer ones."""
+        for batch in reversed(batches):
+            batch.retry_at_ms = retry_at_ms
+            self.ready.appendleft(batch)
+
+    def expired(self, now_ms: int, delivery_timeout_ms: int) -> list[ProducerBatch]:
+        """Remove and return the waiting batches older than ``delivery_timeout_ms`` (in-flight ones stay)."""
+        limit = now_ms - delivery_timeout_ms
+        out = [b for b in self.ready if b.created_ms <= limit]
+        if out:
+            gone = set(map(id, out))
+            self.ready = deque(b for b in self.ready if id(b) not in gone)
+        for key, batch in list(self.open.items()):
+            if batch.created_ms <= limit:
+                del self.open[key]
+                out.append(batch)
+        return out
+
+    def take_all(self) -> list[ProducerBatch]:
+        """Remove and return every batch not yet sent (on a forced close)."""
+        out = [*self.ready, *self.open.values()]
+        self.ready.clear()
+        self.open.clear()
+        return out
+
+    def release(self, batch: ProducerBatch) -> None:
+        """Forget a finished batch and give its bytes back to the buffer."""
+        if not batch.done:
+            batch.done = True
+            self.incomplete.discard(batch)
+            self.buffer_used_bytes -= batch.size_bytes
+            assert self.buffer_used_bytes >= 0
+
+    @property
+    def pending(self) -> bool:
+        """Whether any batch is open, waiting or in flight."""
+        return bool(self.incomplete)
