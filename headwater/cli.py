@@ -1,0 +1,1192 @@
+"""The ``headwater`` command: run nodes and a local cluster, manage topics, produce, consume, measure.
+
+Every client command takes ``--bootstrap HOST:PORT`` (several may be given, comma-separated); the
+default comes from ``HEADWATER_BOOTSTRAP``, else ``127.0.0.1:9192``. Output is for people on a
+terminal (rich tables, a progress bar) and plain when stdout is not a terminal: one item per line,
+tab-separated columns with a header. ``--format json`` prints JSON instead. Errors print one line to
+stderr and exit non-zero.
+
+Client and node modules are imported inside the commands so that ``headwater --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+__all__ = ["main", "build_parser", "CliError"]
+
+DEFAULT_BOOTSTRAP = "127.0.0.1:9192"
+DEFAULT_PORT = 9192
+BOOTSTRAP_ENV = "HEADWATER_BOOTSTRAP"
+# Exit codes: 1 for a failed operation, 2 for bad usage (argparse's own), 130 after Ctrl-C.
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+_CONSUME_JSON_DOC = """\
+--format json prints one object per record and line:
+  {"topic": str, "partition": int, "offset": int, "timestamp_ms": int,
+   "key": str|null, "value": str|null, "headers": [[str, str|null], ...]}
+Keys, values and header values are bytes decoded as UTF-8; bytes that are not valid UTF-8 become
+U+FFFD. A null value is a tombstone."""
+
+
+class CliError(Exception):
+    """A failure to report as one line on stderr; ``exit_code`` is the process exit status."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# ------------------------------------------------------------------ parser
+
+
+def _add_bootstrap(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--bootstrap",
+        "-b",
+        metavar="HOST:PORT",
+        default=os.environ.get(BOOTSTRAP_ENV) or DEFAULT_BOOTSTRAP,
+        help=f"node(s) to connect to, comma-separated (env {BOOTSTRAP_ENV}; default %(default)s)",
+    )
+
+
+def _add_format(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--format",
+        choices=("text", "json"),
+        default="text",
+        help="text: a table on a terminal, tab-separated lines otherwise; json: machine-readable",
+    )
+
+
+def _positive_int(raw: str) -> int:
+    try:
+        v = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not an integer") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
+    return v
+
+
+def _non_negative_int(raw: str) -> int:
+    try:
+        v = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not an integer") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def _key_value(raw: str) -> tuple[str, str]:
+    name, sep, value = raw.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {raw!r}")
+    return name.strip(), value
+
+
+_ACKS = ("all", "1", "0", "-1")
+_COMPRESSION = ("none", "zstd", "lz4", "gzip")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="headwater",
+        description="Headwater: a replicated, partitioned, durable event log.",
+        epilog="Run 'headwater COMMAND --help' for a command's options.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    # --- node
+    p = sub.add_parser("node", help="run a node in this process", description="Run a Headwater node.")
+    from headwater.config import add_config_flags
+
+    add_config_flags(p)
+    p.set_defaults(func=cmd_node)
+
+    # --- local
+    p = sub.add_parser("local", help="run a local cluster on loopback")
+    local_sub = p.add_subparsers(dest="local_command", metavar="ACTION", required=True)
+    p = local_sub.add_parser(
+        "up",
+        help="start a local cluster and wait; Ctrl-C stops it",
+        description="Start a local cluster as child processes on 127.0.0.1, print its bootstrap "
+        "address, and wait. Ctrl-C or SIGTERM stops every node cleanly.",
+    )
+    p.add_argument("--nodes", type=_positive_int, default=1, help="number of nodes (default %(default)s)")
+    p.add_argument("--data-dir", default="./headwater-data", help="data directory (default %(default)s)")
+    p.add_argument(
+        "--port", type=_positive_int, default=DEFAULT_PORT, help="first client port (default %(default)s)"
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=_non_negative_int,
+        default=None,
+        help="first Prometheus metrics port (default: port + 100; 0 disables metrics)",
+    )
+    p.add_argument("--start-timeout-s", type=float, default=60.0, help="how long to wait for a node to serve")
+    p.set_defaults(func=cmd_local_up)
+
+    # --- topic
+    p = sub.add_parser("topic", help="create, list, describe, configure and delete topics")
+    topic_sub = p.add_subparsers(dest="topic_command", metavar="ACTION", required=True)
+
+    p = topic_sub.add_parser("create", help="create a topic")
+    p.add_argument("name")
+    p.add_argument("--partitions", "-p", type=int, default=-1, help="(default: the node's default)")
+    p.add_argument("--replication-factor", "-r", type=int, default=-1, help="(default: the node's default)")
+    p.add_argument(
+        "--config",
+        "-c",
+        action="append",
+        type=_key_value,
+        default=[],
+        metavar="NAME=VALUE",
+        help="topic config, e.g. retention.ms=60000 (repeatable)",
+    )
+    p.add_argument("--if-not-exists", action="store_true", help="succeed if the topic exists already")
+    _add_bootstrap(p)
+    p.set_defaults(func=cmd_topic_create)
+
+    p = topic_sub.add_parser("list", help="list topics")
+    _add_bootstrap(p)
+    _add_format(p)
+    p.set_defaults(func=cmd_topic_list)
+
+    p = topic_sub.add_parser("describe", help="partitions of topics: leader, epochs, replicas, ISR, offsets")
+    p.add_argument("names", nargs="*", metavar="NAME", help="(default: every topic)")
+    p.add_argument("--no-offsets", action="store_true", help="skip the log start/end offsets")
+    _add_bootstrap(p)
+    _add_format(p)
+    p.set_defaults(func=cmd_topic_describe)
+
+    p = topic_sub.add_parser("delete", help="delete topics")
+    p.add_argument("names", nargs="+", metavar="NAME")
+    _add_bootstrap(p)
+    p.set_defaults(func=cmd_topic_delete)
+
+    p = topic_sub.add_parser("alter-config", help="set or delete a topic's configs")
+    p.add_argument("name")
+    p.add_argument("--set", "-s", action="append", type=_key_value, default=[], metavar="NAME=VALUE")
+    p.add_argument("--delete", "-d", action="append", default=[], metavar="NAME", help="back to the default")
+    _add_bootstrap(p)
+    p.set_defaults(func=cmd_topic_alter_config)
+
+    p = topic_sub.add_parser("describe-config", help="a topic's configs and where each comes from")
+    p.add_argument("name")
+    _add_bootstrap(p)
+    _add_format(p)
+    p.set_defaults(func=cmd_topic_describe_config)
+
+    # --- produce
+    p = sub.add_parser(
+        "produce",
+        help="send stdin lines as records",
+        description="Send one record per stdin line. With --key-separator, the text before the "
+        "first separator is the key (a line without it is an error, as in Kafka's console producer). "
+        "A summary goes to stderr at the end.",
+    )
+    p.add_argument("topic")
+    p.add_argument("--key-separator", metavar="SEP", help="split each line into key SEP value")
+    p.add_argument("--acks", choices=_ACKS, default="all")
+    p.add_argument("--partition", type=_non_negative_int, help="send every record to this partition")
+    p.add_argument("--compression", choices=_COMPRESSION, default="none")
+    p.add_argument("--linger-ms", type=_non_negative_int, default=None)
+    _add_bootstrap(p)
+    p.set_defaults(func=cmd_produce)
+
+    # --- consume
+    p = sub.add_parser(
+        "consume",
+        help="print records of a topic",
+        description="Print records of every partition of a topic (or one). Without a start option it "
+        "starts at the end, like Kafka's console consumer, and runs until Ctrl-C, --max-messages or "
+        "--timeout-ms.",
+        epilog=_CONSUME_JSON_DOC,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("topic")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--from-beginning", action="store_true", help="start at the log start")
+    start.add_argument("--offset", type=_non_negative_int, help="start every assigned partition here")
+    start.add_argument(
+        "--from-timestamp",
+        metavar="MS|ISO8601",
+        help="start at the first record at or after this time (ms since the epoch, or ISO 8601; "
+        "without a zone, local time)",
+    )
+    p.add_argument("--partition", type=_non_negative_int, help="read only this partition")
+    p.add_argument("--max-messages", type=_positive_int, help="exit after this many records")
+    p.add_argument("--timeout-ms", type=_positive_int, help="exit after this long without a record")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.add_argument("--print-key", action="store_true", help="text: print KEY<TAB>VALUE")
+    p.add_argument("--print-offset", action="store_true", help="text: print PARTITION:OFFSET<TAB> first")
+    p.add_argument("--print-timestamp", action="store_true", help="text: print TIMESTAMP_MS<TAB> first")
+    _add_bootstrap(p)
+    p.set_defaults(func=cmd_consume)
+
+    # --- perf
+    p = sub.add_parser("perf", help="measure produce and consume throughput")
+    perf_sub = p.add_subparsers(dest="perf_command", metavar="ACTION", required=True)
+    p = perf_sub.add_parser(
+        "produce",
+        help="produce fixed-size records as fast as allowed",
+        description="Like kafka-producer-perf-test: prints a line every 5 s and a final line with "
+        "records/s, MB/s (MB = 2^20 bytes, as Kafka does) and latency percentiles. Latency is from "
+        "send() to the record's acknowledgement.",
+    )
+    p.add_argument("topic")
+    p.add_argument("--num-records", "-n", type=_positive_int, required=True)
+    p.add_argument("--record-size", type=_positive_int, required=True, metavar="BYTES")
+    p.add_argument("--throughput", type=int, default=-1, help="records/s cap; -1: unlimited (default)")
+    p.add_argument("--acks", choices=_ACKS, default="all")
+    p.add_argument("--batch-size-bytes", type=_positive_int, default=None)
+    p.add_argument("--linger-ms", type=_non_negative_int, default=None)
+    p.add_argument("--compression", choices=_COMPRESSION, default="none")
+    p.add_argument("--report-interval-s", type=float, default=5.0, help=argparse.SUPPRESS)
+    _add_bootstrap(p)
+    _add_format(p)
+    p.set_defaults(func=cmd_perf_produce)
+
+    p = perf_sub.add_parser(
+        "consume",
+        help="consume from the beginning and measure",
+        description="Read NUM_RECORDS records from the beginning of every partition of TOPIC; print "
+        "records/s and MB/s (MB = 2^20 bytes).",
+    )
+    p.add_argument("topic")
+    p.add_argument("--num-records", "-n", type=_positive_int, required=True)
+    p.add_argument(
+        "--timeout-ms", type=_positive_int, default=10_000, help="give up after this long without a record"
+    )
+    _add_bootstrap(p)
+    _add_format(p)
+    p.set_defaults(func=cmd_perf_consume)
+    return parser
+
+
+# ------------------------------------------------------------------ entry point
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``headwater`` command; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except CliError as e:
+        _error(str(e))
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (``| head``): not an error. Point stdout at devnull so the
+        # interpreter's final flush does not complain again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except Exception as e:
+        message = _describe_exception(e)
+        if message is None:
+            raise
+        _error(message)
+        return EXIT_FAILURE
+
+
+def _error(message: str) -> None:
+    print(f"headwater: error: {message}", file=sys.stderr)
+
+
+def _describe_exception(e: BaseException) -> str | None:
+    """One line for an expected failure (a Headwater error, an RPC failure, bad input); else None."""
+    from headwater.config import ConfigError
+
+    if isinstance(e, ConfigError):
+        return str(e)
+    import grpc
+
+    from headwater.client import HeadwaterError
+
+    if isinstance(e, HeadwaterError):
+        text = str(e) or type(e).__name__
+        name = _error_code_name(getattr(e, "code", None))
+        if name and name not in text:
+            text = f"{text} ({name})"
+        return text
+    if isinstance(e, grpc.RpcError):
+        code = e.code() if isinstance(e, grpc.Call) else None
+        details = e.details() if isinstance(e, grpc.Call) else str(e)
+        return f"{getattr(code, 'name', code)}: {details}"
+    if isinstance(e, (TimeoutError, ConnectionError)):
+        return str(e) or type(e).__name__
+    if isinstance(e, (ValueError, TypeError)) and _raised_by_headwater(e):
+        return str(e)
+    return None
+
+
+def _raised_by_headwater(e: BaseException) -> bool:
+    """Whether an exception came from Headwater's own validation (not from a bug in this module)."""
+    tb = e.__traceback__
+    module = None
+    while tb is not None:
+        module = tb.tb_frame.f_globals.get("__name__", "")
+        tb = tb.tb_next
+    return bool(module) and str(module).startswith("headwater.") and module not in _OWN_MODULES
+
+
+_OWN_MODULES = (__name__, "headwater._perf")
+
+
+def _error_code_name(code: Any) -> str | None:
+    if code is None:
+        return None
+    if isinstance(code, str):
+        return code
+    name = getattr(code, "name", None)
+    if isinstance(name, str):
+        return name
+    try:
+        from headwater.v1 import errors_pb2
+
+        full = str(errors_pb2.ErrorCode.Name(int(code)))
+    except (ValueError, TypeError, ImportError):
+        return None
+    return full.removeprefix("ERROR_CODE_")
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _parse_address(raw: str) -> tuple[str, int]:
+    host, sep, port = raw.strip().rpartition(":")
+    if not sep or not host:
+        raise CliError(f"bad address {raw!r}: expected HOST:PORT", EXIT_USAGE)
+    try:
+        port_n = int(port)
+    except ValueError:
+        raise CliError(f"bad address {raw!r}: port {port!r} is not a number", EXIT_USAGE) from None
+    if not 0 < port_n < 65536:
+        raise CliError(f"bad address {raw!r}: port out of range", EXIT_USAGE)
+    return host.strip("[]"), port_n
+
+
+def _check_reachable(bootstrap: str, timeout_s: float = 3.0) -> None:
+    """Fail fast, with one clear line, when no bootstrap address accepts a connection."""
+    addresses = [a for a in bootstrap.split(",") if a.strip()]
+    if not addresses:
+        raise CliError("no bootstrap address given", EXIT_USAGE)
+    reasons = []
+    for raw in addresses:
+        host, port = _parse_address(raw)
+        try:
+            with socket.create_connection((host, port), timeout=timeout_s):
+                return
+        except OSError as e:
+            reasons.append(f"{raw.strip()} ({e.strerror or e})")
+    raise CliError(
+        f"cannot reach a Headwater node at {', '.join(reasons)}; start one with 'headwater local up' "
+        f"or point --bootstrap / {BOOTSTRAP_ENV} at a running node"
+    )
+
+
+def _stdout_is_tty() -> bool:
+    try:
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, separators=(", ", ": ")) + "\n")
+    sys.stdout.flush()
+
+
+def _print_table(
+    columns: Sequence[str],
+    rows: Iterable[Sequence[Any]],
+    title: str | None = None,
+    labels: Sequence[str] | None = None,
+) -> None:
+    """A rich table on a terminal (headed by ``labels``, default ``columns``); else tab-separated lines
+    headed by ``columns``. Only the first column may wrap."""
+    rows = [["" if v is None else str(v) for v in row] for row in rows]
+    if _stdout_is_tty():
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=title, title_justify="left")
+        for i, c in enumerate(labels or columns):
+            table.add_column(c, overflow="fold", no_wrap=i > 0)
+        for row in rows:
+            table.add_row(*row)
+        Console().print(table)
+    else:
+        out = ["\t".join(columns)]
+        out.extend("\t".join(row) for row in rows)
+        sys.stdout.write("\n".join(out) + "\n")
+        sys.stdout.flush()
+
+
+def _ids(values: Iterable[int]) -> str:
+    return ",".join(str(v) for v in values)
+
+
+def _acks_value(raw: str) -> Any:
+    return "all" if raw in ("all", "-1") else int(raw)
+
+
+def _mb(n_bytes: float) -> float:
+    return n_bytes / (1024 * 1024)
+
+
+def _topic_partitions(admin: Any, topic: str) -> list[int]:
+    """The partition indexes of a topic; unknown topics raise the client's error."""
+    descriptions = admin.describe_topics([topic])
+    for d in descriptions:
+        if d.name == topic:
+            return sorted(p.partition for p in d.partitions)
+    raise CliError(f"unknown topic {topic!r}")
+
+
+def _admin(bootstrap: str) -> Any:
+    _check_reachable(bootstrap)
+    from headwater.client import Admin
+
+    return Admin(bootstrap=bootstrap)
+
+
+# ------------------------------------------------------------------ node
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from headwater.config import config_from_args
+
+    config = config_from_args(args)
+    from headwater.node.server import serve
+
+    return int(serve(config))
+
+
+# ------------------------------------------------------------------ topic
+
+
+def cmd_topic_create(args: argparse.Namespace) -> int:
+    from headwater.client import NewTopic
+
+    config = dict(args.config)
+    admin = _admin(args.bootstrap)
+    try:
+        new = NewTopic(
+            args.name, partitions=args.partitions, replication_factor=args.replication_factor, config=config
+        )
+        try:
+            _raise_first(admin.create_topics([new]))
+        except Exception as e:
+            if args.if_not_exists and _error_code_name(getattr(e, "code", None)) in (
+                "TOPIC_ALREADY_EXISTS",
+                "ERROR_CODE_TOPIC_ALREADY_EXISTS",
+            ):
+                print(f"Topic {args.name} exists already.")
+                return 0
+            raise
+    finally:
+        admin.close()
+    print(f"Created topic {args.name}.")
+    return 0
+
+
+def _raise_first(result: Any) -> None:
+    """Raise the first failure in an admin call's per-item result, whatever shape it has.
+
+    A call may raise itself, or return ``{name: exception | future | None}``; both report here.
+    """
+    if isinstance(result, dict):
+        for value in result.values():
+            if isinstance(value, BaseException):
+                raise value
+            if hasattr(value, "result") and callable(value.result):
+                value.result()
+
+
+def cmd_topic_list(args: argparse.Namespace) -> int:
+    admin = _admin(args.bootstrap)
+    try:
+        descriptions = sorted(admin.describe_topics(None), key=lambda d: d.name)
+    finally:
+        admin.close()
+    if args.format == "json":
+        _print_json(
+            [
+                {
+                    "name": d.name,
+                    "topic_id": str(d.topic_id) if d.topic_id else None,
+                    "partitions": len(d.partitions),
+                    "replication_factor": _replication_factor(d),
+                }
+                for d in descriptions
+            ]
+        )
+    elif _stdout_is_tty():
+        _print_table(
+            ["topic", "partitions", "replicas", "topic id"],
+            [[d.name, len(d.partitions), _replication_factor(d), d.topic_id or ""] for d in descriptions],
+        )
+    else:
+        for d in descriptions:
+            sys.stdout.write(d.name + "\n")
+        sys.stdout.flush()
+    return 0
+
+
+def _replication_factor(description: Any) -> int:
+    return max((len(p.replicas) for p in description.partitions), default=0)
+
+
+def cmd_topic_describe(args: argparse.Namespace) -> int:
+    admin = _admin(args.bootstrap)
+    try:
+        descriptions = sorted(admin.describe_topics(args.names or None), key=lambda d: d.name)
+    finally:
+        admin.close()
+    offsets: dict[tuple[str, int], tuple[int, int]] = {}
+    if not args.no_offsets:
+        offsets = _log_offsets(args.bootstrap, descriptions)
+    if args.format == "json":
+        _print_json(
+            [
+                {
+                    "name": d.name,
+                    "topic_id": str(d.topic_id) if d.topic_id else None,
+                    "partitions": [
+                        {
+                            "partition": p.partition,
+                            "leader": p.leader,
+                            "leader_epoch": p.leader_epoch,
+                            "partition_epoch": p.partition_epoch,
+                            "replicas": list(p.replicas),
+                            "isr": list(p.isr),
+                            "offline_replicas": list(p.offline_replicas),
+                            **(
+                                {
+                                    "log_start_offset": offsets[(d.name, p.partition)][0],
+                                    "log_end_offset": offsets[(d.name, p.partition)][1],
+                                }
+                                if (d.name, p.partition) in offsets
+                                else {}
+                            ),
+                        }
+                        for p in d.partitions
+                    ],
+                }
+                for d in descriptions
+            ]
+        )
+        return 0
+    columns = ["topic", "partition", "leader", "leader_epoch", "replicas", "isr", "offline"]
+    labels = ["topic", "part", "leader", "epoch", "replicas", "isr", "offline"]
+    if offsets:
+        columns += ["log_start_offset", "log_end_offset"]
+        labels += ["start", "end"]
+    rows = []
+    for d in descriptions:
+        for p in d.partitions:
+            row: list[Any] = [
+                d.name,
+                p.partition,
+                p.leader if p.leader >= 0 else "none",
+                p.leader_epoch,
+                _ids(p.replicas),
+                _ids(p.isr),
+                _ids(p.offline_replicas),
+            ]
+            if offsets:
+                row += list(offsets.get((d.name, p.partition), ("", "")))
+            rows.append(row)
+    _print_table(columns, rows, labels=labels)
+    return 0
+
+
+def _log_offsets(bootstrap: str, descriptions: Sequence[Any]) -> dict[tuple[str, int], tuple[int, int]]:
+    """Log start and end offset of every partition, through one consumer; empty when it fails."""
+    from headwater.client import Consumer, TopicPartition
+
+    tps = [TopicPartition(d.name, p.partition) for d in descriptions for p in d.partitions]
+    if not tps:
+        return {}
+    try:
+        consumer = Consumer(bootstrap=bootstrap)
+    except Exception:
+        return {}
+    try:
+        start = consumer.beginning_offsets(tps)
+        end = consumer.end_offsets(tps)
+        return {(tp.topic, tp.partition): (start[tp], end[tp]) for tp in tps if tp in start and tp in end}
+    except Exception:
+        # Offsets are a convenience here: a partition without a leader must not hide the rest.
+        return {}
+    finally:
+        consumer.close()
+
+
+def cmd_topic_delete(args: argparse.Namespace) -> int:
+    admin = _admin(args.bootstrap)
+    try:
+        _raise_first(admin.delete_topics(list(args.names)))
+    finally:
+        admin.close()
+    for name in args.names:
+        print(f"Deleted topic {name}.")
+    return 0
+
+
+def cmd_topic_alter_config(args: argparse.Namespace) -> int:
+    changes: dict[str, str | None] = dict(args.set)
+    for name in args.delete:
+        if name in changes:
+            raise CliError(f"config {name} is both set and deleted", EXIT_USAGE)
+        changes[name] = None
+    if not changes:
+        raise CliError("nothing to change: give --set NAME=VALUE and/or --delete NAME", EXIT_USAGE)
+    admin = _admin(args.bootstrap)
+    try:
+        admin.alter_configs(args.name, changes)
+    finally:
+        admin.close()
+    parts = [f"{k}={v}" if v is not None else f"{k} (deleted)" for k, v in changes.items()]
+    print(f"Updated config of topic {args.name}: {', '.join(parts)}.")
+    return 0
+
+
+def cmd_topic_describe_config(args: argparse.Namespace) -> int:
+    admin = _admin(args.bootstrap)
+    try:
+        entries = admin.describe_configs(args.name)
+    finally:
+        admin.close()
+    items = sorted(entries.values(), key=lambda e: e.name)
+    if args.format == "json":
+        _print_json({e.name: {"value": e.value, "source": e.source} for e in items})
+    else:
+        _print_table(["name", "value", "source"], [[e.name, e.value, e.source] for e in items])
+    return 0
+
+
+# ------------------------------------------------------------------ produce
+
+
+def cmd_produce(args: argparse.Namespace) -> int:
+    admin = _admin(args.bootstrap)
+    try:
+        partitions = _topic_partitions(admin, args.topic)
+    finally:
+        admin.close()
+    if args.partition is not None and args.partition not in partitions:
+        raise CliError(_no_such_partition(args.topic, args.partition, partitions))
+
+    from headwater.client import Producer
+
+    options: dict[str, Any] = {"acks": _acks_value(args.acks), "compression": args.compression}
+    if args.linger_ms is not None:
+        options["linger_ms"] = args.linger_ms
+    separator = args.key_separator.encode() if args.key_separator else None
+    last_offsets: dict[int, int] = {}
+    failures: list[BaseException] = []
+    sent = 0
+
+    def done(future: Any) -> None:
+        error = future.exception()
+        if error is not None:
+            failures.append(error)
+            return
+        meta = future.result()
+        if meta.offset > last_offsets.get(meta.partition, -1):
+            last_offsets[meta.partition] = meta.offset
+        elif meta.partition not in last_offsets:
+            last_offsets[meta.partition] = meta.offset
+
+    producer = Producer(bootstrap=args.bootstrap, **options)
+    interrupted = False
+    try:
+        try:
+            for line_no, line in enumerate(sys.stdin.buffer, start=1):
+                if line.endswith(b"\n"):
+                    line = line[:-1]
+                    if line.endswith(b"\r"):
+                        line = line[:-1]
+                key = None
+                if separator is not None:
+                    key, sep, value = line.partition(separator)
+                    if not sep:
+                        raise CliError(
+                            f"line {line_no} has no key separator {args.key_separator!r} "
+                            f"({sent} records sent before it)"
+                        )
+                else:
+                    value = line
+                producer.send(args.topic, value, key=key, partition=args.partition).add_done_callback(done)
+                sent += 1
+                if failures:
+                    break
+        except KeyboardInterrupt:
+            interrupted = True
+        producer.flush()
+    finally:
+        producer.close()
+    summary = ", ".join(f"partition {p} up to offset {o}" for p, o in sorted(last_offsets.items()))
+    ok = sent - len(failures)
+    print(
+        f"Produced {ok} record{'s' if ok != 1 else ''} to {args.topic}"
+        + (f": {summary}" if summary else "."),
+        file=sys.stderr,
+    )
+    if failures:
+        message = _describe_exception(failures[0]) or repr(failures[0])
+        raise CliError(f"{len(failures)} record(s) failed: {message}")
+    return EXIT_INTERRUPTED if interrupted else 0
+
+
+def _no_such_partition(topic: str, partition: int, partitions: list[int]) -> str:
+    return f"topic {topic} has no partition {partition} (it has {len(partitions)}: 0..{len(partitions) - 1})"
+
+
+# ------------------------------------------------------------------ consume
+
+
+def _parse_timestamp(raw: str) -> int:
+    raw = raw.strip()
+    if raw.lstrip("-").isdigit():
+        ms = int(raw)
+    else:
+        from datetime import datetime
+
+        try:
+            dt = datetime.fromisoformat(raw)
+        except ValueError:
+            raise CliError(
+                f"bad --from-timestamp {raw!r}: give ms since the epoch or ISO 8601 "
+                "(e.g. 2024-05-01T12:00:00Z)",
+                EXIT_USAGE,
+            ) from None
+        if dt.tzinfo is None:
+            dt = dt.astimezone()  # local time, as a person typing a time means
+        ms = int(dt.timestamp() * 1000)
+    if ms < 0:
+        raise CliError(f"bad --from-timestamp {raw!r}: before 1970", EXIT_USAGE)
+    return ms
+
+
+def _text(b: bytes | None) -> str | None:
+    return None if b is None else b.decode("utf-8", "replace")
+
+
+def _record_json(r: Any) -> str:
+    return json.dumps(
+        {
+            "topic": r.topic,
+            "partition": r.partition,
+            "offset": r.offset,
+            "timestamp_ms": r.timestamp_ms,
+            "key": _text(r.key),
+            "value": _text(r.value),
+            "headers": [[k, _text(v)] for k, v in (r.headers or ())],
+        },
+        ensure_ascii=False,
+    )
+
+
+def cmd_consume(args: argparse.Namespace) -> int:
+    start_ms = _parse_timestamp(args.from_timestamp) if args.from_timestamp is not None else None
+    admin = _admin(args.bootstrap)
+    try:
+        partitions = _topic_partitions(admin, args.topic)
+    finally:
+        admin.close()
+    if args.partition is not None:
+        if args.partition not in partitions:
+            raise CliError(_no_such_partition(args.topic, args.partition, partitions))
+        partitions = [args.partition]
+
+    from headwater.client import Consumer, TopicPartition
+
+    tps = [TopicPartition(args.topic, p) for p in partitions]
+    consumer = Consumer(bootstrap=args.bootstrap, auto_offset_reset="latest")
+    count = 0
+    try:
+        consumer.assign(tps)
+        if args.from_beginning:
+            consumer.seek_to_beginning(*tps)
+        elif args.offset is not None:
+            for tp in tps:
+                consumer.seek(tp, args.offset)
+        elif start_ms is not None:
+            found = consumer.offsets_for_times({tp: start_ms for tp in tps})
+            at_end = []
+            for tp in tps:
+                hit = found.get(tp)
+                if hit is None:
+                    at_end.append(tp)
+                else:
+                    consumer.seek(tp, hit.offset if hasattr(hit, "offset") else int(hit))
+            if at_end:
+                consumer.seek_to_end(*at_end)
+        else:
+            consumer.seek_to_end(*tps)
+        count = _consume_loop(consumer, args)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        consumer.close()
+        print(f"Processed a total of {count} messages", file=sys.stderr)
+    return 0
+
+
+def _consume_loop(consumer: Any, args: argparse.Namespace) -> int:
+    out = sys.stdout.buffer
+    as_json = args.format == "json"
+    limit = args.max_messages
+    idle_s = args.timeout_ms / 1000 if args.timeout_ms else None
+    count = 0
+    last_record = time.monotonic()
+    while limit is None or count < limit:
+        wait_s = 0.5
+        if idle_s is not None:
+            left = last_record + idle_s - time.monotonic()
+            if left <= 0:
+                break
+            wait_s = min(wait_s, left)
+        records = consumer.poll(wait_s)
+        if not records:
+            continue
+        last_record = time.monotonic()
+        if limit is not None:
+            records = records[: limit - count]
+        chunks = []
+        for r in records:
+            if as_json:
+                chunks.append(_record_json(r).encode("utf-8") + b"\n")
+            else:
+                chunks.append(_record_text(r, args) + b"\n")
+        out.write(b"".join(chunks))
+        out.flush()
+        count += len(records)
+    return count
+
+
+def _record_text(r: Any, args: argparse.Namespace) -> bytes:
+    fields = []
+    if args.print_timestamp:
+        fields.append(str(r.timestamp_ms).encode())
+    if args.print_offset:
+        fields.append(f"{r.partition}:{r.offset}".encode())
+    if args.print_key:
+        fields.append(b"null" if r.key is None else r.key)
+    fields.append(b"null" if r.value is None else r.value)
+    return b"\t".join(fields)
+
+
+# ------------------------------------------------------------------ local cluster
+
+LOCAL_STATE_FILE = "local.json"
+
+
+def _port_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        # SO_REUSEADDR as the node's server sets it: a port in TIME_WAIT is free for it, a listened
+        # one is not.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _log_tail(path: str, lines: int = 15) -> str:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 16384))
+            text = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return "\n".join("    " + line for line in text.splitlines()[-lines:])
+
+
+def _parent_death_signal() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes a node get SIGTERM if the launcher dies (Linux), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig = 1
+
+    def setup() -> None:  # runs in the child between fork and exec: no imports, no locks
+        prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+
+    return setup
+
+
+class _LocalNode:
+    """One child node process of ``headwater local up``."""
+
+    def __init__(self, node_id: int, port: int, metrics_port: int, data_dir: str, log_path: str) -> None:
+        self.node_id = node_id
+        self.port = port
+        self.metrics_port = metrics_port
+        self.data_dir = data_dir
+        self.log_path = log_path
+        self.proc: Any = None
+
+    @property
+    def client(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        import subprocess
+
+        argv = [
+            sys.executable, "-m", "headwater.node",
+            "--node-id", str(self.node_id),
+            "--host", "127.0.0.1",
+            "--port", str(self.port),
+            "--data-dir", self.data_dir,
+            "--metrics-port", str(self.metrics_port),
+        ]  # fmt: skip
+        with open(self.log_path, "ab") as log:
+            # Its own process group: Ctrl-C reaches only the launcher, which then stops the nodes in
+            # order; the parent-death signal stops them should the launcher itself be killed.
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                process_group=0,
+                preexec_fn=_parent_death_signal(),
+            )
+
+    def exit_code(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    def describe_exit(self) -> str:
+        code = self.exit_code()
+        how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
+        tail = _log_tail(self.log_path)
+        return f"node {self.node_id} (pid {self.proc.pid}) {how}; its log is {self.log_path}" + (
+            f":\n{tail}" if tail else ""
+        )
+
+
+def _wait_serving(node: _LocalNode, deadline: float, stopping: Callable[[], bool]) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(node.client) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if stopping():
+                return
+            if node.exit_code() is not None:
+                raise CliError(node.describe_exit())
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise CliError(
+                    f"node {node.node_id} is not serving on {node.client} yet; see {node.log_path}"
+                )
+            time.sleep(0.05)
+
+
+def _stop_nodes(nodes: Sequence[_LocalNode], grace_s: float = 30.0) -> list[_LocalNode]:
+    """SIGTERM every running node and wait; SIGKILL any still running after ``grace_s``.
+
+    Returns the nodes that did not stop cleanly (non-zero exit or killed).
+    """
+    import subprocess
+
+    running = [n for n in nodes if n.proc is not None and n.proc.poll() is None]
+    for n in running:
+        n.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    unclean = []
+    for n in running:
+        try:
+            n.proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            n.proc.kill()
+            n.proc.wait()
+        if n.proc.returncode != 0:
+            unclean.append(n)
+    return unclean
+
+
+def _previous_cluster(state_path: str) -> list[int]:
+    try:
+        with open(state_path) as fh:
+            state = json.load(fh)
+        return [int(n["pid"]) for n in state.get("nodes", []) if _pid_alive(int(n["pid"]))]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
+
+
+def cmd_local_up(args: argparse.Namespace) -> int:
+    if args.nodes != 1:
+        raise CliError(
+            f"--nodes {args.nodes}: a local cluster has one node for now; multi-node clusters arrive "
+            "with the metadata quorum",
+            EXIT_USAGE,
+        )
+    metrics_base = args.port + 100 if args.metrics_port is None else args.metrics_port
+    if args.port + args.nodes > 65536 or metrics_base + args.nodes > 65536:
+        raise CliError("ports out of range: choose a lower --port / --metrics-port", EXIT_USAGE)
+    data_dir = os.path.abspath(args.data_dir)
+    state_path = os.path.join(data_dir, LOCAL_STATE_FILE)
+    alive = _previous_cluster(state_path)
+    if alive:
+        raise CliError(
+            f"a local cluster is already running from {data_dir} (pids {_ids(alive)}); stop it first"
+        )
+    nodes = [
+        _LocalNode(
+            node_id=i,
+            port=args.port + i - 1,
+            metrics_port=metrics_base + i - 1 if metrics_base else 0,
+            data_dir=os.path.join(data_dir, f"node-{i}"),
+            log_path=os.path.join(data_dir, f"node-{i}.log"),
+        )
+        for i in range(1, args.nodes + 1)
+    ]
+    for n in nodes:
+        if not _port_free(n.port):
+            raise CliError(
+                f"port {n.port} on 127.0.0.1 is already in use (another node?); choose another with --port"
+            )
+        if n.metrics_port and not _port_free(n.metrics_port):
+            raise CliError(
+                f"metrics port {n.metrics_port} on 127.0.0.1 is already in use; choose another with "
+                "--metrics-port (0 disables metrics)"
+            )
+    os.makedirs(data_dir, exist_ok=True)
+
+    stop_signal: list[int] = []
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stop_signal.append(signum)
+
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {s: signal.signal(s, on_signal) for s in handled}
+    bootstrap = ",".join(n.client for n in nodes)
+    failed: _LocalNode | None = None
+    try:
+        for n in nodes:
+            os.makedirs(n.data_dir, exist_ok=True)
+            n.start()
+        deadline = time.monotonic() + args.start_timeout_s
+        for n in nodes:
+            _wait_serving(n, deadline, lambda: bool(stop_signal))
+        if not stop_signal:
+            _write_local_state(state_path, bootstrap, nodes)
+            _print_local_banner(bootstrap, nodes, data_dir)
+        while not stop_signal:
+            failed = next((n for n in nodes if n.exit_code() is not None), None)
+            if failed is not None:
+                break
+            time.sleep(0.2)
+    finally:
+        if failed is None and stop_signal:
+            print("Stopping the local cluster...", file=sys.stderr, flush=True)
+        unclean = _stop_nodes(nodes)
+        with contextlib.suppress(OSError):
+            os.remove(state_path)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if failed is not None:
+        others = ", stopped the rest" if len(nodes) > 1 else ""
+        raise CliError(failed.describe_exit() + others)
+    if unclean:
+        raise CliError("; ".join(n.describe_exit() for n in unclean))
+    print("Local cluster stopped.", file=sys.stderr, flush=True)
+    return 0
+
+
+def _write_local_state(path: str, bootstrap: str, nodes: Sequence[_LocalNode]) -> None:
+    state = {
+        "bootstrap": bootstrap,
+        "nodes": [
+            {
+                "node_id": n.node_id,
+                "pid": n.proc.pid,
+                "client": n.client,
+                "metrics": f"127.0.0.1:{n.metrics_port}" if n.metrics_port else None,
+                "data_dir": n.data_dir,
+            }
+            for n in nodes
+        ],
+    }
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(state, fh, indent=2)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def _print_local_banner(bootstrap: str, nodes: Sequence[_LocalNode], data_dir: str) -> None:
+    b = "" if bootstrap == DEFAULT_BOOTSTRAP else f" -b {bootstrap}"
+    plural = "s" if len(nodes) != 1 else ""
+    lines = [
+        f"Headwater local cluster: {len(nodes)} node{plural}, data and logs in {data_dir}",
+        f"bootstrap: {bootstrap}",
+        f"try:  headwater topic create demo --partitions 3{b} && "
+        f"printf 'k1:hello\\nk2:world\\n' | headwater produce demo --key-separator :{b}",
+        f"      headwater consume demo --from-beginning --print-key --max-messages 2{b}",
+        "Ctrl-C stops the cluster.",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+# ------------------------------------------------------------------ perf
+
+
+def cmd_perf_produce(args: argparse.Namespace) -> int:
+    _check_reachable(args.bootstrap)
+    from headwater import _perf
+
+    return _perf.produce(args)
+
+
+def cmd_perf_consume(args: argparse.Namespace) -> int:
+    _check_reachable(args.bootstrap)
+    from headwater import _perf
+
+    return _perf.consume(args)
