@@ -128,7 +128,7 @@ class Cluster:
             if stub is None:
                 channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
                 self._channels[address] = channel
-                stub = self._stubs[address] = client_pb2_grpc.HeadwaterServiceStub(channel)
+                stub = self._stubs[address] = client_pb2_grpc.HeadwaterServiceStub(channel)  # type: ignore[no-untyped-call]
             return stub
 
     def stub_for_node(self, node_id: int) -> client_pb2_grpc.HeadwaterServiceStub:

@@ -197,10 +197,11 @@ class Admin:
         self.close()
 
     def _metadata(self, names: list[str]) -> client_pb2.MetadataResponse:
-        return self._cluster.call_any(
+        response: client_pb2.MetadataResponse = self._cluster.call_any(
             "Metadata",
             lambda stub: stub.Metadata(client_pb2.MetadataRequest(topics=names), timeout=self._timeout_s),
         )
+        return response
 
     @staticmethod
     def _maybe_raise(out: dict, raise_on_error: bool) -> dict:  # type: ignore[type-arg]

@@ -113,7 +113,7 @@ class HeadwaterError(Exception):
     def code_name(self) -> str:
         """The ErrorCode's proto name without its prefix, e.g. ``NOT_LEADER_OR_FOLLOWER``."""
         try:
-            return _codes.ErrorCode.Name(self.code).removeprefix("ERROR_CODE_")  # type: ignore[arg-type]
+            return str(_codes.ErrorCode.Name(self.code)).removeprefix("ERROR_CODE_")
         except ValueError:
             return str(self.code)
 

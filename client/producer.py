@@ -3,8 +3,8 @@
 ``send`` does the least it can per record (partition choice, one lock, a tuple and a future) and
 returns. The sender thread wakes when a batch fills, a linger runs out, a flush starts or a retry is
 due; it builds each batch once (``headwater.v1.batch.build_batch``), groups batches by leader node,
-and sends one ``ProduceRequest`` per node, up to ``max_in_flight_requests_per_node`` at a time.
-Responses arrive on gRPC's callback thread, which completes the record futures or queues retries.
+and sends one ``ProduceRequest`` per node, up to ``max_in_flight_requests_per_node`` at a time,
+each on an I/O thread that completes the record futures or queues retries when the answer comes.
 
 A partition has one request in flight at a time (which may carry several of its batches): gRPC does
 not order concurrent calls, so this is what keeps a partition's records in send order, across
@@ -18,7 +18,7 @@ import random
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from types import TracebackType
 from typing import Any
@@ -162,6 +162,10 @@ class Producer:
         self._closing = False
         self._force_close = False
         self._closed = False
+        # Up to max_in_flight blocking Produce calls per node; threads start only as calls need them.
+        self._io = ThreadPoolExecutor(
+            max_workers=max_in_flight_requests_per_node * 4, thread_name_prefix="headwater-producer-io"
+        )
         self._sender = threading.Thread(
             target=self._run_sender, name="headwater-producer-sender", daemon=True
         )
@@ -221,6 +225,7 @@ class Producer:
                 partition = self._acc.sticky.partition(topic, n, meta.available)
             if not self._acc.has_room(size):
                 self._wait_for_room(size)
+            future: Future[RecordMetadata]
             future, changed = self._acc.append(topic, partition, record, size, int(time.monotonic() * 1000))
             if changed:
                 self._wake_sender.notify()
@@ -265,6 +270,7 @@ class Producer:
                 self._wake_sender.notify()
             self._cluster.close()  # cancels in-flight calls; their batches fail
             self._sender.join()
+        self._io.shutdown(wait=True)
         self._cluster.close()
 
     def partitions_for(self, topic: str) -> list[int]:
@@ -453,26 +459,31 @@ class Producer:
             self._finish_request(node, batches, [], [])
             return
         try:
-            call = self._cluster.stub_for_node(node).Produce.future(
-                request, timeout=self._request_timeout_ms / 1000
-            )
+            stub = self._cluster.stub_for_node(node)
         except HeadwaterError as exc:
             self._on_request_error(node, sendable, exc)
             return
         if self.acks == 0:
             for b in sendable:
                 b.complete(-1)
-        call.add_done_callback(lambda c: self._on_produce_done(node, sendable, c))
+        self._io.submit(self._produce, node, stub, request, sendable)
 
-    def _on_produce_done(self, node: int, batches: list[ProducerBatch], call: Any) -> None:
+    def _produce(
+        self, node: int, stub: Any, request: client_pb2.ProduceRequest, batches: list[ProducerBatch]
+    ) -> None:
+        """Runs on an I/O thread: one blocking Produce call, then its outcome.
+
+        A blocking call on a pool thread rather than ``Produce.future``: with one call in flight at a
+        time, the future API starts and stops a gRPC channel thread for every request.
+        """
         try:
             try:
-                response = call.result()
-            except grpc.FutureCancelledError:
-                self._on_request_error(node, batches, ClientClosedError("the producer was closed"))
-                return
+                response = stub.Produce(request, timeout=self._request_timeout_ms / 1000)
             except grpc.RpcError as exc:
                 self._on_request_error(node, batches, error_for_rpc(exc, f"Produce to node {node}"))
+                return
+            except ValueError as exc:  # the channel was closed under the call
+                self._on_request_error(node, batches, ClientClosedError(f"the producer was closed: {exc}"))
                 return
             by_tp = {(t.topic, p.partition): p for t in response.topics for p in t.partitions}
             done: list[ProducerBatch] = []

@@ -1,0 +1,131 @@
+"""The client against a real node process: produce, consume, replay, admin and its errors."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+
+from headwater import (
+    Admin,
+    Consumer,
+    InvalidPartitionsError,
+    InvalidTopicError,
+    NewTopic,
+    OffsetOutOfRangeError,
+    Producer,
+    TopicAlreadyExistsError,
+    TopicPartition,
+    UnknownTopicOrPartitionError,
+    partition_for_key,
+)
+
+
+def consume(consumer: Consumer, n: int, timeout_s: float = 20.0) -> list:
+    out: list = []
+    deadline = time.monotonic() + timeout_s
+    while len(out) < n and time.monotonic() < deadline:
+        out.extend(consumer.poll(0.2))
+    return out
+
+
+def create(bootstrap: str, partitions: int = 1, **config: str) -> str:
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    with Admin(bootstrap) as admin:
+        admin.create_topics([NewTopic(name, partitions=partitions, config=config)])
+    return name
+
+
+def test_keyed_records_are_read_back_in_order_on_kafkas_partitions(node) -> None:
+    topic = create(node.bootstrap, partitions=3)
+    sent = [(f"key-{i % 7}".encode(), f"value-{i}".encode()) for i in range(3000)]
+    with Producer(node.bootstrap, linger_ms=2) as producer:
+        futures = [
+            producer.send(topic, v, key=k, headers=[("i", str(i).encode())]) for i, (k, v) in enumerate(sent)
+        ]
+        producer.flush(30)
+        metas = [f.result(0) for f in futures]
+    assert [m.partition for m in metas] == [partition_for_key(k, 3) for k, _ in sent]
+    with Consumer(node.bootstrap, auto_offset_reset="earliest") as consumer:
+        consumer.assign([TopicPartition(topic, p) for p in range(3)])
+        records = consume(consumer, len(sent))
+    assert len(records) == len(sent)
+    for p in range(3):
+        got = [(r.key, r.value) for r in records if r.partition == p]
+        assert got == [kv for kv, m in zip(sent, metas, strict=True) if m.partition == p]  # send order
+        assert [r.offset for r in records if r.partition == p] == list(range(len(got)))
+    first = next(r for r in records if r.value == b"value-0")
+    assert first.headers == (("i", b"0"),) and first.timestamp_ms == metas[0].timestamp_ms
+
+
+def test_replay_from_an_offset_and_from_a_timestamp(node) -> None:
+    topic = create(node.bootstrap)
+    tp = TopicPartition(topic, 0)
+    base_ts = 1_700_000_000_000
+    with Producer(node.bootstrap, linger_ms=0, batch_size_bytes=2048) as producer:
+        for i in range(100):
+            producer.send(topic, f"{i}".encode(), timestamp_ms=base_ts + i * 1000)
+        producer.flush(30)
+    with Consumer(node.bootstrap, auto_offset_reset="earliest") as consumer:
+        consumer.assign([tp])
+        assert consumer.beginning_offsets([tp]) == {tp: 0}
+        assert consumer.end_offsets([tp]) == {tp: 100}
+        consumer.seek(tp, 42)
+        assert [int(r.value) for r in consume(consumer, 58)] == list(range(42, 100))
+        found = consumer.offsets_for_times({tp: base_ts + 63_500})[tp]
+        assert found is not None and (found.offset, found.timestamp_ms) == (64, base_ts + 64_000)
+        assert consumer.offsets_for_times({tp: base_ts + 10**9}) == {tp: None}
+        consumer.seek(tp, found.offset)
+        assert [int(r.value) for r in consume(consumer, 36)] == list(range(64, 100))
+
+
+@pytest.mark.parametrize("compression", ["none", "gzip", "lz4", "zstd"])
+def test_every_compression_round_trips(node, compression: str) -> None:
+    topic = create(node.bootstrap)
+    values = [f"{compression}-{i}-".encode() * 20 for i in range(500)]
+    with Producer(node.bootstrap, compression=compression, acks=1) as producer:
+        for v in values:
+            producer.send(topic, v)
+    with Consumer(node.bootstrap, auto_offset_reset="earliest") as consumer:
+        consumer.assign([TopicPartition(topic, 0)])
+        assert [r.value for r in consume(consumer, len(values))] == values
+
+
+def test_out_of_range_position_follows_auto_offset_reset(node) -> None:
+    topic = create(node.bootstrap)
+    tp = TopicPartition(topic, 0)
+    with Producer(node.bootstrap) as producer:
+        for i in range(10):
+            producer.send(topic, f"{i}".encode())
+    with Consumer(node.bootstrap, auto_offset_reset="earliest") as consumer:
+        consumer.assign([tp])
+        consumer.seek(tp, 500)
+        assert [r.offset for r in consume(consumer, 10)] == list(range(10))
+    with Consumer(node.bootstrap, auto_offset_reset="none") as consumer:
+        consumer.assign([tp])
+        consumer.seek(tp, 500)
+        with pytest.raises(OffsetOutOfRangeError):
+            consume(consumer, 1, timeout_s=10)
+
+
+def test_admin_round_trip_and_bad_input(node) -> None:
+    with Admin(node.bootstrap) as admin:
+        ids = admin.create_topics([NewTopic("orders", partitions=4)])
+        assert isinstance(ids["orders"], uuid.UUID)
+        assert "orders" in admin.list_topics()
+        (desc,) = admin.describe_topics(["orders"])
+        assert desc.topic_id == ids["orders"] and [p.partition for p in desc.partitions] == [0, 1, 2, 3]
+        assert all(p.leader >= 0 for p in desc.partitions)
+        with pytest.raises(TopicAlreadyExistsError):
+            admin.create_topics([NewTopic("orders")])
+        with pytest.raises(InvalidTopicError):
+            admin.create_topics([NewTopic("bad/name")])
+        with pytest.raises(InvalidPartitionsError):
+            admin.create_topics([NewTopic("zero", partitions=0)])
+        admin.alter_configs("orders", {"retention_ms": 60_000})
+        assert admin.describe_configs("orders")["retention_ms"].value == "60000"
+        admin.delete_topics(["orders"])
+        assert "orders" not in admin.list_topics()
+        with pytest.raises(UnknownTopicOrPartitionError):
+            admin.describe_topics(["orders"])
