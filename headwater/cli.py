@@ -824,7 +824,7 @@ def cmd_consume(args: argparse.Namespace) -> int:
 
     tps = [TopicPartition(args.topic, p) for p in partitions]
     consumer = Consumer(bootstrap=args.bootstrap, auto_offset_reset="latest")
-    count = 0
+    counted = [0]  # records printed, kept up to date even when printing stops half way (``| head``)
     try:
         consumer.assign(tps)
         if args.from_beginning:
@@ -845,16 +845,16 @@ def cmd_consume(args: argparse.Namespace) -> int:
                 consumer.seek_to_end(*at_end)
         else:
             consumer.seek_to_end(*tps)
-        count = _consume_loop(consumer, args)
+        _consume_loop(consumer, args, counted)
     except KeyboardInterrupt:
         pass
     finally:
         consumer.close()
-        print(f"Processed a total of {count} messages", file=sys.stderr)
+        print(f"Processed a total of {counted[0]} messages", file=sys.stderr)
     return 0
 
 
-def _consume_loop(consumer: Any, args: argparse.Namespace) -> int:
+def _consume_loop(consumer: Any, args: argparse.Namespace, counted: list[int]) -> None:
     out = sys.stdout.buffer
     as_json = args.format == "json"
     limit = args.max_messages
@@ -883,7 +883,7 @@ def _consume_loop(consumer: Any, args: argparse.Namespace) -> int:
         out.write(b"".join(chunks))
         out.flush()
         count += len(records)
-    return count
+        counted[0] = count
 
 
 def _record_text(r: Any, args: argparse.Namespace) -> bytes:
