@@ -61,13 +61,13 @@ class RecordFuture(Future[RecordMetadata]):
         self._waiter_list: list[Any] | None = None
         self._callback_list: list[Any] | None = None
 
-    @property  # type: ignore[override]
-    def _waiters(self) -> list[Any]:
+    @property
+    def _waiters(self) -> list[Any]:  # type: ignore[override]
         if self._waiter_list is None:
             self._waiter_list = []
         return self._waiter_list
 
-    @property  # type: ignore[override]
+    @property
     def _done_callbacks(self) -> list[Any]:
         if self._callback_list is None:
             self._callback_list = []
