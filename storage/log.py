@@ -17,6 +17,7 @@ all of it lies below the log start.
 from __future__ import annotations
 
 import bisect
+import itertools
 import struct
 import threading
 from collections.abc import Callable, Iterator
@@ -509,7 +510,7 @@ class PartitionLog:
             expired_before = now_ms - retention_ms if retention_ms >= 0 else None
             left = self._size_bytes
             doomed: list[_IndexedBatch] = []
-            for b in self._indexed(h, K.batch_index_key(pk, 0), K.META_BATCH + self._end_pk):
+            for b in self._iter_index(h, K.batch_index_key(pk, 0), K.META_BATCH + self._end_pk):
                 expired = expired_before is not None and b.max_timestamp_ms < expired_before
                 too_big = retention_bytes >= 0 and left > retention_bytes
                 if not (expired or too_big):
@@ -526,15 +527,25 @@ class PartitionLog:
     ) -> list[_IndexedBatch]:
         """Batch-index entries in ``[start, stop)``; with ``entire_below``, only the batches that end
         below the offset of ``stop``."""
-        out = []
         limit = K.offset_of(stop) if entire_below else 0
-        for key, value in scan(h.meta, start, stop):
-            size, lod, max_ts = K.BATCH_INDEX.unpack(value)
-            b = _IndexedBatch(K.offset_of(key), size, lod, max_ts)
-            if entire_below and b.last_offset >= limit:
-                break
-            out.append(b)
-        return out
+        return list(
+            itertools.takewhile(
+                lambda b: not entire_below or b.last_offset < limit, self._iter_index(h, start, stop)
+            )
+        )
+
+    def _iter_index(self, h: _Handles, start: bytes, stop: bytes) -> Iterator[_IndexedBatch]:
+        """Batch-index entries in ``[start, stop)``, read a chunk at a time, so a caller that stops
+        early (retention stops at the first batch it keeps) reads little of a long log."""
+        chunk_size = 256
+        while True:
+            chunk = scan(h.meta, start, stop, limit=chunk_size)
+            for key, value in chunk:
+                size, lod, max_ts = K.BATCH_INDEX.unpack(value)
+                yield _IndexedBatch(K.offset_of(key), size, lod, max_ts)
+            if len(chunk) < chunk_size:
+                return
+            start = chunk[-1][0] + b"\x00"
 
     def _drop_prefix(self, h: _Handles, doomed: list[_IndexedBatch], new_start: int, sync: bool) -> None:
         """Delete the first batches ``doomed`` (may be none) and start the log at ``new_start``."""
@@ -590,7 +601,7 @@ class PartitionLog:
         stop = K.decode_u64(survivors[0][1]) if survivors else self._log_end_offset
         running: int | None = None
         last: tuple[int, int] | None = None
-        for b in self._indexed(h, K.batch_index_key(pk, upto), K.batch_index_key(pk, stop)):
+        for b in self._iter_index(h, K.batch_index_key(pk, upto), K.batch_index_key(pk, stop)):
             if running is None or b.max_timestamp_ms > running:
                 running = b.max_timestamp_ms
                 wb.put(pk + K.ts_suffix(running), K.encode_u64(b.base_offset), h.timeindex_cf)

@@ -636,3 +636,16 @@ def test_explicit_recover_reopens_after_space_returns(small_disk: Path) -> None:
         store.recover()
         assert log.log_end_offset == end  # reloaded from the database
         assert log.append(batch(1), 0, now_ms=0).base_offset == end
+
+
+def test_retention_and_truncation_over_many_batches(log: PartitionLog) -> None:
+    sizes = [log.append(batch(1_000 - i % 7), 0, now_ms=0).size_bytes for i in range(700)]
+    assert log.apply_retention(now_ms=0, retention_ms=-1, retention_bytes=sum(sizes[550:])) == 550
+    assert (log.log_start_offset, log.size_bytes) == (550, sum(sizes[550:]))
+    # batch 550 has timestamp 1000 - 550 % 7 = 997; the first 1000 is at 553
+    assert log.offset_for_timestamp(998) == (553, 1_000)
+    assert log.max_timestamp() == (553, 1_000)
+    log.truncate_to(600)
+    assert (log.log_end_offset, log.size_bytes) == (600, sum(sizes[550:600]))
+    assert log.apply_retention(now_ms=10_000, retention_ms=8_999, retention_bytes=-1) == 50
+    assert (log.log_start_offset, log.log_end_offset, log.size_bytes) == (600, 600, 0)
