@@ -32,7 +32,7 @@ from headwater.client.errors import (
 from headwater.client.types import ConsumerRecord, OffsetAndTimestamp, TopicPartition
 
 from headwater.v1 import client_pb2, errors_pb2
-from headwater.v1.batch import decode_records
+from headwater.v1.batch import record_tuples
 
 __all__ = ["Consumer", "EARLIEST", "LATEST"]
 
@@ -600,11 +600,12 @@ class Consumer:
                         if last < offset:
                             continue
                         size += len(batch.records)
-                        for r in decode_records(batch):
-                            if r.offset >= offset:  # a batch may start before the fetch offset
-                                records.append(
+                        append = records.append
+                        for r_offset, r_ts, r_key, r_value, r_headers in record_tuples(batch):
+                            if r_offset >= offset:  # a batch may start before the fetch offset
+                                append(
                                     ConsumerRecord(
-                                        topic, partition, r.offset, r.key, r.value, r.headers, r.timestamp_ms
+                                        topic, partition, r_offset, r_key, r_value, r_headers, r_ts
                                     )
                                 )
                         next_offset = max(next_offset, last + 1)

@@ -30,6 +30,7 @@ __all__ = [
     "compress",
     "decompress",
     "decode_records",
+    "record_tuples",
     "crc_is_valid",
     "COMPRESSION_BY_NAME",
 ]
@@ -178,21 +179,33 @@ def build_batch(
     return batch
 
 
-def decode_records(batch: records_pb2.RecordBatch, max_size: int = 1 << 30) -> list[DecodedRecord]:
-    """The records of a batch, with absolute offsets and timestamps."""
-    payload = records_pb2.Records()
-    payload.ParseFromString(decompress(batch.compression, batch.records, max_size))
+RecordFields = tuple[int, int, "bytes | None", "bytes | None", tuple[Header, ...]]
+
+
+def record_tuples(batch: records_pb2.RecordBatch, max_size: int = 1 << 30) -> list[RecordFields]:
+    """The records of a batch as ``(offset, timestamp_ms, key, value, headers)`` tuples.
+
+    The fast path for consumers: one plain tuple per record, no intermediate objects.
+    """
+    payload = records_pb2.Records.FromString(decompress(batch.compression, batch.records, max_size))
     base = batch.base_offset
     first_ts = batch.first_timestamp_ms
-    out = []
+    out: list[RecordFields] = []
+    append = out.append
     for r in payload.records:
-        out.append(
-            DecodedRecord(
+        hs = r.headers
+        append(
+            (
                 base + r.offset_delta,
                 first_ts + r.timestamp_delta_ms,
                 r.key if r.HasField("key") else None,
                 r.value if r.HasField("value") else None,
-                tuple((h.key, h.value if h.HasField("value") else None) for h in r.headers),
+                tuple((h.key, h.value if h.HasField("value") else None) for h in hs) if hs else (),
             )
         )
     return out
+
+
+def decode_records(batch: records_pb2.RecordBatch, max_size: int = 1 << 30) -> list[DecodedRecord]:
+    """The records of a batch, with absolute offsets and timestamps."""
+    return [DecodedRecord(*fields) for fields in record_tuples(batch, max_size)]
