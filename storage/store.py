@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from headwater.storage import _keys as K
 from headwater.storage.errors import LogWriteError, StorageError
 from headwater.storage.log import PartitionLog, scan
-from rocksdict import AccessType, ColumnFamily, Options, Rdict, WriteBatch, WriteOptions
+from rocksdict import AccessType, ColumnFamily, DBCompressionType, Options, Rdict, WriteBatch, WriteOptions
 
 __all__ = ["LogStore"]
 
@@ -63,6 +63,15 @@ def _options() -> Options:
     opts.create_missing_column_families(True)
     opts.set_keep_log_file_num(4)
     opts.set_max_log_file_size(16 << 20)
+    # Batches are often compressed by their producer already, and compressing them again costs the
+    # CPU the node's request path needs (measured: a third of the node's time under produce load).
+    opts.set_compression_type(DBCompressionType.none())
+    # Large values (batches) live in blob files, so compaction moves keys, not the data (RocksDB's
+    # BlobDB, a WiscKey design); blob garbage collection reclaims what retention deleted.
+    opts.set_enable_blob_files(True)
+    opts.set_min_blob_size(4096)
+    opts.set_blob_file_size(256 << 20)
+    opts.set_enable_blob_gc(True)
     return opts
 
 
