@@ -2,7 +2,8 @@
 
 Starts a node in a temporary directory, then runs, one after another: a producer with acks=1, a
 producer with acks=all (1 KiB records each), and a consumer reading the acks=all topic from the
-beginning. Prints each figure, the ratios to the floors this project holds itself to, and the
+beginning, each on a quiet node (the previous workload's flushes and compactions are over).
+Prints each figure, the ratios to the floors this project holds itself to, and the
 acks=all / acks=1 ratio from the same run. With --profile, samples the node and the client with
 py-spy and prints where the time goes.
 
@@ -61,6 +62,26 @@ def cli(bootstrap: str, *args: str) -> dict[str, float]:
         text=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def wait_quiet(pid: int, max_wait_s: float = 30.0) -> None:
+    """Wait until the node's background work (RocksDB flushes, compactions) has settled, so each
+    workload starts on a quiet node and is not charged for the previous one's writes."""
+    ticks = os.sysconf("SC_CLK_TCK")
+
+    def cpu_s() -> float:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / ticks
+
+    deadline = time.monotonic() + max_wait_s
+    last = cpu_s()
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = cpu_s()
+        if now - last < 0.05:  # under 10% of a core
+            return
+        last = now
 
 
 def profile_summary(raw_path: str, top: int = 12) -> list[tuple[float, str]]:
@@ -149,6 +170,7 @@ def main() -> int:
                     check=True,
                     capture_output=True,
                 )
+                wait_quiet(node.pid)
                 results[f"produce acks={acks}"].append(
                     cli(
                         bootstrap,
@@ -163,6 +185,7 @@ def main() -> int:
                         acks,
                     )
                 )
+            wait_quiet(node.pid)
             results["consume"].append(
                 cli(bootstrap, "perf", "consume", f"bench-all-{run}", "--num-records", n)
             )

@@ -18,7 +18,6 @@ from typing import Any
 from headwater.client.errors import HeadwaterError
 from headwater.client.partitioner import StickyPartitioner
 from headwater.client.types import Header, RecordMetadata
-
 from headwater.v1 import records_pb2
 
 __all__ = ["RecordFuture", "ProducerBatch", "RecordAccumulator", "Drained", "record_size"]

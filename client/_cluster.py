@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
+
 from headwater.client.errors import (
     ClientClosedError,
     HeadwaterError,
@@ -22,7 +23,6 @@ from headwater.client.errors import (
     error_for_code,
     error_for_rpc,
 )
-
 from headwater.v1 import client_pb2, client_pb2_grpc, errors_pb2
 
 __all__ = ["Cluster", "PartitionMeta", "TopicMeta", "parse_bootstrap", "CHANNEL_OPTIONS"]

@@ -15,7 +15,6 @@ from types import TracebackType
 from headwater.client._cluster import Cluster
 from headwater.client.errors import HeadwaterError, UnknownTopicOrPartitionError, error_for_code
 from headwater.client.types import ConfigEntry, NewTopic, PartitionInfo, TopicDescription
-
 from headwater.v1 import client_pb2, errors_pb2
 
 __all__ = ["Admin"]

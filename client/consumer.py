@@ -18,6 +18,7 @@ from types import TracebackType
 from typing import Any
 
 import grpc
+
 from headwater.client._cluster import STALE_METADATA_CODES, Cluster
 from headwater.client.errors import (
     ClientClosedError,
@@ -30,7 +31,6 @@ from headwater.client.errors import (
     error_for_rpc,
 )
 from headwater.client.types import ConsumerRecord, OffsetAndTimestamp, TopicPartition
-
 from headwater.v1 import client_pb2, errors_pb2
 from headwater.v1.batch import record_tuples
 

@@ -24,6 +24,7 @@ from types import TracebackType
 from typing import Any
 
 import grpc
+
 from headwater.client._accumulator import ProducerBatch, RecordAccumulator, RecordTuple
 from headwater.client._cluster import STALE_METADATA_CODES, Cluster, TopicMeta
 from headwater.client.errors import (
@@ -40,7 +41,6 @@ from headwater.client.errors import (
 )
 from headwater.client.partitioner import partition_for_key
 from headwater.client.types import Header, RecordMetadata
-
 from headwater.v1 import client_pb2, errors_pb2
 from headwater.v1.batch import COMPRESSION_BY_NAME, build_batch
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from headwater.node.server import serve
-
 from headwater.config import ConfigError, add_config_flags, config_from_args
+from headwater.node.server import serve
 
 
 def main(argv: list[str] | None = None) -> int:

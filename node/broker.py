@@ -12,15 +12,6 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from headwater.node.catalog import InvalidTopicName, TopicCatalog, TopicInfo, validate_topic_name
-from headwater.node.partition import Partition
-from headwater.storage import (
-    CorruptRecordError,
-    LogStore,
-    LogWriteError,
-    OffsetOutOfRangeError,
-)
-
 from headwater.config import (
     TOPIC_CONFIGS,
     ConfigError,
@@ -29,11 +20,19 @@ from headwater.config import (
     normalize_config_name,
     validate_topic_configs,
 )
+from headwater.node.catalog import InvalidTopicName, TopicCatalog, TopicInfo, validate_topic_name
+from headwater.node.partition import Partition
+from headwater.storage import (
+    CorruptRecordError,
+    LogStore,
+    LogWriteError,
+    OffsetOutOfRangeError,
+)
 from headwater.v1 import batch as batch_codec
 from headwater.v1 import client_pb2 as pb
 from headwater.v1 import errors_pb2, records_pb2
 
-__all__ = ["Broker", "EARLIEST", "LATEST", "MAX_TIMESTAMP"]
+__all__ = ["Broker", "FetchResult", "EARLIEST", "LATEST", "MAX_TIMESTAMP"]
 
 E = errors_pb2
 log = logging.getLogger("headwater.node")
@@ -45,6 +44,54 @@ MAX_TIMESTAMP = -3
 
 def _wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+class FetchResult:
+    """A Fetch answer whose record batches stay the stored bytes.
+
+    Partition headers (offsets, error codes) are messages; the batches are the leader's stored bytes,
+    appended on the wire as entries of ``FetchPartitionResponse.batches`` (a repeated message field
+    is just its entries one after another). So the node never parses or re-serializes the batches it
+    serves: no copy beyond the read itself.
+    """
+
+    _BATCHES_TAG = bytes([(11 << 3) | 2])  # FetchPartitionResponse.batches = 11, length-delimited
+    _PARTITIONS_TAG = bytes([(2 << 3) | 2])  # FetchTopicResponse.partitions = 2
+    _TOPICS_TAG = bytes([(1 << 3) | 2])  # FetchResponse.topics = 1
+
+    def __init__(self) -> None:
+        self.topics: list[tuple[str, list[tuple[pb.FetchPartitionResponse, list[bytes]]]]] = []
+
+    def add_topic(self, topic: str) -> list[tuple[pb.FetchPartitionResponse, list[bytes]]]:
+        partitions: list[tuple[pb.FetchPartitionResponse, list[bytes]]] = []
+        self.topics.append((topic, partitions))
+        return partitions
+
+    def add_partition(
+        self, topic: list[tuple[pb.FetchPartitionResponse, list[bytes]]], **fields: Any
+    ) -> tuple[pb.FetchPartitionResponse, list[bytes]]:
+        entry = (pb.FetchPartitionResponse(**fields), [])
+        topic.append(entry)
+        return entry
+
+    def to_bytes(self) -> bytes:
+        """The serialized ``FetchResponse``."""
+        v = batch_codec.encode_varint
+        out: list[bytes] = []
+        for name, partitions in self.topics:
+            topic_parts = [pb.FetchTopicResponse(topic=name).SerializeToString()]
+            for header, batches in partitions:
+                body = [header.SerializeToString()]
+                for b in batches:
+                    body += (self._BATCHES_TAG, v(len(b)), b)
+                encoded = b"".join(body)
+                topic_parts += (self._PARTITIONS_TAG, v(len(encoded)), encoded)
+            topic_bytes = b"".join(topic_parts)
+            out += (self._TOPICS_TAG, v(len(topic_bytes)), topic_bytes)
+        return b"".join(out)
+
+    def to_message(self) -> pb.FetchResponse:
+        return pb.FetchResponse.FromString(self.to_bytes())
 
 
 class Broker:
@@ -331,7 +378,7 @@ class Broker:
 
     # ----------------------------------------------------------------- fetch
 
-    async def fetch(self, req: pb.FetchRequest) -> pb.FetchResponse:
+    async def fetch(self, req: pb.FetchRequest) -> FetchResult:
         cfg = self.config
         max_wait_ms = max(0, min(req.max_wait_ms, cfg.fetch_max_wait_ms))
         max_bytes = cfg.fetch_max_bytes if req.max_bytes <= 0 else min(req.max_bytes, cfg.fetch_max_bytes)
@@ -360,16 +407,17 @@ class Broker:
 
     def _read_fetch(
         self, req: pb.FetchRequest, max_bytes: int
-    ) -> tuple[pb.FetchResponse, int, list[Partition], bool]:
-        resp = pb.FetchResponse()
+    ) -> tuple[FetchResult, int, list[Partition], bool]:
+        resp = FetchResult()
         total = 0
         touched: list[Partition] = []
         errored = False
         is_follower = req.replica_id >= 0
         for t in req.topics:
-            tr = resp.topics.add(topic=t.topic)
+            tr = resp.add_topic(t.topic)
             for fp in t.partitions:
-                pr = tr.partitions.add(
+                pr, batches = resp.add_partition(
+                    tr,
                     partition=fp.partition,
                     high_watermark=-1,
                     last_stable_offset=-1,
@@ -407,9 +455,8 @@ class Broker:
                     pr.error_message = str(e)
                     errored = True
                     continue
-                for b in raw:
-                    pr.batches.add().ParseFromString(b)
-                    total += len(b)
+                batches.extend(raw)
+                total += sum(map(len, raw))
         return resp, total, touched, errored
 
     # ----------------------------------------------------------------- subscribe

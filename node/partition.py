@@ -13,7 +13,6 @@ import enum
 from dataclasses import dataclass
 
 from headwater.storage import PartitionLog
-
 from headwater.v1 import errors_pb2
 
 __all__ = ["Role", "Partition", "EpochCheck"]

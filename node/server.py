@@ -16,12 +16,12 @@ import sys
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from headwater.config import NodeConfig
 from headwater.node.broker import Broker
 from headwater.node.metrics import NodeMetrics
 from headwater.node.service import HeadwaterService, add_to_server
 from headwater.storage import LogStore, StorageError
-
-from headwater.config import NodeConfig
 from headwater.v1 import client_pb2
 
 __all__ = ["serve", "run_node"]

@@ -12,9 +12,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+
 from headwater.node.broker import Broker
 from headwater.node.metrics import NodeMetrics
-
 from headwater.v1 import batch as batch_codec
 from headwater.v1 import client_pb2, client_pb2_grpc, errors_pb2
 from headwater.v1 import client_pb2 as pb
@@ -43,6 +43,16 @@ def _lenient(message_type: Any) -> Callable[[bytes], Any]:
     return deserialize
 
 
+def _serializer(message_type: Any) -> Callable[[Any], bytes]:
+    """Messages are serialized; a handler that already holds the wire bytes returns them as they are."""
+    serialize = message_type.SerializeToString
+
+    def to_wire(response: Any) -> bytes:
+        return response if isinstance(response, bytes) else serialize(response)  # type: ignore[no-any-return]
+
+    return to_wire
+
+
 def add_to_server(servicer: HeadwaterService, server: grpc.aio.Server) -> None:
     """Register the service like the generated helper, but answer an undecodable body with
     INVALID_ARGUMENT (the generated deserializer would fail the call with UNKNOWN)."""
@@ -59,7 +69,7 @@ def add_to_server(servicer: HeadwaterService, server: grpc.aio.Server) -> None:
         handlers[method.name] = make(
             getattr(servicer, method.name),
             request_deserializer=_lenient(request_type),
-            response_serializer=response_type.SerializeToString,
+            response_serializer=_serializer(response_type),
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
 
@@ -134,12 +144,13 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
         self.metrics.records_in.inc(records)
         return resp
 
-    async def Fetch(self, request: pb.FetchRequest, context: grpc.aio.ServicerContext) -> pb.FetchResponse:  # noqa: N802,E501
-        resp = await self._handle("Fetch", request, context, lambda: self.broker.fetch(request))
+    async def Fetch(self, request: pb.FetchRequest, context: grpc.aio.ServicerContext) -> bytes:  # noqa: N802
+        # Answered as bytes: the stored batches go out as they are (see FetchResult).
+        result = await self._handle("Fetch", request, context, lambda: self.broker.fetch(request))
         self.metrics.bytes_out.inc(
-            sum(len(b.records) for t in resp.topics for p in t.partitions for b in p.batches)
+            sum(len(b) for _, parts in result.topics for _, batches in parts for b in batches)
         )
-        return resp
+        return result.to_bytes()
 
     async def ListOffsets(
         self, request: pb.ListOffsetsRequest, context: grpc.aio.ServicerContext

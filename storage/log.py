@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from rocksdict import Rdict, WriteBatch
+
 from headwater.storage import _keys as K
 from headwater.storage.errors import (
     CorruptRecordError,
@@ -31,8 +33,6 @@ from headwater.storage.errors import (
     OffsetOutOfRangeError,
     StorageError,
 )
-from rocksdict import Rdict, WriteBatch
-
 from headwater.v1.batch import RecordBatch, batch_crc, crc_is_valid, decode_records
 
 if TYPE_CHECKING:

@@ -20,10 +20,11 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from rocksdict import AccessType, ColumnFamily, DBCompressionType, Options, Rdict, WriteBatch, WriteOptions
+
 from headwater.storage import _keys as K
 from headwater.storage.errors import LogWriteError, StorageError
 from headwater.storage.log import PartitionLog, scan
-from rocksdict import AccessType, ColumnFamily, DBCompressionType, Options, Rdict, WriteBatch, WriteOptions
 
 __all__ = ["LogStore"]
 

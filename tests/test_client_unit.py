@@ -7,10 +7,6 @@ import threading
 from concurrent.futures import FIRST_COMPLETED, wait
 
 import pytest
-from headwater.client._accumulator import RecordAccumulator, RecordFuture, record_size
-from headwater.client._cluster import parse_bootstrap
-from headwater.client.partitioner import StickyPartitioner
-from headwater.client.producer import parse_acks
 
 from headwater import (
     ERROR_BY_CODE,
@@ -28,6 +24,10 @@ from headwater import (
     murmur2,
     partition_for_key,
 )
+from headwater.client._accumulator import RecordAccumulator, RecordFuture, record_size
+from headwater.client._cluster import parse_bootstrap
+from headwater.client.partitioner import StickyPartitioner
+from headwater.client.producer import parse_acks
 from headwater.v1 import errors_pb2
 
 # ---------------------------------------------------------------- partitioner

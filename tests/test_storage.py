@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from headwater.storage import (
     AppendResult,
     CorruptRecordError,
@@ -21,7 +22,6 @@ from headwater.storage import (
     PartitionLog,
     StorageError,
 )
-
 from headwater.v1 import errors_pb2
 from headwater.v1.batch import RecordBatch, build_batch, crc_is_valid, decode_records
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from headwater.storage import InvalidAppendError, LogStore, OffsetOutOfRangeError
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -25,6 +24,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from headwater.storage import InvalidAppendError, LogStore, OffsetOutOfRangeError
 from headwater.v1.batch import RecordBatch, batch_crc, build_batch
 
 TOPIC = uuid.UUID(int=7).bytes

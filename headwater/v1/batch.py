@@ -32,6 +32,7 @@ __all__ = [
     "decode_records",
     "record_tuples",
     "encode_records",
+    "encode_varint",
     "crc_is_valid",
     "COMPRESSION_BY_NAME",
 ]
@@ -151,7 +152,8 @@ def _varint(n: int) -> bytes:
 _SMALL_VARINTS = [_varint(n) for n in range(1 << 14)]
 
 
-def _v(n: int) -> bytes:
+def encode_varint(n: int) -> bytes:
+    """A protobuf varint (negative ints as their 64-bit two's complement, as int32/int64 fields)."""
     return _SMALL_VARINTS[n] if 0 <= n < 16384 else _varint(n)
 
 
@@ -171,31 +173,31 @@ def encode_records(
         put = body.append
         if i:
             put(b"\x08")
-            put(_v(i))
+            put(encode_varint(i))
         delta = ts - first_ts
         if delta:
             put(b"\x10")
-            put(_v(delta))
+            put(encode_varint(delta))
         if key is not None:
             put(b"\x1a")
-            put(_v(len(key)))
+            put(encode_varint(len(key)))
             put(key)
         if value is not None:
             put(b"\x22")
-            put(_v(len(value)))
+            put(encode_varint(len(value)))
             put(value)
         if headers:
             for hk, hv in headers:
                 hkey = hk.encode()
-                h = (b"\x0a" + _v(len(hkey)) + hkey) if hkey else b""
+                h = (b"\x0a" + encode_varint(len(hkey)) + hkey) if hkey else b""
                 if hv is not None:
-                    h += b"\x12" + _v(len(hv)) + hv
+                    h += b"\x12" + encode_varint(len(hv)) + hv
                 put(b"\x2a")
-                put(_v(len(h)))
+                put(encode_varint(len(h)))
                 put(h)
         encoded = b"".join(body)
         out(b"\x0a")
-        out(_v(len(encoded)))
+        out(encode_varint(len(encoded)))
         out(encoded)
     return b"".join(parts)
 
