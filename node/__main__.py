@@ -18,7 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, OSError) as e:
         print(f"headwater node: {e}", file=sys.stderr)
         return 2
-    return serve(config)
+    code: int = serve(config)
+    return code
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 from headwater.config import (
@@ -70,7 +70,7 @@ class FetchResult:
     def add_partition(
         self, topic: list[tuple[pb.FetchPartitionResponse, list[bytes]]], **fields: Any
     ) -> tuple[pb.FetchPartitionResponse, list[bytes]]:
-        entry = (pb.FetchPartitionResponse(**fields), [])
+        entry: tuple[pb.FetchPartitionResponse, list[bytes]] = (pb.FetchPartitionResponse(**fields), [])
         topic.append(entry)
         return entry
 
@@ -91,7 +91,8 @@ class FetchResult:
         return b"".join(out)
 
     def to_message(self) -> pb.FetchResponse:
-        return pb.FetchResponse.FromString(self.to_bytes())
+        message: pb.FetchResponse = pb.FetchResponse.FromString(self.to_bytes())
+        return message
 
 
 class Broker:
@@ -154,7 +155,7 @@ class Broker:
             seen.add(t.name)
             r.num_partitions, r.replication_factor = partitions, rf
             if code != E.ERROR_CODE_NONE:
-                r.error_code, r.error_message = code, msg  # type: ignore[assignment]
+                r.error_code, r.error_message = code, msg
                 continue
             if req.validate_only:
                 continue
@@ -295,7 +296,7 @@ class Broker:
                 )
                 code, msg = await self._produce_partition(req.acks, t.topic, pd, pr, now_ms)
                 if code != E.ERROR_CODE_NONE:
-                    pr.error_code, pr.error_message = code, msg  # type: ignore[assignment]
+                    pr.error_code, pr.error_message = code, msg
         return resp
 
     async def _produce_partition(
@@ -433,7 +434,7 @@ class Broker:
                 check = p.check_leader(fp.current_leader_epoch)
                 pr.leader_id, pr.leader_epoch = p.leader_id, p.leader_epoch
                 if check.error_code != E.ERROR_CODE_NONE:
-                    pr.error_code, pr.error_message = check.error_code, check.message  # type: ignore[assignment]
+                    pr.error_code, pr.error_message = check.error_code, check.message
                     errored = True
                     continue
                 hw = p.high_watermark
@@ -461,8 +462,15 @@ class Broker:
 
     # ----------------------------------------------------------------- subscribe
 
-    async def subscribe_batches(self, topic: str, index: int, offset: int, max_bytes: int) -> Any:
-        """Yield ``(high_watermark, [RecordBatch])`` from ``offset`` on, waiting for new data."""
+    def _still_serving(self, topic: str, index: int, p: Partition) -> bool:
+        """Whether ``p`` is still this node's replica of the partition (not deleted or recreated)."""
+        return self.partitions.get((topic, index)) is p
+
+    async def subscribe_batches(
+        self, topic: str, index: int, offset: int, max_bytes: int
+    ) -> AsyncIterator[tuple[int, str, int, list[records_pb2.RecordBatch]]]:
+        """Yield ``(error_code, error_message, high_watermark, [RecordBatch])`` from ``offset`` on,
+        waiting for new data; ends after an error."""
         p, why = self._lookup(topic, index)
         if p is None:
             yield E.ERROR_CODE_UNKNOWN_TOPIC_OR_PARTITION, why, -1, []
@@ -478,7 +486,8 @@ class Broker:
         )
         loop = asyncio.get_running_loop()
         while not self._closing:
-            if self.partitions.get((topic, index)) is not p:
+            assert p is not None
+            if not self._still_serving(topic, index, p):
                 yield E.ERROR_CODE_UNKNOWN_TOPIC_OR_PARTITION, f"topic {topic!r} was deleted", -1, []
                 return
             try:
@@ -515,7 +524,7 @@ class Broker:
                     continue
                 check = p.check_leader(lp.current_leader_epoch)
                 if check.error_code != E.ERROR_CODE_NONE:
-                    pr.error_code, pr.error_message = check.error_code, check.message  # type: ignore[assignment]
+                    pr.error_code, pr.error_message = check.error_code, check.message
                     continue
                 pr.leader_epoch = p.leader_epoch
                 ts = lp.timestamp_ms

@@ -58,7 +58,7 @@ class Partition:
         # Parked long-poll fetches and Subscribe streams, woken when the high watermark moves.
         self._waiters: set[asyncio.Future[None]] = set()
         # One node: every record in the local log is committed.
-        self._high_watermark = log.log_end_offset
+        self._high_watermark: int = log.log_end_offset
 
     @property
     def high_watermark(self) -> int:

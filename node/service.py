@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from headwater.node.broker import Broker
+from headwater.node.broker import Broker, FetchResult
 from headwater.node.metrics import NodeMetrics
 from headwater.v1 import batch as batch_codec
 from headwater.v1 import client_pb2, client_pb2_grpc, errors_pb2
@@ -48,7 +48,7 @@ def _serializer(message_type: Any) -> Callable[[Any], bytes]:
     serialize = message_type.SerializeToString
 
     def to_wire(response: Any) -> bytes:
-        return response if isinstance(response, bytes) else serialize(response)  # type: ignore[no-any-return]
+        return response if isinstance(response, bytes) else serialize(response)
 
     return to_wire
 
@@ -98,7 +98,7 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
             result = call()
             if isinstance(result, Awaitable):
                 result = await result
-            return result  # type: ignore[return-value]
+            return result
         except grpc.aio.AbortError:
             raise
         except Exception:
@@ -132,7 +132,9 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
     async def Produce(
         self, request: pb.ProduceRequest, context: grpc.aio.ServicerContext
     ) -> pb.ProduceResponse:  # noqa: N802,E501
-        resp = await self._handle("Produce", request, context, lambda: self.broker.produce(request))
+        resp: pb.ProduceResponse = await self._handle(
+            "Produce", request, context, lambda: self.broker.produce(request)
+        )
         appended = 0
         records = 0
         for t, tr in zip(request.topics, resp.topics, strict=True):
@@ -146,11 +148,14 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
 
     async def Fetch(self, request: pb.FetchRequest, context: grpc.aio.ServicerContext) -> bytes:  # noqa: N802
         # Answered as bytes: the stored batches go out as they are (see FetchResult).
-        result = await self._handle("Fetch", request, context, lambda: self.broker.fetch(request))
+        result: FetchResult = await self._handle(
+            "Fetch", request, context, lambda: self.broker.fetch(request)
+        )
         self.metrics.bytes_out.inc(
             sum(len(b) for _, parts in result.topics for _, batches in parts for b in batches)
         )
-        return result.to_bytes()
+        wire: bytes = result.to_bytes()
+        return wire
 
     async def ListOffsets(
         self, request: pb.ListOffsetsRequest, context: grpc.aio.ServicerContext
