@@ -408,6 +408,8 @@ def test_duplicate_topic_and_bad_replication_factor(stub: client_pb2_grpc.Headwa
     assert r.topics[0].error_code == E.ERROR_CODE_INVALID_REPLICATION_FACTOR
     bad_cfg = create(stub, "cfg", retention_ms="-7")
     assert bad_cfg.error_code == E.ERROR_CODE_INVALID_CONFIG
+    compact = create(stub, "cfg", cleanup_policy="compact")  # compaction is not built yet
+    assert compact.error_code == E.ERROR_CODE_INVALID_CONFIG and "cleanup_policy" in compact.error_message
 
 
 def test_unknown_topic_or_partition_everywhere(stub: client_pb2_grpc.HeadwaterServiceStub) -> None:
