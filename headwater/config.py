@@ -61,9 +61,8 @@ class NodeConfig:
     fetch_max_bytes: int = 50 * 1024 * 1024
     max_partition_fetch_bytes: int = 10 * 1024 * 1024
     fetch_max_wait_ms: int = 30_000
-    # Parked long-poll fetches and acks=all waiters, across the node.
+    # Parked long-poll fetches across the node (past it, a fetch answers at once).
     max_fetch_waiters: int = 10_000
-    max_ack_waiters: int = 100_000
     # Concurrent Subscribe streams.
     max_subscribe_streams: int = 1_000
     # Partitions and topics.
@@ -119,7 +118,6 @@ def _validate(cfg: NodeConfig) -> NodeConfig:
         "fetch_max_bytes",
         "max_partition_fetch_bytes",
         "max_fetch_waiters",
-        "max_ack_waiters",
         "max_subscribe_streams",
         "max_partitions_per_topic",
         "max_topics",

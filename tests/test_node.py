@@ -138,6 +138,13 @@ def test_stored_batch_keeps_the_producers_record_bytes(stub: client_pb2_grpc.Hea
     assert (got.base_offset, got.partition_leader_epoch) == (0, 0)
 
 
+def test_fsync_flush_policy_topic_appends_and_reads_back(stub: client_pb2_grpc.HeadwaterServiceStub) -> None:
+    assert create(stub, "synced", flush_policy="fsync").error_code == E.ERROR_CODE_NONE
+    offsets = [produce(stub, "synced", [f"s{i}".encode()]).base_offset for i in range(5)]
+    assert offsets == [0, 1, 2, 3, 4]
+    assert values_of(fetch(stub, "synced", 0)) == [f"s{i}".encode() for i in range(5)]
+
+
 def test_long_poll_fetch_wakes_when_data_arrives(stub: client_pb2_grpc.HeadwaterServiceStub) -> None:
     create(stub, "poll")
     req = pb.FetchRequest(
