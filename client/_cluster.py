@@ -86,6 +86,24 @@ class PartitionMeta:
     offline_replicas: tuple[int, ...]
 
 
+def sorted_partitions(topic: client_pb2.TopicMetadata) -> list[client_pb2.PartitionMetadata]:
+    return sorted(topic.partitions, key=lambda p: p.partition)
+
+
+def partition_fields(
+    p: client_pb2.PartitionMetadata,
+) -> tuple[int, int, int, tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """leader_id, leader_epoch, partition_epoch, replicas, isr, offline_replicas of a partition."""
+    return (
+        p.leader_id,
+        p.leader_epoch,
+        p.partition_epoch,
+        tuple(p.replicas),
+        tuple(p.isr),
+        tuple(p.offline_replicas),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class TopicMeta:
     name: str
@@ -192,22 +210,7 @@ class Cluster:
                 topics.pop(t.name, None)
                 continue
             parts = tuple(
-                sorted(
-                    (
-                        PartitionMeta(
-                            p.partition,
-                            p.error_code,
-                            p.leader_id,
-                            p.leader_epoch,
-                            p.partition_epoch,
-                            tuple(p.replicas),
-                            tuple(p.isr),
-                            tuple(p.offline_replicas),
-                        )
-                        for p in t.partitions
-                    ),
-                    key=lambda p: p.partition,
-                )
+                PartitionMeta(p.partition, p.error_code, *partition_fields(p)) for p in sorted_partitions(t)
             )
             available = tuple(p.partition for p in parts if p.leader_id >= 0 and p.leader_id in nodes)
             topics[t.name] = TopicMeta(t.name, t.topic_id, t.is_internal, parts, available)

@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Iterable, Mapping
 from types import TracebackType
 
-from headwater.client._cluster import Cluster
+from headwater.client._cluster import Cluster, partition_fields, sorted_partitions
 from headwater.client.errors import HeadwaterError, UnknownTopicOrPartitionError, error_for_code
 from headwater.client.types import ConfigEntry, NewTopic, PartitionInfo, TopicDescription
 from headwater.v1 import client_pb2, errors_pb2
@@ -108,23 +108,7 @@ class Admin:
         for t in response.topics:
             if t.error_code != errors_pb2.ERROR_CODE_NONE:
                 raise error_for_code(t.error_code, t.error_message or f"topic {t.name!r}")
-            parts = tuple(
-                sorted(
-                    (
-                        PartitionInfo(
-                            p.partition,
-                            p.leader_id,
-                            p.leader_epoch,
-                            p.partition_epoch,
-                            tuple(p.replicas),
-                            tuple(p.isr),
-                            tuple(p.offline_replicas),
-                        )
-                        for p in t.partitions
-                    ),
-                    key=lambda p: p.partition,
-                )
-            )
+            parts = tuple(PartitionInfo(p.partition, *partition_fields(p)) for p in sorted_partitions(t))
             out.append(TopicDescription(t.name, _topic_id(t.topic_id), t.is_internal, parts))
         missing = set(wanted) - {d.name for d in out}
         if missing:
