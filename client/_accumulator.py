@@ -338,6 +338,31 @@ class RecordAccumulator:
                 out.append(batch)
         return out
 
+    def split(self, batch: ProducerBatch) -> list[ProducerBatch]:
+        """Halve a batch the node refused as too large (Kafka splits on MESSAGE_TOO_LARGE too).
+
+        The halves keep the records' futures, their order and their buffer bytes; the original is
+        retired without giving bytes back, so ``buffer_used_bytes`` stays exact.
+        """
+        assert len(batch.records) > 1 and not batch.done and batch in self.incomplete
+        mid = len(batch.records) // 2
+        halves = []
+        for records, futures in (
+            (batch.records[:mid], batch.futures[:mid]),
+            (batch.records[mid:], batch.futures[mid:]),
+        ):
+            half = ProducerBatch(batch.topic, batch.partition, batch.created_ms)
+            half.records, half.futures = records, futures
+            half.condition = batch.condition  # the futures wait on their first batch's condition
+            half.size_bytes = sum(record_size(k, v, h) for k, v, h, _ in records)
+            half.attempts, half.last_error = batch.attempts, batch.last_error
+            halves.append(half)
+        halves[1].size_bytes = batch.size_bytes - halves[0].size_bytes
+        batch.done = True
+        self.incomplete.discard(batch)
+        self.incomplete.update(halves)
+        return halves
+
     def take_all(self) -> list[ProducerBatch]:
         """Remove and return every batch not yet sent (on a forced close)."""
         out = [*self.ready, *self.open.values()]

@@ -17,7 +17,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from types import TracebackType
@@ -499,6 +499,7 @@ class Producer:
             failed: list[ProducerBatch] = []
             refresh = False
             next_offset: dict[tuple[str, int], int] = {}
+            too_large: set[int] = set()
             for b in batches:
                 tp = (b.topic, b.partition)
                 p = by_tp.get(tp)
@@ -513,6 +514,11 @@ class Producer:
                     b.complete(base, p.log_append_time_ms)
                     next_offset[tp] = base + len(b.records)
                     done.append(b)
+                elif p.error_code == errors_pb2.ERROR_CODE_RECORD_TOO_LARGE and len(b.records) > 1:
+                    # The batch is too large, not its records: halve it and send the halves.
+                    b.last_error = error_for_code(p.error_code, p.error_message)
+                    too_large.add(id(b))
+                    retry.append(b)
                 else:
                     b.last_error = error_for_code(p.error_code, p.error_message or f"{b.topic}-{b.partition}")
                     refresh |= p.error_code in STALE_METADATA_CODES
@@ -527,7 +533,7 @@ class Producer:
             for b in failed:
                 assert b.last_error is not None
                 b.fail(b.last_error)
-            self._finish_request(node, batches, done + failed, retry)
+            self._finish_request(node, batches, done + failed, retry, too_large)
         except Exception:
             _log.exception("handling a Produce response failed")
             self._on_request_error(node, batches, UnknownServerError("could not handle the Produce response"))
@@ -573,15 +579,23 @@ class Producer:
         return int(base * random.uniform(0.8, 1.2))
 
     def _finish_request(
-        self, node: int, sent: list[ProducerBatch], finished: list[ProducerBatch], retry: list[ProducerBatch]
+        self,
+        node: int,
+        sent: list[ProducerBatch],
+        finished: list[ProducerBatch],
+        retry: list[ProducerBatch],
+        split: Container[int] = (),
     ) -> None:
-        """A request is over: free its in-flight slot, partitions and buffer bytes, queue its retries."""
+        """A request is over: free its in-flight slot, partitions and buffer bytes, queue its retries
+        (the batches in ``split``, by id, halved first)."""
         now_ms = int(time.monotonic() * 1000)
         with self._lock:
             self._in_flight[node] = self._in_flight.get(node, 1) - 1
             self._acc.unmute(sent)
             for b in finished:
                 self._acc.release(b)
+            if split:
+                retry = [h for b in retry for h in (self._acc.split(b) if id(b) in split else (b,))]
             if retry:
                 _log.debug("retrying %d batches after %s", len(retry), retry[0].last_error)
                 self._acc.reenqueue(retry, now_ms + max(self._backoff_ms(b) for b in retry))

@@ -129,3 +129,25 @@ def test_admin_round_trip_and_bad_input(node) -> None:
         assert "orders" not in admin.list_topics()
         with pytest.raises(UnknownTopicOrPartitionError):
             admin.describe_topics(["orders"])
+
+
+def test_a_batch_above_the_topics_limit_is_split_and_every_record_lands(node) -> None:  # type: ignore[no-untyped-def]
+    """Records that fit a topic's max_message_bytes must land even when the producer batched them
+    past it: the node refuses the batch with RECORD_TOO_LARGE and the producer halves it."""
+    from headwater import Admin, Consumer, NewTopic, Producer, TopicPartition
+
+    with Admin(bootstrap=node.bootstrap) as admin:
+        admin.create_topics([NewTopic("small-batches", partitions=1, config={"max_message_bytes": "20000"})])
+    with Producer(bootstrap=node.bootstrap, linger_ms=200, batch_size_bytes=256 * 1024) as producer:
+        futures = [producer.send("small-batches", f"{i:04d}".encode() * 250) for i in range(100)]
+        producer.flush()
+        offsets = [f.result(timeout=30).offset for f in futures]
+    assert offsets == list(range(100))
+    with Consumer(bootstrap=node.bootstrap, auto_offset_reset="earliest") as consumer:
+        consumer.assign([TopicPartition("small-batches", 0)])
+        got: list[bytes] = []
+        for _ in range(50):
+            got += [r.value for r in consumer.poll(0.5)]
+            if len(got) >= 100:
+                break
+    assert got == [f"{i:04d}".encode() * 250 for i in range(100)]

@@ -329,3 +329,24 @@ def test_acks_zero_completes_with_offset_minus_one() -> None:
     f, _ = acc.append("t", 0, (None, b"v", None, 77), 25, now_ms=0)
     acc.open[("t", 0)].complete(-1)
     assert f.result(0) == RecordMetadata("t", 0, -1, 77)
+
+
+def test_split_halves_a_batch_keeping_order_futures_and_buffer_bytes() -> None:
+    acc = _acc(batch=10_000)
+    futures = [acc.append("t", 0, _rec(100 + i), 100 + i, now_ms=0)[0] for i in range(5)]
+    (batch,) = acc.open.values()
+    used = acc.buffer_used_bytes
+    first, second = acc.split(batch)
+    assert [len(first.records), len(second.records)] == [2, 3]
+    assert first.futures + second.futures == futures
+    assert first.records + second.records == batch.records
+    assert first.size_bytes + second.size_bytes == batch.size_bytes
+    assert acc.buffer_used_bytes == used and acc.incomplete == {first, second}
+    acc.release(batch)  # the retired original gives nothing back
+    assert acc.buffer_used_bytes == used
+    first.complete(10)
+    second.complete(12)
+    assert [f.result(timeout=0).offset for f in futures] == [10, 11, 12, 13, 14]
+    acc.release(first)
+    acc.release(second)
+    assert acc.buffer_used_bytes == 0 and not acc.pending
