@@ -1,1 +1,1 @@
-"""headwater.raft."""
+"""headwater.raft: the metadata quorum (``metadata``: the pure state machine; ``commands``: its log)."""
