@@ -7,16 +7,15 @@ takes this role over when a cluster has several nodes; the shapes here match its
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+from headwater.raft.metadata import MAX_TOPIC_NAME_LENGTH, topic_name_problem
+
 __all__ = ["TopicInfo", "TopicCatalog", "validate_topic_name", "InvalidTopicName", "MAX_TOPIC_NAME_LENGTH"]
 
-MAX_TOPIC_NAME_LENGTH = 249
-_LEGAL_TOPIC = re.compile(r"^[a-zA-Z0-9._-]+$")
 _TOPIC_KEY = b"catalog/topic/"
 _CLUSTER_ID_KEY = b"catalog/cluster_id"
 
@@ -26,15 +25,10 @@ class InvalidTopicName(ValueError):
 
 
 def validate_topic_name(name: str) -> None:
-    """Kafka's rules: ``[a-zA-Z0-9._-]``, 1 to 249 characters, not ``.`` or ``..``."""
-    if not name:
-        raise InvalidTopicName("topic name is empty")
-    if name in (".", ".."):
-        raise InvalidTopicName(f"topic name cannot be {name!r}")
-    if len(name) > MAX_TOPIC_NAME_LENGTH:
-        raise InvalidTopicName(f"topic name is {len(name)} characters; the limit is {MAX_TOPIC_NAME_LENGTH}")
-    if not _LEGAL_TOPIC.match(name):
-        raise InvalidTopicName(f"topic name {name!r} has characters outside [a-zA-Z0-9._-]")
+    """Kafka's rules, as the metadata state machine applies them (``raft.metadata.topic_name_problem``)."""
+    problem = topic_name_problem(name)
+    if problem:
+        raise InvalidTopicName(problem)
 
 
 @dataclass(frozen=True)

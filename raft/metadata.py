@@ -61,6 +61,8 @@ __all__ = [
     "MAX_PRODUCER_ID_BLOCK",
     "place_replicas",
     "choose_leader",
+    "topic_name_problem",
+    "MAX_TOPIC_NAME_LENGTH",
 ]
 
 E = errors_pb2
@@ -69,8 +71,8 @@ SNAPSHOT_VERSION = 1
 MAX_PRODUCER_ID_BLOCK = 1_000_000
 _MAX_PRODUCER_ID = 2**63 - 1
 _TOPIC_ID_LENGTH = 16
-_MAX_TOPIC_NAME_LENGTH = 249
-_LEGAL_TOPIC = re.compile(r"^[a-zA-Z0-9._-]+$")
+MAX_TOPIC_NAME_LENGTH = 249
+_LEGAL_TOPIC = re.compile(r"[a-zA-Z0-9._-]+")
 _UNCLEAN = "unclean_leader_election_enable"
 
 
@@ -230,13 +232,14 @@ def place_replicas(
     return tuple(out)
 
 
-def _topic_name_problem(name: str) -> str:
-    # Kafka's rules (node.catalog.validate_topic_name holds the same; raft may not import node).
+def topic_name_problem(name: str) -> str:
+    """Why a topic name breaks Kafka's rules (``[a-zA-Z0-9._-]``, 1 to 249 characters, not ``.`` or
+    ``..``), or "" when it is legal. The one copy of the rules: the node checks names with it too."""
     if not name or name in (".", ".."):
         return f"topic name {name!r} is not allowed"
-    if len(name) > _MAX_TOPIC_NAME_LENGTH:
-        return f"topic name is {len(name)} characters; the limit is {_MAX_TOPIC_NAME_LENGTH}"
-    if not _LEGAL_TOPIC.match(name):
+    if len(name) > MAX_TOPIC_NAME_LENGTH:
+        return f"topic name is {len(name)} characters; the limit is {MAX_TOPIC_NAME_LENGTH}"
+    if not _LEGAL_TOPIC.fullmatch(name):
         return f"topic name {name!r} has characters outside [a-zA-Z0-9._-]"
     return ""
 
@@ -482,7 +485,7 @@ class ClusterMetadata:
     # ---------------------------------------------------------------- topics
 
     def _create_topic(self, cmd: CreateTopic) -> Result:
-        problem = _topic_name_problem(cmd.name)
+        problem = topic_name_problem(cmd.name)
         if problem:
             return self._reject(E.ERROR_CODE_INVALID_TOPIC, problem)
         if cmd.name in self.topic_ids:

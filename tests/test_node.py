@@ -382,7 +382,7 @@ def test_sigterm_shuts_down_cleanly_and_data_stays(node_factory: object) -> None
 
 @pytest.mark.parametrize(
     "name",
-    ["", ".", "..", "a" * 250, "has space", "slash/name", "ünïcode", "semi;colon"],
+    ["", ".", "..", "a" * 250, "has space", "slash/name", "ünïcode", "semi;colon", "newline\n", "\nlead"],
 )
 def test_invalid_topic_names_are_refused(stub: client_pb2_grpc.HeadwaterServiceStub, name: str) -> None:
     r = create(stub, name)
