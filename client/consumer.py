@@ -22,6 +22,7 @@ import grpc
 from headwater.client._cluster import STALE_METADATA_CODES, Cluster
 from headwater.client.errors import (
     ClientClosedError,
+    CorruptMessageError,
     HeadwaterError,
     HeadwaterTimeoutError,
     NoOffsetForPartitionError,
@@ -41,6 +42,9 @@ _log = logging.getLogger("headwater.client.consumer")
 #: ListOffsets timestamps with special meaning.
 EARLIEST = -2
 LATEST = -1
+
+# A batch may inflate to at most this many bytes here (the node refuses larger ones at produce time).
+_MAX_INFLATED_BATCH_BYTES = 64 * 1024 * 1024
 
 _RESETS = {"earliest": EARLIEST, "latest": LATEST, "none": None}
 _ISOLATION = {
@@ -583,7 +587,9 @@ class Consumer:
             self._finish_fetch(node, parts, error_for_rpc(exc, f"Fetch from node {node}"))
             return
         asked = {tp: (offset, epoch) for tp, offset, epoch in parts}
-        results: list[tuple[TopicPartition, int, Any, list[ConsumerRecord], int, int]] = []
+        results: list[
+            tuple[TopicPartition, int, Any, list[ConsumerRecord], int, int, HeadwaterError | None]
+        ] = []
         for t in response.topics:
             for p in t.partitions:
                 tp = TopicPartition(t.topic, p.partition)
@@ -593,15 +599,24 @@ class Consumer:
                 records: list[ConsumerRecord] = []
                 next_offset = offset
                 size = 0
+                broken: HeadwaterError | None = None
                 if p.error_code == errors_pb2.ERROR_CODE_NONE:
                     topic, partition = tp
                     for batch in p.batches:
                         last = batch.base_offset + batch.last_offset_delta
                         if last < offset:
                             continue
+                        try:
+                            fields = record_tuples(batch, _MAX_INFLATED_BATCH_BYTES)
+                        except Exception as exc:  # a batch this client cannot read stops here, loudly
+                            broken = CorruptMessageError(
+                                f"cannot decode the batch at offset {batch.base_offset} of "
+                                f"{tp.topic}-{tp.partition}: {exc}; seek past it to go on"
+                            )
+                            break
                         size += len(batch.records)
                         append = records.append
-                        for r_offset, r_ts, r_key, r_value, r_headers in record_tuples(batch):
+                        for r_offset, r_ts, r_key, r_value, r_headers in fields:
                             if r_offset >= offset:  # a batch may start before the fetch offset
                                 append(
                                     ConsumerRecord(
@@ -609,12 +624,12 @@ class Consumer:
                                     )
                                 )
                         next_offset = max(next_offset, last + 1)
-                results.append((tp, epoch, p, records, next_offset, size))
+                results.append((tp, epoch, p, records, next_offset, size, broken))
         with self._lock:
             self._node_busy.discard(node)
             answered = set()
             refresh = False
-            for tp, epoch, p, records, next_offset, size in results:
+            for tp, epoch, p, records, next_offset, size, broken in results:
                 answered.add(tp)
                 st = self._states.get(tp)
                 if st is None:
@@ -628,6 +643,8 @@ class Consumer:
                     if records:
                         self._chunks.append(_Chunk(tp, epoch, records, size))
                         self._queued_bytes += size
+                    if broken is not None:
+                        st.error = broken  # raised by poll; fetching resumes at the bad batch
                 elif p.error_code == errors_pb2.ERROR_CODE_OFFSET_OUT_OF_RANGE:
                     if self._reset_default is None:
                         st.error = OffsetOutOfRangeError(

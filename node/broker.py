@@ -27,6 +27,7 @@ from headwater.storage import (
     LogStore,
     LogWriteError,
     OffsetOutOfRangeError,
+    StorageError,
 )
 from headwater.v1 import batch as batch_codec
 from headwater.v1 import client_pb2 as pb
@@ -329,6 +330,11 @@ class Broker:
                 or not batch_codec.crc_is_valid(b)
             ):
                 return E.ERROR_CODE_CORRUPT_MESSAGE, "batch CRC or header is invalid; nothing was stored"
+            # The leader stores what consumers will decode: records that disagree with their header
+            # (or a payload that inflates past the bound) are refused, never stored.
+            problem = batch_codec.records_problem(b, self.config.max_decompressed_bytes)
+            if problem:
+                return E.ERROR_CODE_CORRUPT_MESSAGE, f"{problem}; nothing was stored"
         if acks == -1 and cfg["min_insync_replicas"] > 1:  # one node: the ISR is this node alone
             return (
                 E.ERROR_CODE_NOT_ENOUGH_REPLICAS,
@@ -336,33 +342,35 @@ class Broker:
             )
         log_append_time = cfg["message_timestamp_type"] == "LogAppendTime"
         sync = cfg["flush_policy"] == "fsync"
-        first = None
+        batches = list(pd.batches)
         try:
-            for b in pd.batches:
-                if sync:
-                    # fsync policy: the append is synced to disk before the reply (off the event loop).
-                    result = await asyncio.get_running_loop().run_in_executor(
-                        None,
-                        lambda b=b: p.log.append(  # type: ignore[misc]
-                            b, p.leader_epoch, now_ms=now_ms, log_append_time=log_append_time, sync=True
-                        ),
-                    )
-                else:
-                    result = p.log.append(b, p.leader_epoch, now_ms=now_ms, log_append_time=log_append_time)
-                if first is None:
-                    first = result
+            if sync:
+                # fsync policy: the append is synced to disk before the reply (off the event loop).
+                results = await asyncio.get_running_loop().run_in_executor(
+                    None,
+                    lambda: p.log.append_many(
+                        batches, p.leader_epoch, now_ms=now_ms, log_append_time=log_append_time, sync=True
+                    ),
+                )
+            else:
+                results = p.log.append_many(
+                    batches, p.leader_epoch, now_ms=now_ms, log_append_time=log_append_time
+                )
         except CorruptRecordError as e:
             return E.ERROR_CODE_CORRUPT_MESSAGE, str(e)
         except LogWriteError as e:
             log.warning("append to %s-%d failed: %s", topic, pd.partition, e)
             self._maybe_recover_store()
             return E.ERROR_CODE_STORAGE_ERROR, f"the node could not write to its log: {e}"
+        except StorageError as e:  # e.g. the topic was deleted while the append waited
+            return E.ERROR_CODE_UNKNOWN_TOPIC_OR_PARTITION, f"{topic}-{pd.partition} is gone: {e}"
         finally:
             # On one node a record is committed once it is in the local log (RocksDB WAL, written by
-            # the append that just returned): that is the acks=all guarantee here.
+            # the append that just returned, all of this partition's batches in one write): that is
+            # the acks=all guarantee here.
             if p.log.log_end_offset > p.high_watermark:
                 p.advance_high_watermark(p.log.log_end_offset)
-        assert first is not None
+        first = results[0]
         pr.base_offset = first.base_offset
         pr.log_start_offset = p.log.log_start_offset
         if log_append_time:

@@ -249,51 +249,69 @@ class PartitionLog:
         log_append_time: bool = False,
         sync: bool = False,
     ) -> AppendResult:
-        """Append a producer's batch as the leader of ``leader_epoch``.
+        """Append one producer batch as the leader of ``leader_epoch``; see ``append_many``."""
+        return self.append_many(
+            [batch], leader_epoch, now_ms=now_ms, log_append_time=log_append_time, sync=sync
+        )[0]
 
-        Checks the CRC and the header (``record_count >= 1``, ``last_offset_delta == record_count - 1``)
-        and raises ``CorruptRecordError`` storing nothing. Stamps the batch in place with
-        ``base_offset = log_end_offset`` and ``partition_leader_epoch`` (the CRC does not cover them) and
-        never re-encodes its ``records``. With ``log_append_time`` the batch's timestamps become the
-        append time: ``first_timestamp_ms = now_ms`` and ``max_timestamp_ms`` moves by the same amount
-        (records carry deltas from ``first_timestamp_ms`` and are not re-encoded, so each record reads
-        ``now_ms`` plus its producer-given delta and ``max_timestamp_ms`` stays the largest of them); the
-        CRC covers timestamps, so it is recomputed. Data, counters, epoch-cache and time-index entries
-        go in one atomic WriteBatch through the WAL (fsynced when ``sync``): once this returns the
-        batch survives a crash of the process. On ``LogWriteError`` the batch's fields are restored
-        and the log is as it was.
+    def append_many(
+        self,
+        batches: list[RecordBatch],
+        leader_epoch: int,
+        *,
+        now_ms: int,
+        log_append_time: bool = False,
+        sync: bool = False,
+    ) -> list[AppendResult]:
+        """Append producer batches as the leader of ``leader_epoch``, all or none, at consecutive offsets.
+
+        Checks each CRC and header (``record_count >= 1``, ``last_offset_delta == record_count - 1``)
+        and raises ``CorruptRecordError`` storing nothing. Stamps each batch in place with
+        ``base_offset`` (from the log end on) and ``partition_leader_epoch`` (the CRC does not cover
+        them) and never re-encodes its ``records``. With ``log_append_time`` the batch's timestamps
+        become the append time: ``first_timestamp_ms = now_ms`` and ``max_timestamp_ms`` moves by the
+        same amount (records carry deltas from ``first_timestamp_ms`` and are not re-encoded, so each
+        record reads ``now_ms`` plus its producer-given delta and ``max_timestamp_ms`` stays the
+        largest of them); the CRC covers timestamps, so it is recomputed. Data, counters, epoch-cache
+        and time-index entries of every batch go in ONE atomic WriteBatch through the WAL (fsynced
+        when ``sync``): once this returns the batches survive a crash of the process, and a failure
+        stores none of them. On any error the batches' fields are restored and the log is as it was.
         """
-        _check_fresh(batch)
+        if not batches:
+            raise ValueError("append_many needs at least one batch")
+        for batch in batches:
+            _check_fresh(batch)
         if not 0 <= leader_epoch <= _MAX_EPOCH:
             raise ValueError(f"leader_epoch must be in [0, {_MAX_EPOCH}], got {leader_epoch}")
         with self._store._writing() as h, self._lock:
             self._check_live()
-            saved = (
-                batch.base_offset,
-                batch.partition_leader_epoch,
-                batch.first_timestamp_ms,
-                batch.max_timestamp_ms,
-                batch.crc,
-            )
+            saved = [
+                (b.base_offset, b.partition_leader_epoch, b.first_timestamp_ms, b.max_timestamp_ms, b.crc)
+                for b in batches
+            ]
             try:
-                batch.base_offset = self._log_end_offset
-                batch.partition_leader_epoch = leader_epoch
-                if log_append_time:
-                    span = batch.max_timestamp_ms - batch.first_timestamp_ms
-                    if not _I64_MIN <= now_ms + span <= _I64_MAX:
-                        raise CorruptRecordError("batch timestamps out of range for log-append time")
-                    batch.first_timestamp_ms = now_ms
-                    batch.max_timestamp_ms = now_ms + span
-                    batch.crc = batch_crc(batch)
-                return self._append_locked(h, batch, sync)
+                next_offset = self._log_end_offset
+                for batch in batches:
+                    batch.base_offset = next_offset
+                    batch.partition_leader_epoch = leader_epoch
+                    next_offset += batch.last_offset_delta + 1
+                    if log_append_time:
+                        span = batch.max_timestamp_ms - batch.first_timestamp_ms
+                        if not _I64_MIN <= now_ms + span <= _I64_MAX:
+                            raise CorruptRecordError("batch timestamps out of range for log-append time")
+                        batch.first_timestamp_ms = now_ms
+                        batch.max_timestamp_ms = now_ms + span
+                        batch.crc = batch_crc(batch)
+                return self._append_locked(h, batches, sync)
             except BaseException:
-                (
-                    batch.base_offset,
-                    batch.partition_leader_epoch,
-                    batch.first_timestamp_ms,
-                    batch.max_timestamp_ms,
-                    batch.crc,
-                ) = saved
+                for b, fields in zip(batches, saved, strict=True):
+                    (
+                        b.base_offset,
+                        b.partition_leader_epoch,
+                        b.first_timestamp_ms,
+                        b.max_timestamp_ms,
+                        b.crc,
+                    ) = fields
                 raise
 
     def append_stamped(self, batch: RecordBatch, *, sync: bool = False) -> AppendResult:
@@ -317,46 +335,53 @@ class PartitionLog:
                 raise InvalidAppendError(
                     f"batch base_offset {batch.base_offset} is not the log end offset {self._log_end_offset}"
                 )
-            return self._append_locked(h, batch, sync)
+            return self._append_locked(h, [batch], sync)[0]
 
-    def _append_locked(self, h: _Handles, batch: RecordBatch, sync: bool) -> AppendResult:
-        epoch = batch.partition_leader_epoch
+    def _append_locked(self, h: _Handles, batches: list[RecordBatch], sync: bool) -> list[AppendResult]:
+        """Write stamped batches (contiguous from the log end) in ONE WriteBatch: all or none."""
         latest = self._epochs[-1][0] if self._epochs else -1
-        if epoch < latest:
-            raise InvalidAppendError(f"leader epoch {epoch} is older than the latest epoch {latest}")
-        base = batch.base_offset
-        assert base == self._log_end_offset
-        data = batch.SerializeToString()
-        size = len(data)
-        max_ts = batch.max_timestamp_ms
-        end = base + batch.last_offset_delta + 1
+        end = self._log_end_offset
+        size_total = self._size_bytes
+        time_max = self._time_max
+        new_epochs: list[tuple[int, int]] = []
+        results: list[AppendResult] = []
         pk = self._pk
-
         wb = WriteBatch(raw_mode=True)
-        wb.put(pk + K.offset_suffix(base), data)
-        try:
-            index_value = K.BATCH_INDEX.pack(size, batch.last_offset_delta, max_ts)
-        except struct.error as e:
-            raise CorruptRecordError(f"batch too large to index ({size} bytes)") from e
-        wb.put(K.batch_index_key(pk, base), index_value, h.meta_cf)
-        wb.put(K.state_key(pk), K.STATE.pack(self._log_start_offset, end, self._size_bytes + size), h.meta_cf)
-        new_epoch = epoch > latest
-        if new_epoch:
-            wb.put(K.epoch_key(pk, epoch), K.encode_i64(base), h.meta_cf)
-        raises_max = self._time_max is None or max_ts > self._time_max[0]
-        if raises_max:
-            wb.put(pk + K.ts_suffix(max_ts), K.encode_u64(base), h.timeindex_cf)
+        for batch in batches:
+            epoch = batch.partition_leader_epoch
+            if epoch < latest:
+                raise InvalidAppendError(f"leader epoch {epoch} is older than the latest epoch {latest}")
+            base = batch.base_offset
+            assert base == end
+            data = batch.SerializeToString()
+            size = len(data)
+            max_ts = batch.max_timestamp_ms
+            end = base + batch.last_offset_delta + 1
+            wb.put(pk + K.offset_suffix(base), data)
+            try:
+                index_value = K.BATCH_INDEX.pack(size, batch.last_offset_delta, max_ts)
+            except struct.error as e:
+                raise CorruptRecordError(f"batch too large to index ({size} bytes)") from e
+            wb.put(K.batch_index_key(pk, base), index_value, h.meta_cf)
+            if epoch > latest:
+                wb.put(K.epoch_key(pk, epoch), K.encode_i64(base), h.meta_cf)
+                new_epochs.append((epoch, base))
+                latest = epoch
+            if time_max is None or max_ts > time_max[0]:
+                wb.put(pk + K.ts_suffix(max_ts), K.encode_u64(base), h.timeindex_cf)
+                time_max = (max_ts, base)
+            size_total += size
+            results.append(AppendResult(base, end - 1, max_ts, self._log_start_offset, size))
+        wb.put(K.state_key(pk), K.STATE.pack(self._log_start_offset, end, size_total), h.meta_cf)
         self._store._write(h, wb, sync=sync)
 
         # Persisted: now, and only now, the in-memory state follows.
         self._log_end_offset = end
-        self._size_bytes += size
-        if new_epoch:
-            self._epochs.append((epoch, base))
-        if raises_max:
-            self._time_max = (max_ts, base)
+        self._size_bytes = size_total
+        self._epochs.extend(new_epochs)
+        self._time_max = time_max
         self._check_invariants()
-        return AppendResult(base, end - 1, max_ts, self._log_start_offset, size)
+        return results
 
     # ------------------------------------------------------------------ read
 

@@ -462,6 +462,72 @@ def test_corrupt_batch_is_refused_and_nothing_stored(stub: client_pb2_grpc.Headw
     assert fetch(stub, "crc", 0).high_watermark == 0
 
 
+def _recrc(b: pb.RecordBatch) -> pb.RecordBatch:
+    b.crc = codec.batch_crc(b)  # a producer that lies consistently: the CRC matches its lie
+    return b
+
+
+def test_batches_whose_records_disagree_with_the_header_are_refused(
+    stub: client_pb2_grpc.HeadwaterServiceStub,
+) -> None:
+    import zstandard
+
+    create(stub, "lies")
+    garbage = codec.build_batch([(None, b"x", None, 1)])
+    garbage.records = b"\xff\x01\x02\x03"
+    undercount = codec.build_batch([(None, b"a", None, 1), (None, b"b", None, 1), (None, b"c", None, 1)])
+    undercount.record_count, undercount.last_offset_delta = 1, 0
+    unknown_codec = codec.build_batch([(None, b"x", None, 1)])
+    unknown_codec.compression = 9  # type: ignore[assignment]
+    wrong_max_ts = codec.build_batch([(None, b"x", None, 1), (None, b"y", None, 5)])
+    wrong_max_ts.max_timestamp_ms = 99
+    bomb = codec.build_batch([(None, b"x", None, 1)], codec.COMPRESSION_BY_NAME["zstd"])
+    bomb.records = zstandard.ZstdCompressor().compress(b"\0" * (200 << 20))  # 200 MiB of zeros, a few KiB
+    for name, b in [
+        ("garbage", garbage),
+        ("undercount", undercount),
+        ("codec", unknown_codec),
+        ("max_ts", wrong_max_ts),
+        ("bomb", bomb),
+    ]:
+        r = produce(stub, "lies", [], batch=_recrc(b))
+        assert r.error_code == E.ERROR_CODE_CORRUPT_MESSAGE, (name, r)
+        assert "nothing was stored" in r.error_message
+    assert fetch(stub, "lies", 0).high_watermark == 0
+    assert produce(stub, "lies", [b"honest"]).base_offset == 0
+
+
+def test_concurrent_multi_batch_requests_get_their_own_offsets_on_fsync_topics(
+    stub: client_pb2_grpc.HeadwaterServiceStub,
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    create(stub, "fsync-race", flush_policy="fsync")
+
+    def send(i: int) -> tuple[int, list[bytes]]:
+        values = [f"{i}-{j}".encode() for j in range(6)]
+        batches = [codec.build_batch([(None, v, None, 1) for v in values[k : k + 2]]) for k in (0, 2, 4)]
+        req = pb.ProduceRequest(
+            acks=ALL,
+            topics=[
+                pb.ProduceTopicData(
+                    topic="fsync-race", partitions=[pb.ProducePartitionData(partition=0, batches=batches)]
+                )
+            ],
+        )
+        r = stub.Produce(req, timeout=30).topics[0].partitions[0]
+        assert r.error_code == E.ERROR_CODE_NONE
+        return r.base_offset, values
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(send, range(40)))
+    stored: list[bytes] = []
+    while len(stored) < 240:
+        stored += values_of(fetch(stub, "fsync-race", len(stored)), from_offset=len(stored))
+    for base, values in answers:
+        assert stored[base : base + 6] == values
+
+
 def test_invalid_acks_is_refused(stub: client_pb2_grpc.HeadwaterServiceStub) -> None:
     create(stub, "acks")
     assert produce(stub, "acks", [b"x"], acks=2).error_code == E.ERROR_CODE_INVALID_REQUIRED_ACKS

@@ -34,6 +34,8 @@ __all__ = [
     "encode_records",
     "encode_varint",
     "crc_is_valid",
+    "records_problem",
+    "InflateLimitError",
     "COMPRESSION_BY_NAME",
 ]
 
@@ -117,22 +119,62 @@ def compress(compression: int, data: bytes) -> bytes:
     raise UnknownCompressionError(f"unknown compression type {compression}")
 
 
+class InflateLimitError(ValueError):
+    """A records payload would inflate past the caller's bound (a compression bomb)."""
+
+
 def decompress(compression: int, data: bytes, max_size: int = 1 << 30) -> bytes:
-    """Inflate a records payload; refuses to inflate past ``max_size`` bytes (a compression bomb)."""
+    """Inflate a records payload, never holding more than ``max_size + 1`` inflated bytes.
+
+    Raises ``InflateLimitError`` past the bound, ``UnknownCompressionError`` for an unknown codec,
+    and the codec's own error for a damaged frame.
+    """
     if compression == records_pb2.COMPRESSION_TYPE_NONE:
         return data
     if compression == records_pb2.COMPRESSION_TYPE_ZSTD:
-        return bytes(_zstd_decompressor().decompress(data, max_output_size=max_size))
-    if compression == records_pb2.COMPRESSION_TYPE_LZ4:
-        out = bytes(_lz4.decompress(data))
+        # The frame header's content size is checked first: with it present, zstandard would inflate
+        # the whole frame whatever max_output_size says.
+        declared = _zstd.frame_content_size(data)
+        if declared > max_size:
+            raise InflateLimitError(f"records payload declares {declared} bytes, above {max_size}")
+        out = bytes(_zstd_decompressor().decompress(data, max_output_size=max_size + 1))
+    elif compression == records_pb2.COMPRESSION_TYPE_LZ4:
+        out = bytes(_lz4.LZ4FrameDecompressor().decompress(data, max_length=max_size + 1))
     elif compression == records_pb2.COMPRESSION_TYPE_GZIP:
         d = zlib.decompressobj(31)
         out = d.decompress(data, max_size + 1)
     else:
         raise UnknownCompressionError(f"unknown compression type {compression}")
     if len(out) > max_size:
-        raise ValueError(f"records payload inflates past {max_size} bytes")
+        raise InflateLimitError(f"records payload inflates past {max_size} bytes")
     return out
+
+
+def records_problem(batch: records_pb2.RecordBatch, max_size: int) -> str:
+    """Why a batch's records disagree with its header, or "" when they agree.
+
+    Checks what a node must before storing a batch it will never re-encode: the payload inflates
+    within ``max_size``, parses, holds ``record_count`` records with offset deltas 0..n-1, and its
+    largest timestamp is the header's ``max_timestamp_ms``.
+    """
+    try:
+        payload = records_pb2.Records.FromString(decompress(batch.compression, batch.records, max_size))
+    except Exception as e:  # damaged frame, unknown codec, bomb, or not a Records message
+        return f"records payload cannot be read: {e}"
+    records = payload.records
+    if len(records) != batch.record_count:
+        return f"header says {batch.record_count} records, payload holds {len(records)}"
+    max_delta = None
+    for i, r in enumerate(records):
+        if r.offset_delta != i:
+            return f"record {i} has offset delta {r.offset_delta}"
+        d = r.timestamp_delta_ms
+        if max_delta is None or d > max_delta:
+            max_delta = d
+    assert max_delta is not None
+    if batch.first_timestamp_ms + max_delta != batch.max_timestamp_ms:
+        return "max_timestamp_ms disagrees with the records' timestamps"
+    return ""
 
 
 Header = tuple[str, bytes | None]
