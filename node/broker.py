@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
@@ -160,11 +161,38 @@ class Broker:
                 continue
             if req.validate_only:
                 continue
-            info = self.catalog.create(t.name, partitions, rf, configs)  # synced to the store first
-            self._open_partitions(info)
+            try:
+                info = self._create_topic(t.name, partitions, rf, configs)
+            except StorageError as e:
+                log.warning("creating topic %s failed: %s", t.name, e)
+                self._maybe_recover_store()
+                r.error_code = E.ERROR_CODE_STORAGE_ERROR
+                r.error_message = f"the node could not write the topic: {e}; nothing was created"
+                continue
             r.topic_id = info.topic_id
             log.info("created topic %s with %d partitions", t.name, partitions)
         return resp
+
+    def _create_topic(self, name: str, partitions: int, rf: int, configs: dict[str, str]) -> TopicInfo:
+        """Partitions first, the catalog entry last (synced): a topic is only ever listed whole. On a
+        failure the partitions made so far are removed (start-up removes any a crash leaves)."""
+        topic_id = uuid.uuid4().bytes
+        opened: list[Partition] = []
+        try:
+            for index in range(partitions):
+                plog = self.store.open_partition(topic_id, index)
+                opened.append(Partition(name, topic_id, index, plog, node_id=self.config.node_id))
+            info = self.catalog.create(name, partitions, rf, configs, topic_id)
+        except StorageError:
+            for p in opened:
+                try:
+                    self.store.delete_partition(topic_id, p.index)
+                except StorageError:
+                    pass  # still failing: the start-up sweep of orphans removes it
+            raise
+        for p in opened:
+            self.partitions[(name, p.index)] = p
+        return info
 
     def _check_new_topic(
         self, t: pb.CreatableTopic, seen: set[str]

@@ -96,10 +96,16 @@ class TopicCatalog:
         return self._topics.get(name)
 
     def create(
-        self, name: str, partition_count: int, replication_factor: int, configs: dict[str, str]
+        self,
+        name: str,
+        partition_count: int,
+        replication_factor: int,
+        configs: dict[str, str],
+        topic_id: bytes | None = None,
     ) -> TopicInfo:
         assert name not in self._topics
-        info = TopicInfo(name, uuid.uuid4().bytes, partition_count, replication_factor, dict(configs))
+        topic_id = topic_id or uuid.uuid4().bytes
+        info = TopicInfo(name, topic_id, partition_count, replication_factor, dict(configs))
         self._store.put_meta(_TOPIC_KEY + name.encode(), info.encode())  # synced before the caller answers
         self._topics[name] = info
         return info

@@ -654,3 +654,35 @@ def test_full_disk_fails_writes_clearly_keeps_the_log_and_recovers(
             time.sleep(0.2)
         assert r.base_offset == hw_when_full
         assert values_of(fetch(s, "disk", 0))[-1] == b"resumed"
+
+
+def _fill(path: Path) -> None:
+    with open(path, "wb") as fh:
+        try:
+            while True:
+                fh.write(b"\0" * (1 << 20))
+                fh.flush()
+        except OSError:
+            pass
+
+
+def test_topic_creation_on_a_full_disk_creates_nothing_and_metadata_stays_whole(
+    node_factory: object, small_disk: Path
+) -> None:
+    n: NodeProcess = node_factory(data_dir=small_disk / "data")  # type: ignore[operator]
+    with grpc.insecure_channel(n.bootstrap) as ch:
+        s = client_pb2_grpc.HeadwaterServiceStub(ch)
+        assert create(s, "before").error_code == E.ERROR_CODE_NONE
+        _fill(small_disk / "filler")
+        r = create(s, "wide", partitions=2000)
+        assert r.error_code == E.ERROR_CODE_STORAGE_ERROR, r
+        md = s.Metadata(pb.MetadataRequest(), timeout=5)
+        assert [t.name for t in md.topics] == ["before"]
+        (small_disk / "filler").unlink()
+        deadline = time.monotonic() + 15
+        while (r := create(s, "wide", partitions=2000)).error_code != E.ERROR_CODE_NONE:
+            assert r.error_code == E.ERROR_CODE_STORAGE_ERROR and time.monotonic() < deadline, r
+            time.sleep(0.2)
+        md = s.Metadata(pb.MetadataRequest(topics=["wide"]), timeout=5)
+        assert len(md.topics[0].partitions) == 2000
+        assert produce(s, "wide", [b"x"], partition=1999).error_code == E.ERROR_CODE_NONE
