@@ -25,11 +25,14 @@ __all__ = [
     "normalize_config_name",
     "effective_topic_config",
     "ENV_PREFIX",
+    "REQUEST_OVERHEAD_BYTES",
     "add_config_flags",
     "config_from_args",
 ]
 
 ENV_PREFIX = "HEADWATER_"
+# Room a request or answer needs around its record batches (headers, names, offsets).
+REQUEST_OVERHEAD_BYTES = 64 * 1024
 
 
 class ConfigError(ValueError):
@@ -133,8 +136,14 @@ def _validate(cfg: NodeConfig) -> NodeConfig:
         raise ConfigError(f"setting port must be in 1..65535, got {cfg.port}")
     if not 0 <= cfg.metrics_port < 65536:
         raise ConfigError(f"setting metrics_port must be in 0..65535, got {cfg.metrics_port}")
-    if cfg.max_message_bytes + 64 * 1024 > cfg.max_request_bytes:
+    if cfg.max_message_bytes + REQUEST_OVERHEAD_BYTES > cfg.max_request_bytes:
         raise ConfigError("max_request_bytes must exceed max_message_bytes by at least 64 KiB")
+    # A fetch answer holds up to fetch_max_bytes, plus at most one batch past it (so a consumer
+    # always progresses), and must still fit in one gRPC message.
+    if cfg.fetch_max_bytes + cfg.max_message_bytes + REQUEST_OVERHEAD_BYTES > cfg.max_request_bytes:
+        raise ConfigError(
+            "max_request_bytes must exceed fetch_max_bytes + max_message_bytes by at least 64 KiB"
+        )
     if cfg.log_flush_policy not in ("none", "fsync"):
         raise ConfigError(f"setting log_flush_policy must be none or fsync, got {cfg.log_flush_policy!r}")
     if cfg.fetch_max_wait_ms < 0:

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 from headwater.config import (
+    REQUEST_OVERHEAD_BYTES,
     TOPIC_CONFIGS,
     ConfigError,
     NodeConfig,
@@ -253,10 +254,21 @@ class Broker:
                     {},
                 )
         try:
-            configs = validate_topic_configs(dict(t.configs))
+            configs = self._validate_topic_configs(dict(t.configs))
         except ConfigError as e:
             return E.ERROR_CODE_INVALID_CONFIG, str(e), partitions, rf, {}
         return E.ERROR_CODE_NONE, "", partitions, rf, configs
+
+    def _validate_topic_configs(self, configs: dict[str, str]) -> dict[str, str]:
+        """Topic configs valid on their own and on this node: a batch must fit in a gRPC message."""
+        out = validate_topic_configs(configs)
+        limit = self.config.max_request_bytes - REQUEST_OVERHEAD_BYTES
+        if "max_message_bytes" in out and int(out["max_message_bytes"]) > limit:
+            raise ConfigError(
+                f"topic config max_message_bytes: {out['max_message_bytes']} is above {limit} "
+                "(the node's max_request_bytes less room for the request around the batch)"
+            )
+        return out
 
     def delete_topics(self, req: pb.DeleteTopicsRequest) -> pb.DeleteTopicsResponse:
         resp = pb.DeleteTopicsResponse()
@@ -492,6 +504,8 @@ class Broker:
                     pr.error_message = str(e)
                     errored = True
                     continue
+                if total > 0 and raw and len(raw[0]) > budget:
+                    raw = []  # only a response's first batch may exceed the budget (for progress)
                 batches.extend(raw)
                 total += sum(map(len, raw))
         return resp, total, touched, errored
@@ -647,7 +661,7 @@ class Broker:
                         merged[name] = c.value
                     else:
                         raise ConfigError(f"unknown operation {c.op} for {c.name}")
-                merged = validate_topic_configs(merged)
+                merged = self._validate_topic_configs(merged)
             except ConfigError as e:
                 r.error_code, r.error_message = E.ERROR_CODE_INVALID_CONFIG, str(e)
                 continue

@@ -528,6 +528,38 @@ def test_concurrent_multi_batch_requests_get_their_own_offsets_on_fsync_topics(
         assert stored[base : base + 6] == values
 
 
+def test_a_fetch_answer_stays_within_its_byte_budget_after_the_first_batch(
+    stub: client_pb2_grpc.HeadwaterServiceStub,
+) -> None:
+    create(stub, "budget", partitions=2)
+    for p in (0, 1):
+        produce(stub, "budget", [os.urandom(80_000)], partition=p)
+    req = pb.FetchRequest(
+        replica_id=-1,
+        max_bytes=100_000,
+        topics=[
+            pb.FetchTopic(
+                topic="budget",
+                partitions=[
+                    pb.FetchPartition(
+                        partition=p, fetch_offset=0, current_leader_epoch=-1, partition_max_bytes=1 << 20
+                    )
+                    for p in (0, 1)
+                ],
+            )
+        ],
+    )
+    first, second = stub.Fetch(req, timeout=10).topics[0].partitions
+    assert len(first.batches) == 1  # the first batch always comes, even above the budget
+    assert len(second.batches) == 0 and second.error_code == E.ERROR_CODE_NONE
+    assert second.high_watermark == 1  # the client sees there is more and asks again
+
+
+def test_topic_max_message_bytes_must_fit_a_grpc_message(stub: client_pb2_grpc.HeadwaterServiceStub) -> None:
+    r = create(stub, "huge-limit", max_message_bytes=str(100 << 20))
+    assert r.error_code == E.ERROR_CODE_INVALID_CONFIG and "max_request_bytes" in r.error_message
+
+
 def test_invalid_acks_is_refused(stub: client_pb2_grpc.HeadwaterServiceStub) -> None:
     create(stub, "acks")
     assert produce(stub, "acks", [b"x"], acks=2).error_code == E.ERROR_CODE_INVALID_REQUIRED_ACKS
@@ -543,7 +575,9 @@ def test_fetch_offset_out_of_range(stub: client_pb2_grpc.HeadwaterServiceStub) -
 
 
 def test_request_above_the_grpc_limit_is_refused_whole(node_factory: object) -> None:
-    n: NodeProcess = node_factory(extra_args=["--max-request-bytes", str(2 << 20)])  # type: ignore[operator]
+    n: NodeProcess = node_factory(  # type: ignore[operator]
+        extra_args=["--max-request-bytes", str(2 << 20), "--fetch-max-bytes", str(512 << 10)]
+    )
     with grpc.insecure_channel(n.bootstrap, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
         s = client_pb2_grpc.HeadwaterServiceStub(ch)
         create(s, "huge")
