@@ -500,9 +500,11 @@ class Producer:
             refresh = False
             next_offset: dict[tuple[str, int], int] = {}
             too_large: set[int] = set()
+            index_in_partition: dict[tuple[str, int], int] = {}
             for b in batches:
                 tp = (b.topic, b.partition)
                 p = by_tp.get(tp)
+                index = index_in_partition[tp] = index_in_partition.get(tp, -1) + 1
                 if self.acks == 0:
                     done.append(b)
                 elif p is None:
@@ -514,6 +516,10 @@ class Producer:
                     b.complete(base, p.log_append_time_ms)
                     next_offset[tp] = base + len(b.records)
                     done.append(b)
+                elif p.HasField("error_batch_index") and p.error_batch_index != index:
+                    # Another batch of this partition was refused, and this one only with it.
+                    b.last_error = error_for_code(p.error_code, p.error_message)
+                    retry.append(b)
                 elif p.error_code == errors_pb2.ERROR_CODE_RECORD_TOO_LARGE and len(b.records) > 1:
                     # The batch is too large, not its records: halve it and send the halves.
                     b.last_error = error_for_code(p.error_code, p.error_message)

@@ -333,7 +333,10 @@ class Broker:
             tr = resp.topics.add(topic=t.topic)
             for pd in t.partitions:
                 pr = tr.partitions.add(
-                    partition=pd.partition, base_offset=-1, log_append_time_ms=-1, leader_id=-1
+                    partition=pd.partition,
+                    base_offset=-1,
+                    log_append_time_ms=-1,
+                    leader_id=-1,
                 )
                 code, msg = await self._produce_partition(req.acks, t.topic, pd, pr, now_ms)
                 if code != E.ERROR_CODE_NONE:
@@ -356,8 +359,10 @@ class Broker:
             return E.ERROR_CODE_INVALID_REQUEST, "no record batches for this partition"
         cfg = self.topic_config(topic)
         max_message_bytes = cfg["max_message_bytes"]
-        # Validate every batch before appending any, so a bad batch leaves the partition untouched.
-        for b in pd.batches:
+        # Validate every batch before appending any, so a bad batch leaves the partition untouched;
+        # the answer names the batch that failed, so the producer can resend the others.
+        for i, b in enumerate(pd.batches):
+            pr.error_batch_index = i
             size = b.ByteSize()
             if size > max_message_bytes:
                 return (
@@ -375,6 +380,7 @@ class Broker:
             problem = batch_codec.records_problem(b, self.config.max_decompressed_bytes)
             if problem:
                 return E.ERROR_CODE_CORRUPT_MESSAGE, f"{problem}; nothing was stored"
+        pr.ClearField("error_batch_index")
         if acks == -1 and cfg["min_insync_replicas"] > 1:  # one node: the ISR is this node alone
             return (
                 E.ERROR_CODE_NOT_ENOUGH_REPLICAS,

@@ -151,3 +151,17 @@ def test_a_batch_above_the_topics_limit_is_split_and_every_record_lands(node) ->
             if len(got) >= 100:
                 break
     assert got == [f"{i:04d}".encode() * 250 for i in range(100)]
+
+
+def test_a_small_batch_refused_beside_an_oversized_one_is_resent(node) -> None:  # type: ignore[no-untyped-def]
+    """A partition's batches are appended all or none: when one is too large, the node names it and
+    the others (one record each here, so nothing to split) are resent, not failed."""
+    from headwater import Admin, NewTopic, Producer
+
+    with Admin(bootstrap=node.bootstrap) as admin:
+        admin.create_topics([NewTopic("mixed", partitions=1, config={"max_message_bytes": "3000"})])
+    with Producer(bootstrap=node.bootstrap, linger_ms=100, batch_size_bytes=4000) as producer:
+        futures = [producer.send("mixed", b"v" * 100) for _ in range(65)]
+        producer.flush()
+        offsets = sorted(f.result(timeout=30).offset for f in futures)
+    assert offsets == list(range(65))

@@ -447,8 +447,29 @@ def test_record_above_max_message_bytes_is_refused_and_nothing_stored(
     create(stub, "big", max_message_bytes="10000")
     r = produce(stub, "big", [b"x" * 20_000])
     assert r.error_code == E.ERROR_CODE_RECORD_TOO_LARGE and "max_message_bytes" in r.error_message
+    assert r.HasField("error_batch_index") and r.error_batch_index == 0
+    mixed = pb.ProduceRequest(
+        acks=ALL,
+        topics=[
+            pb.ProduceTopicData(
+                topic="big",
+                partitions=[
+                    pb.ProducePartitionData(
+                        partition=0,
+                        batches=[
+                            codec.build_batch([(None, b"ok", None, 1)]),
+                            codec.build_batch([(None, b"x" * 20_000, None, 1)]),
+                        ],
+                    )
+                ],
+            )
+        ],
+    )
+    r = stub.Produce(mixed, timeout=10).topics[0].partitions[0]
+    assert (r.error_code, r.error_batch_index) == (E.ERROR_CODE_RECORD_TOO_LARGE, 1)  # all or none
     assert fetch(stub, "big", 0).high_watermark == 0
-    assert produce(stub, "big", [b"x" * 100]).error_code == E.ERROR_CODE_NONE
+    ok = produce(stub, "big", [b"x" * 100])
+    assert ok.error_code == E.ERROR_CODE_NONE and not ok.HasField("error_batch_index")
 
 
 def test_corrupt_batch_is_refused_and_nothing_stored(stub: client_pb2_grpc.HeadwaterServiceStub) -> None:
