@@ -224,6 +224,8 @@ class Producer:
             partition = partition_for_key(key, n)
         record: RecordTuple = (key, value, hdrs, timestamp_ms)
         with self._lock:
+            if self._closed:  # checked again under the lock: close() may have run since the first check
+                raise ClientClosedError("cannot send: the producer is closed")
             if partition is None:
                 partition = self._acc.sticky.partition(topic, n, meta.available)
             if not self._acc.has_room(size):

@@ -165,3 +165,37 @@ def test_a_small_batch_refused_beside_an_oversized_one_is_resent(node) -> None: 
         producer.flush()
         offsets = sorted(f.result(timeout=30).offset for f in futures)
     assert offsets == list(range(65))
+
+
+def test_every_future_completes_when_close_races_send(node) -> None:  # type: ignore[no-untyped-def]
+    import concurrent.futures
+    import threading
+    import time
+
+    from headwater import Admin, ClientClosedError, NewTopic, Producer
+
+    with Admin(bootstrap=node.bootstrap) as admin:
+        admin.create_topics([NewTopic("racing", partitions=2)])
+    for _ in range(5):
+        producer = Producer(bootstrap=node.bootstrap, linger_ms=1)
+        producer.send("racing", b"warm").result(timeout=10)
+        futures: list[concurrent.futures.Future] = []  # type: ignore[type-arg]
+        stop = threading.Event()
+
+        def hammer(producer: Producer, futures: list, stop: threading.Event) -> None:  # type: ignore[type-arg]
+            while not stop.is_set():
+                try:
+                    futures.append(producer.send("racing", b"x"))
+                except ClientClosedError:
+                    return
+
+        threads = [threading.Thread(target=hammer, args=(producer, futures, stop)) for _ in range(3)]
+        for t in threads:
+            t.start()
+        time.sleep(0.05)
+        producer.close(timeout_s=10)
+        stop.set()
+        for t in threads:
+            t.join()
+        _, pending = concurrent.futures.wait(futures, timeout=10)
+        assert not pending, f"{len(pending)} futures never completed"
