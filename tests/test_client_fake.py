@@ -423,3 +423,33 @@ def test_an_unreachable_node_is_a_retriable_node_not_available() -> None:
             with pytest.raises(NodeNotAvailableError) as info:
                 admin.list_topics()
     assert info.value.retriable
+
+
+def test_an_undecodable_batch_is_reported_and_other_partitions_keep_flowing(fake_node: FakeNode) -> None:
+    """A node that serves a batch this client cannot read must not stall the consumer: poll raises
+    CorruptMessageError for that partition, and the other partitions of the node are still fetched."""
+    from headwater import CorruptMessageError
+    from headwater.v1 import batch as codec
+
+    fake_node.add_topic("mixed", partitions=2)
+    bad = codec.build_batch([(None, b"x", None, 1)], codec.COMPRESSION_BY_NAME["zstd"])
+    bad.records = b"not a zstd frame"
+    good = codec.build_batch([(None, b"fine", None, 1)])
+    with fake_node.lock:
+        parts = fake_node.topics["mixed"].partitions
+        parts[0].batches.append(bad)
+        parts[0].log_end_offset = 1
+        parts[1].batches.append(good)
+        parts[1].log_end_offset = 1
+    with Consumer(bootstrap(fake_node), auto_offset_reset="earliest") as consumer:
+        consumer.assign([TopicPartition("mixed", 0), TopicPartition("mixed", 1)])
+        values: list[bytes] = []
+        raised = None
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (raised is None or not values):
+            try:
+                values += [r.value for r in consumer.poll(0.2)]
+            except CorruptMessageError as e:
+                raised = e
+        assert raised is not None and "mixed-0" in str(raised)
+        assert values == [b"fine"]
