@@ -272,14 +272,7 @@ class ActiveController:
 
     def on_controlled_shutdown(self, node_id: int, broker_epoch: int, now_ms: int) -> HeartbeatDecision:
         """A node stopping cleanly: move its leaderships away, then fence it (see the module docstring)."""
-        state = self._state
-        if state is None:
-            return _not_controller()
-        refused = self._check_node(node_id, broker_epoch)
-        if refused is not None:
-            return refused
-        state.leases[node_id] = _Lease(broker_epoch, now_ms + self.config.session_timeout_ms)
-        return self._controlled_shutdown(state, node_id, broker_epoch, now_ms)
+        return self.on_heartbeat(node_id, broker_epoch, now_ms, controlled_shutdown=True)
 
     def _controlled_shutdown(
         self, state: _SoftState, node_id: int, broker_epoch: int, now_ms: int
