@@ -7,7 +7,6 @@ lingering, retry ordering, expiry and the buffer bound by hand.
 
 from __future__ import annotations
 
-import logging
 import random
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -20,8 +19,6 @@ from headwater.client.errors import HeadwaterError
 from headwater.client.partitioner import StickyPartitioner
 from headwater.client.types import Header, RecordMetadata
 from headwater.v1 import records_pb2
-
-_log = logging.getLogger("headwater.client.producer")
 
 __all__ = ["RecordFuture", "ProducerBatch", "RecordAccumulator", "Drained", "record_size"]
 
@@ -77,22 +74,6 @@ class RecordFuture(Future[RecordMetadata]):
 
     def cancel(self) -> bool:
         return False
-
-    def add_done_callback(self, fn: Callable[[Future[RecordMetadata]], object]) -> None:
-        """As ``Future.add_done_callback``, without its per-call list and property lookups: a
-        producer under load adds one callback per record."""
-        with self._condition:
-            if self._state != FINISHED:  # a record future is never cancelled
-                callbacks = self._callback_list
-                if callbacks is None:
-                    self._callback_list = [fn]
-                else:
-                    callbacks.append(fn)
-                return
-        try:
-            fn(self)
-        except Exception:
-            _log.exception("exception calling callback for %r", self)
 
     @staticmethod
     def complete_all(
