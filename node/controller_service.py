@@ -1,0 +1,216 @@
+"""The gRPC face of the controller: adapts ``ControllerService`` calls to a ``ControllerRuntime``.
+
+A voter that is not the active controller answers ``NOT_CONTROLLER`` with a ``ControllerHint``
+naming the one it knows of. Whole-request failures use gRPC status codes (an undecodable body is
+INVALID_ARGUMENT); everything else is an ``ErrorCode`` in the response.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+
+from headwater.node.controller import ControllerRuntime, FeedEntry, Outcome
+from headwater.raft.commands import AlterPartition
+from headwater.v1 import client_pb2, errors_pb2
+
+# Loaded by name: the generated stubs of this file are not yet on pyproject's list of generated
+# modules mypy ignores, and strict mypy rejects them. Add it there with the node wiring.
+controller_pb2: Any = importlib.import_module("headwater.v1.controller_pb2")
+pb: Any = controller_pb2
+
+__all__ = ["ControllerServiceServicer", "add_controller_to_server", "SERVICE_NAME"]
+
+log = logging.getLogger("headwater.node.controller")
+E = errors_pb2
+SERVICE_NAME = controller_pb2.DESCRIPTOR.services_by_name["ControllerService"].full_name
+
+
+class _Malformed:
+    """Stands in for a request body that is not a valid message, so the handler can refuse it."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _lenient(message_type: Any) -> Callable[[bytes], Any]:
+    def deserialize(raw: bytes) -> Any:
+        try:
+            return message_type.FromString(raw)
+        except Exception as e:  # DecodeError and friends: the body is not this message
+            return _Malformed(e)
+
+    return deserialize
+
+
+def add_controller_to_server(servicer: ControllerServiceServicer, server: grpc.aio.Server) -> None:
+    """Register the service like the generated helper, but answer an undecodable body with
+    INVALID_ARGUMENT (the generated deserializer would fail the call with UNKNOWN)."""
+    service = controller_pb2.DESCRIPTOR.services_by_name["ControllerService"]
+    handlers = {}
+    for method in service.methods:
+        make = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=_lenient(getattr(pb, method.input_type.name)),
+            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+
+
+async def _refuse_malformed(request: object, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    if isinstance(request, _Malformed):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request does not decode: {request.error}")
+
+
+class ControllerServiceServicer:
+    """``ControllerService`` over a ``ControllerRuntime``."""
+
+    def __init__(self, runtime: ControllerRuntime) -> None:
+        self.runtime = runtime
+
+    def _hint(self) -> Any:
+        controller_id, address = self.runtime.controller_hint()
+        return pb.ControllerHint(controller_id=controller_id, controller_address=address)
+
+    def _hint_if_refused(self, code: int) -> Any:
+        return self._hint() if code == E.ERROR_CODE_NOT_CONTROLLER else None
+
+    async def RegisterNode(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await _refuse_malformed(request, context)
+        o: Outcome = await self.runtime.register(
+            request.node_id, request.incarnation_id, request.host, request.port, request.rack
+        )
+        epoch = o.result.broker_epoch if o.ok and o.result is not None else -1
+        return pb.RegisterNodeResponse(
+            error_code=o.error_code,
+            error_message=o.message,
+            broker_epoch=epoch,
+            controller=self._hint_if_refused(o.error_code),
+        )
+
+    async def NodeHeartbeat(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await _refuse_malformed(request, context)
+        o = await self.runtime.heartbeat(
+            request.node_id, request.broker_epoch, request.want_fence, request.want_shutdown
+        )
+        return pb.NodeHeartbeatResponse(
+            error_code=o.error_code,
+            error_message=o.message,
+            is_fenced=o.is_fenced,
+            shutdown_ready=o.shutdown_ready,
+            metadata_offset=o.metadata_offset,
+            controller=self._hint_if_refused(o.error_code),
+        )
+
+    async def AlterPartition(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await _refuse_malformed(request, context)
+        cmd = AlterPartition(
+            topic_id=request.topic_id,
+            partition=request.partition,
+            leader_id=request.leader_id,
+            broker_epoch=request.broker_epoch,
+            leader_epoch=request.leader_epoch,
+            partition_epoch=request.partition_epoch,
+            new_isr=tuple(request.new_isr),
+        )
+        o = await self.runtime.alter_partition(cmd)
+        r = o.result
+        if not o.ok or r is None:
+            return pb.AlterPartitionResponse(
+                error_code=o.error_code,
+                error_message=o.message,
+                leader_id=-1,
+                leader_epoch=-1,
+                partition_epoch=-1,
+                controller=self._hint_if_refused(o.error_code),
+            )
+        return pb.AlterPartitionResponse(
+            error_code=E.ERROR_CODE_NONE,
+            error_message=r.message,
+            leader_id=r.leader_id,
+            leader_epoch=r.leader_epoch,
+            partition_epoch=r.partition_epoch,
+            isr=list(r.isr),
+        )
+
+    async def ElectLeaders(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await _refuse_malformed(request, context)
+        wanted = [(tp.topic_id, tp.partition) for tp in request.partitions] or None
+        out = await self.runtime.elect_leaders(wanted, request.preferred)
+        if isinstance(out, Outcome):
+            return pb.ElectLeadersResponse(
+                error_code=out.error_code,
+                error_message=out.message,
+                controller=self._hint_if_refused(out.error_code),
+            )
+        return pb.ElectLeadersResponse(
+            error_code=E.ERROR_CODE_NONE,
+            results=[
+                pb.ElectLeadersResult(
+                    topic_id=e.topic_id,
+                    partition=e.partition,
+                    error_code=e.error_code,
+                    error_message=e.message,
+                    leader_id=e.leader_id,
+                    leader_epoch=e.leader_epoch,
+                )
+                for e in out
+            ],
+        )
+
+    async def DescribeCluster(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await _refuse_malformed(request, context)
+        d = self.runtime.describe()
+        nodes: Any = d["nodes"]
+        voters: Any = d["voters"]
+        return pb.DescribeClusterResponse(
+            error_code=E.ERROR_CODE_NONE,
+            nodes=[
+                client_pb2.NodeInfo(
+                    node_id=n.node_id,
+                    host=n.host,
+                    port=n.port,
+                    rack=n.rack,
+                    fenced=n.fenced,
+                    broker_epoch=n.broker_epoch,
+                )
+                for n in nodes
+            ],
+            controller_id=int(d["controller_id"]),
+            answered_by=int(d["answered_by"]),
+            raft_term=int(d["raft_term"]),
+            commit_index=int(d["commit_index"]),
+            metadata_offset=int(d["metadata_offset"]),
+            voters={int(k): str(v) for k, v in voters.items()},
+            controller=self._hint(),
+        )
+
+    async def WatchMetadata(
+        self, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        await _refuse_malformed(request, context)
+        async for event in self.runtime.watch(request.from_offset):
+            if isinstance(event, FeedEntry):
+                yield pb.WatchMetadataResponse(
+                    delta=pb.MetadataDelta(
+                        metadata_offset=event.metadata_offset,
+                        command=event.command,
+                        error_code=event.error_code,
+                        error_message=event.error_message,
+                    )
+                )
+            else:
+                yield pb.WatchMetadataResponse(
+                    snapshot=pb.MetadataSnapshot(
+                        metadata_offset=event.metadata_offset, data=event.to_snapshot()
+                    )
+                )
