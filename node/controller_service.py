@@ -7,20 +7,17 @@ INVALID_ARGUMENT); everything else is an ``ErrorCode`` in the response.
 
 from __future__ import annotations
 
-import importlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
 from headwater.node.controller import ControllerRuntime, FeedEntry, Outcome
+from headwater.node.rpc import Malformed, add_service
 from headwater.raft.commands import AlterPartition
-from headwater.v1 import client_pb2, errors_pb2
+from headwater.v1 import client_pb2, controller_pb2, errors_pb2
 
-# Loaded by name: the generated stubs of this file are not yet on pyproject's list of generated
-# modules mypy ignores, and strict mypy rejects them. Add it there with the node wiring.
-controller_pb2: Any = importlib.import_module("headwater.v1.controller_pb2")
 pb: Any = controller_pb2
 
 __all__ = ["ControllerServiceServicer", "add_controller_to_server", "SERVICE_NAME"]
@@ -30,44 +27,12 @@ E = errors_pb2
 SERVICE_NAME = controller_pb2.DESCRIPTOR.services_by_name["ControllerService"].full_name
 
 
-class _Malformed:
-    """Stands in for a request body that is not a valid message, so the handler can refuse it."""
-
-    def __init__(self, error: Exception) -> None:
-        self.error = error
-
-
-def _lenient(message_type: Any) -> Callable[[bytes], Any]:
-    def deserialize(raw: bytes) -> Any:
-        try:
-            return message_type.FromString(raw)
-        except Exception as e:  # DecodeError and friends: the body is not this message
-            return _Malformed(e)
-
-    return deserialize
-
-
 def add_controller_to_server(servicer: ControllerServiceServicer, server: grpc.aio.Server) -> None:
-    """Register the service like the generated helper, but answer an undecodable body with
-    INVALID_ARGUMENT (the generated deserializer would fail the call with UNKNOWN)."""
-    service = controller_pb2.DESCRIPTOR.services_by_name["ControllerService"]
-    handlers = {}
-    for method in service.methods:
-        make = (
-            grpc.unary_stream_rpc_method_handler
-            if method.server_streaming
-            else grpc.unary_unary_rpc_method_handler
-        )
-        handlers[method.name] = make(
-            getattr(servicer, method.name),
-            request_deserializer=_lenient(getattr(pb, method.input_type.name)),
-            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
-        )
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    add_service(servicer, server, controller_pb2, "ControllerService")
 
 
 async def _refuse_malformed(request: object, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-    if isinstance(request, _Malformed):
+    if isinstance(request, Malformed):
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request does not decode: {request.error}")
 
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import grpc
 
 from headwater.node.broker import Broker, FetchResult
 from headwater.node.metrics import NodeMetrics
+from headwater.node.rpc import Malformed, add_service
 from headwater.v1 import batch as batch_codec
 from headwater.v1 import client_pb2, client_pb2_grpc, errors_pb2
 from headwater.v1 import client_pb2 as pb
@@ -26,52 +27,8 @@ T = TypeVar("T")
 E = errors_pb2
 
 
-class _Malformed:
-    """Stands in for a request body that is not a valid message, so the handler can refuse it."""
-
-    def __init__(self, error: Exception) -> None:
-        self.error = error
-
-
-def _lenient(message_type: Any) -> Callable[[bytes], Any]:
-    def deserialize(raw: bytes) -> Any:
-        try:
-            return message_type.FromString(raw)
-        except Exception as e:  # DecodeError and friends: the body is not this message
-            return _Malformed(e)
-
-    return deserialize
-
-
-def _serializer(message_type: Any) -> Callable[[Any], bytes]:
-    """Messages are serialized; a handler that already holds the wire bytes returns them as they are."""
-    serialize = message_type.SerializeToString
-
-    def to_wire(response: Any) -> bytes:
-        return response if isinstance(response, bytes) else serialize(response)
-
-    return to_wire
-
-
 def add_to_server(servicer: HeadwaterService, server: grpc.aio.Server) -> None:
-    """Register the service like the generated helper, but answer an undecodable body with
-    INVALID_ARGUMENT (the generated deserializer would fail the call with UNKNOWN)."""
-    service = client_pb2.DESCRIPTOR.services_by_name["HeadwaterService"]
-    handlers = {}
-    for method in service.methods:
-        request_type = getattr(pb, method.input_type.name)
-        response_type = getattr(pb, method.output_type.name)
-        make = (
-            grpc.unary_stream_rpc_method_handler
-            if method.server_streaming
-            else grpc.unary_unary_rpc_method_handler
-        )
-        handlers[method.name] = make(
-            getattr(servicer, method.name),
-            request_deserializer=_lenient(request_type),
-            response_serializer=_serializer(response_type),
-        )
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    add_service(servicer, server, client_pb2, "HeadwaterService")
 
 
 class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
@@ -90,7 +47,7 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
         started = time.perf_counter()
         outcome = "ok"
         try:
-            if isinstance(request, _Malformed):
+            if isinstance(request, Malformed):
                 outcome = "invalid"
                 await context.abort(
                     grpc.StatusCode.INVALID_ARGUMENT, f"{rpc}: malformed request: {request.error}"
@@ -179,7 +136,7 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
     async def Subscribe(  # noqa: N802
         self, request: pb.SubscribeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.SubscribeResponse]:
-        if isinstance(request, _Malformed):
+        if isinstance(request, Malformed):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"Subscribe: malformed request: {request.error}"
             )

@@ -1,0 +1,61 @@
+"""Service registration shared by the node's gRPC services.
+
+Like the generated ``add_*_to_server`` helpers, except that an undecodable request body reaches the
+handler as a ``Malformed`` value (so it answers INVALID_ARGUMENT, where the generated deserializer
+would fail the call with UNKNOWN), and a handler may answer with wire bytes it already holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+import grpc
+
+__all__ = ["Malformed", "add_service"]
+
+
+class Malformed:
+    """Stands in for a request body that is not a valid message, so the handler can refuse it."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _lenient(message_type: Any) -> Callable[[bytes], Any]:
+    def deserialize(raw: bytes) -> Any:
+        try:
+            return message_type.FromString(raw)
+        except Exception as e:  # DecodeError and friends: the body is not this message
+            return Malformed(e)
+
+    return deserialize
+
+
+def _serializer(message_type: Any) -> Callable[[Any], bytes]:
+    """Messages are serialized; a handler that already holds the wire bytes returns them as they are."""
+    serialize = message_type.SerializeToString
+
+    def to_wire(response: Any) -> bytes:
+        return response if isinstance(response, bytes) else serialize(response)
+
+    return to_wire
+
+
+def add_service(servicer: object, server: grpc.aio.Server, module: ModuleType, service_name: str) -> None:
+    """Register every method of ``service_name`` (defined in the generated ``module``) on ``server``."""
+    service = module.DESCRIPTOR.services_by_name[service_name]
+    handlers = {}
+    for method in service.methods:
+        make = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=_lenient(getattr(module, method.input_type.name)),
+            response_serializer=_serializer(getattr(module, method.output_type.name)),
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
