@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Iterable, Mapping
 from types import TracebackType
 
+from headwater.client._checks import require_positive
 from headwater.client._cluster import Cluster, partition_fields, sorted_partitions
 from headwater.client.errors import HeadwaterError, UnknownTopicOrPartitionError, error_for_code
 from headwater.client.types import ConfigEntry, NewTopic, PartitionInfo, TopicDescription
@@ -34,8 +35,7 @@ class Admin:
     """Manages topics and their configs. Thread safe; close it (or use ``with``) when done."""
 
     def __init__(self, bootstrap: str | Iterable[str], *, request_timeout_ms: int = 30_000) -> None:
-        if request_timeout_ms <= 0:
-            raise ValueError(f"request_timeout_ms must be positive, got {request_timeout_ms}")
+        require_positive(request_timeout_ms=request_timeout_ms)
         self._timeout_ms = request_timeout_ms
         self._timeout_s = request_timeout_ms / 1000
         self._cluster = Cluster(bootstrap, request_timeout_s=self._timeout_s)

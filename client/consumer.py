@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 
+from headwater.client._checks import require_positive
 from headwater.client._cluster import STALE_METADATA_CODES, Cluster
 from headwater.client.errors import (
     ClientClosedError,
@@ -124,15 +125,13 @@ class Consumer:
             )
         if isolation_level not in _ISOLATION:
             raise ValueError(f"isolation_level must be one of {sorted(_ISOLATION)}, got {isolation_level!r}")
-        for name, value in (
-            ("fetch_max_bytes", fetch_max_bytes),
-            ("max_partition_fetch_bytes", max_partition_fetch_bytes),
-            ("max_poll_records", max_poll_records),
-            ("max_prefetch_bytes", max_prefetch_bytes),
-            ("request_timeout_ms", request_timeout_ms),
-        ):
-            if value <= 0:
-                raise ValueError(f"{name} must be positive, got {value}")
+        require_positive(
+            fetch_max_bytes=fetch_max_bytes,
+            max_partition_fetch_bytes=max_partition_fetch_bytes,
+            max_poll_records=max_poll_records,
+            max_prefetch_bytes=max_prefetch_bytes,
+            request_timeout_ms=request_timeout_ms,
+        )
         self._reset_default = _RESETS[auto_offset_reset]
         self._fetch_max_bytes = fetch_max_bytes
         self._partition_max_bytes = max_partition_fetch_bytes

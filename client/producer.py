@@ -26,6 +26,7 @@ from typing import Any
 import grpc
 
 from headwater.client._accumulator import ProducerBatch, RecordAccumulator, RecordTuple
+from headwater.client._checks import require_not_negative, require_positive
 from headwater.client._cluster import STALE_METADATA_CODES, Cluster, TopicMeta
 from headwater.client.errors import (
     BufferFullError,
@@ -116,24 +117,17 @@ class Producer:
     ) -> None:
         if compression not in COMPRESSION_BY_NAME:
             raise ValueError(f"compression must be one of {sorted(COMPRESSION_BY_NAME)}, got {compression!r}")
-        for name, value in (
-            ("batch_size_bytes", batch_size_bytes),
-            ("buffer_memory_bytes", buffer_memory_bytes),
-            ("request_timeout_ms", request_timeout_ms),
-            ("delivery_timeout_ms", delivery_timeout_ms),
-            ("max_in_flight_requests_per_node", max_in_flight_requests_per_node),
-            ("max_request_size", max_request_size),
-        ):
-            if value <= 0:
-                raise ValueError(f"{name} must be positive, got {value}")
-        for name, value in (
-            ("linger_ms", linger_ms),
-            ("max_block_ms", max_block_ms),
-            ("retries", retries),
-            ("retry_backoff_ms", retry_backoff_ms),
-        ):
-            if value < 0:
-                raise ValueError(f"{name} must not be negative, got {value}")
+        require_positive(
+            batch_size_bytes=batch_size_bytes,
+            buffer_memory_bytes=buffer_memory_bytes,
+            request_timeout_ms=request_timeout_ms,
+            delivery_timeout_ms=delivery_timeout_ms,
+            max_in_flight_requests_per_node=max_in_flight_requests_per_node,
+            max_request_size=max_request_size,
+        )
+        require_not_negative(
+            linger_ms=linger_ms, max_block_ms=max_block_ms, retries=retries, retry_backoff_ms=retry_backoff_ms
+        )
         self.acks = parse_acks(acks)
         self._compression = COMPRESSION_BY_NAME[compression]
         self._block = block_on_buffer_full
