@@ -132,8 +132,14 @@ class MetadataFeed:
         except RuntimeError:
             pass  # the loop is closed: nobody is watching any more
 
-    def _set_changed(self) -> None:  # on the loop: sets whichever event watchers wait on now
-        self._changed.set()
+    def _set_changed(self) -> None:  # on the loop: wake everyone waiting on the current event
+        old, self._changed = self._changed, asyncio.Event()
+        old.set()
+
+    def changed_event(self) -> asyncio.Event:
+        """Take this BEFORE reading ``entries_from``: an apply after that read sets it, so a
+        watcher that then waits on it cannot miss the apply (no lost wake-up between watchers)."""
+        return self._changed
 
     def entries_from(self, offset: int) -> list[FeedEntry] | None:
         """Retained entries from ``offset`` on ([] when none yet), or None when ``offset`` is gone."""
@@ -146,11 +152,10 @@ class MetadataFeed:
                 return None
             return list(self._entries)[offset - first :]
 
-    async def wait_changed(self, timeout_s: float) -> None:
-        """Return when something was applied since the last wake-up, or after ``timeout_s``."""
+    async def wait_changed(self, event: asyncio.Event, timeout_s: float) -> None:
+        """Return once ``event`` (from ``changed_event``) is set, or after ``timeout_s``."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), timeout_s)
-        self._changed = asyncio.Event() if self._changed.is_set() else self._changed
+            await asyncio.wait_for(event.wait(), timeout_s)
 
 
 # --------------------------------------------------------------------------------- outcomes
@@ -547,6 +552,7 @@ class ControllerRuntime:
         need_snapshot = from_offset < 0
         while not self._stopped:
             if not need_snapshot:
+                changed = feed.changed_event()
                 entries = feed.entries_from(next_offset)
                 if entries is None and next_offset > self.quorum.metadata_offset:
                     entries = []  # nothing applied past the caller yet: wait
@@ -558,7 +564,7 @@ class ControllerRuntime:
                         yield e
                         next_offset += 1
                     if not entries:
-                        await feed.wait_changed(poll_s)
+                        await feed.wait_changed(changed, poll_s)
                     continue
             md = self.quorum.metadata  # published before its command reached the feed
             yield md

@@ -369,3 +369,30 @@ def test_watch_metadata_streams_a_snapshot_then_deltas_in_order_and_resumes(tmp_
                 resumed.cancel()
 
     run(main)
+
+
+def test_metadata_feed_wakes_every_watcher_that_took_the_event_before_an_apply() -> None:
+    """No lost wake-up: watcher A waking (and the feed moving to a fresh event) must not leave
+    watcher B, which looked before the apply, waiting for its whole poll interval."""
+    import threading
+
+    from headwater.raft.commands import RegisterNode
+    from headwater.raft.metadata import Result
+
+    async def scenario() -> float:
+        feed = MetadataFeed(asyncio.get_running_loop())
+        event_a = feed.changed_event()
+        event_b = feed.changed_event()
+        applier = threading.Thread(
+            target=feed.on_applied,
+            args=(0, RegisterNode(1, b"\x01" * 16, "127.0.0.1", 1, ""), Result(True, 0, "", 0)),
+        )
+        applier.start()
+        applier.join()
+        await feed.wait_changed(event_a, 5.0)  # A wakes; the feed now hands out a fresh event
+        started = time.monotonic()
+        await feed.wait_changed(event_b, 5.0)
+        assert feed.entries_from(0) is not None and len(feed.entries_from(0) or []) == 1
+        return time.monotonic() - started
+
+    assert asyncio.run(scenario()) < 1.0
