@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -15,6 +16,29 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(mountpoint: Path, size: str) -> Iterator[Path]:
+    """A small tmpfs: a disk that fills. Mounting needs root (CI runs as root); when it is impossible
+    the test fails, it never skips."""
+    mountpoint.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mountpoint)], check=True)
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=True)
+
+
+def fill_disk(path: Path) -> None:
+    """Write zeros to ``path`` until the file system refuses more."""
+    with open(path, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
 
 
 def free_port() -> int:

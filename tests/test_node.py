@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
-from conftest import NodeProcess
+from conftest import NodeProcess, fill_disk, mounted_tmpfs
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -659,14 +658,9 @@ def test_undecodable_request_body_gets_a_clear_status(
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 48 MiB tmpfs: a disk that fills. Needs root (the CI runs as root); fails loudly otherwise."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mnt)], check=True)
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    """A 48 MiB tmpfs."""
+    with mounted_tmpfs(tmp_path / "small", "48m") as mountpoint:
+        yield mountpoint
 
 
 def test_full_disk_fails_writes_clearly_keeps_the_log_and_recovers(
@@ -678,14 +672,7 @@ def test_full_disk_fails_writes_clearly_keeps_the_log_and_recovers(
         s = client_pb2_grpc.HeadwaterServiceStub(ch)
         create(s, "disk")
         assert produce(s, "disk", [b"kept"]).error_code == E.ERROR_CODE_NONE
-        # Fill the disk to the brim.
-        with open(filler, "wb") as fh:
-            try:
-                while True:
-                    fh.write(b"\0" * (1 << 20))
-                    fh.flush()
-            except OSError:
-                pass
+        fill_disk(filler)  # to the brim
         errors = set()
         for _ in range(20):
             r = produce(s, "disk", [os.urandom(200_000)])
@@ -711,16 +698,6 @@ def test_full_disk_fails_writes_clearly_keeps_the_log_and_recovers(
         assert values_of(fetch(s, "disk", 0))[-1] == b"resumed"
 
 
-def _fill(path: Path) -> None:
-    with open(path, "wb") as fh:
-        try:
-            while True:
-                fh.write(b"\0" * (1 << 20))
-                fh.flush()
-        except OSError:
-            pass
-
-
 def test_topic_creation_on_a_full_disk_creates_nothing_and_metadata_stays_whole(
     node_factory: object, small_disk: Path
 ) -> None:
@@ -728,7 +705,7 @@ def test_topic_creation_on_a_full_disk_creates_nothing_and_metadata_stays_whole(
     with grpc.insecure_channel(n.bootstrap) as ch:
         s = client_pb2_grpc.HeadwaterServiceStub(ch)
         assert create(s, "before").error_code == E.ERROR_CODE_NONE
-        _fill(small_disk / "filler")
+        fill_disk(small_disk / "filler")
         r = create(s, "wide", partitions=2000)
         assert r.error_code == E.ERROR_CODE_STORAGE_ERROR, r
         md = s.Metadata(pb.MetadataRequest(), timeout=5)

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import fill_disk, mounted_tmpfs
 
 from headwater.storage import (
     AppendResult,
@@ -564,24 +565,9 @@ def test_concurrent_appends_and_reads_keep_offsets_dense(log: PartitionLog) -> N
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 16 MiB tmpfs. Mounting needs root; if it is impossible the test fails (it must not skip)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], check=True)
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=True)
-
-
-def _fill_disk(path: Path) -> None:
-    with open(path, "wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-        except OSError:
-            pass
+    """A 16 MiB tmpfs."""
+    with mounted_tmpfs(tmp_path / "disk", "16m") as mountpoint:
+        yield mountpoint
 
 
 def test_full_disk_fails_the_write_keeps_the_log_readable_and_writes_resume(small_disk: Path) -> None:
@@ -593,7 +579,7 @@ def test_full_disk_fails_the_write_keeps_the_log_readable_and_writes_resume(smal
             log.append(batch(1, value=payload), 0, now_ms=0)
         store.put_meta(b"topic", b"t")
         before = state(log)
-        _fill_disk(small_disk / "filler")
+        fill_disk(small_disk / "filler")
 
         b = batch(2, value=payload)
         crc = b.crc
@@ -627,7 +613,7 @@ def test_explicit_recover_reopens_after_space_returns(small_disk: Path) -> None:
     with LogStore(str(small_disk / "db")) as store:
         log = store.open_partition(TOPIC, 0)
         fill(log, [2, 2])
-        _fill_disk(small_disk / "filler")
+        fill_disk(small_disk / "filler")
         with pytest.raises(LogWriteError):
             for _ in range(1000):  # the WAL may have a little room left
                 log.append(batch(1, value=os.urandom(8192)), 0, now_ms=0)
