@@ -64,6 +64,8 @@ class FetchResult:
 
     def __init__(self) -> None:
         self.topics: list[tuple[str, list[tuple[pb.FetchPartitionResponse, list[bytes]]]]] = []
+        # Bytes of record batches in the answer (for the node's bytes-out metric).
+        self.batch_bytes = 0
 
     def add_topic(self, topic: str) -> list[tuple[pb.FetchPartitionResponse, list[bytes]]]:
         partitions: list[tuple[pb.FetchPartitionResponse, list[bytes]]] = []
@@ -514,6 +516,7 @@ class Broker:
                     raw = []  # only a response's first batch may exceed the budget (for progress)
                 batches.extend(raw)
                 total += sum(map(len, raw))
+        resp.batch_bytes = total
         return resp, total, touched, errored
 
     # ----------------------------------------------------------------- subscribe

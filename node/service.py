@@ -108,9 +108,7 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
         result: FetchResult = await self._handle(
             "Fetch", request, context, lambda: self.broker.fetch(request)
         )
-        self.metrics.bytes_out.inc(
-            sum(len(b) for _, parts in result.topics for _, batches in parts for b in batches)
-        )
+        self.metrics.bytes_out.inc(result.batch_bytes)
         wire: bytes = result.to_bytes()
         return wire
 
