@@ -115,17 +115,22 @@ class Broker:
         self._closing = False
         self._topic_config_cache: dict[str, dict[str, Any]] = {}
         for info in self.catalog:
-            self._open_partitions(info)
+            opened: list[Partition] = []
+            self._open_partitions(info.name, info.topic_id, info.partition_count, opened)
+            self._register(opened)
         self._drop_orphan_partitions()
 
     # ----------------------------------------------------------------- lifecycle
 
-    def _open_partitions(self, info: TopicInfo) -> None:
-        for index in range(info.partition_count):
-            plog = self.store.open_partition(info.topic_id, index)
-            self.partitions[(info.name, index)] = Partition(
-                info.name, info.topic_id, index, plog, node_id=self.config.node_id
-            )
+    def _open_partitions(self, name: str, topic_id: bytes, count: int, opened: list[Partition]) -> None:
+        """Open (or create) a topic's partition logs, appending each to ``opened`` as it opens."""
+        for index in range(count):
+            plog = self.store.open_partition(topic_id, index)
+            opened.append(Partition(name, topic_id, index, plog, node_id=self.config.node_id))
+
+    def _register(self, opened: list[Partition]) -> None:
+        for p in opened:
+            self.partitions[(p.topic, p.index)] = p
 
     def _drop_orphan_partitions(self) -> None:
         """Partitions whose topic is gone (a crash between the catalog delete and the data delete)."""
@@ -182,9 +187,7 @@ class Broker:
         topic_id = uuid.uuid4().bytes
         opened: list[Partition] = []
         try:
-            for index in range(partitions):
-                plog = self.store.open_partition(topic_id, index)
-                opened.append(Partition(name, topic_id, index, plog, node_id=self.config.node_id))
+            self._open_partitions(name, topic_id, partitions, opened)
             info = self.catalog.create(name, partitions, rf, configs, topic_id)
         except StorageError:
             for p in opened:
@@ -193,8 +196,7 @@ class Broker:
                 except StorageError:
                     pass  # still failing: the start-up sweep of orphans removes it
             raise
-        for p in opened:
-            self.partitions[(name, p.index)] = p
+        self._register(opened)
         return info
 
     def _check_new_topic(
