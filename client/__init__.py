@@ -7,9 +7,12 @@ from headwater.client.errors import __all__ as _errors_all
 from headwater.client.partitioner import murmur2, partition_for_key
 from headwater.client.producer import Producer
 from headwater.client.types import (
+    ClusterDescription,
     ConfigEntry,
     ConsumerRecord,
+    ElectionResult,
     NewTopic,
+    NodeDescription,
     OffsetAndTimestamp,
     PartitionInfo,
     RecordMetadata,
@@ -29,6 +32,9 @@ __all__ = [
     "TopicDescription",
     "PartitionInfo",
     "ConfigEntry",
+    "ClusterDescription",
+    "NodeDescription",
+    "ElectionResult",
     "murmur2",
     "partition_for_key",
     *_errors_all,

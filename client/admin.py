@@ -1,24 +1,59 @@
-"""The admin client: create, delete, list and describe topics; read and change their configs.
+"""The admin client: topics and their configs, and the cluster operations of the metadata quorum.
 
-Each call is one synchronous request to a node that answers (any node for now; the active controller
-once the metadata quorum lands). Per-topic errors come back as exceptions from ``errors``; calls that
-act on several topics raise the first error by default, or return it per topic with
-``raise_on_error=False``.
+Topic calls are one synchronous request to a node that answers. Per-topic errors come back as
+exceptions from ``errors``; calls that act on several topics raise the first error by default, or
+return it per topic with ``raise_on_error=False``.
+
+Cluster calls speak ``ControllerService``, which every node serves on its client port.
+``describe_cluster`` takes the answer of any voter (each answers from its own applied metadata).
+``elect_leaders`` must reach the active controller: a voter that is not it answers NOT_CONTROLLER with
+a hint naming it, which the client follows, at most ``_MAX_CONTROLLER_HOPS`` hints in a row; when the
+hints run out (an election under way) it backs off and tries every known node again, until the
+request timeout.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
+from typing import Protocol, TypeVar
+
+import grpc
 
 from headwater.client._checks import require_positive
-from headwater.client._cluster import Cluster, partition_fields, sorted_partitions
-from headwater.client.errors import HeadwaterError, UnknownTopicOrPartitionError, error_for_code
-from headwater.client.types import ConfigEntry, NewTopic, PartitionInfo, TopicDescription
-from headwater.v1 import client_pb2, errors_pb2
+from headwater.client._cluster import CHANNEL_OPTIONS, Cluster, partition_fields, sorted_partitions
+from headwater.client.errors import (
+    ClientClosedError,
+    HeadwaterError,
+    NodeNotAvailableError,
+    RequestTimedOutError,
+    UnknownTopicOrPartitionError,
+    error_for_code,
+    error_for_rpc,
+)
+from headwater.client.types import (
+    ClusterDescription,
+    ConfigEntry,
+    ElectionResult,
+    NewTopic,
+    NodeDescription,
+    PartitionInfo,
+    TopicDescription,
+    TopicPartition,
+)
+from headwater.v1 import client_pb2, controller_pb2, controller_pb2_grpc, errors_pb2
 
 __all__ = ["Admin"]
+
+# Hints followed in a row before the client backs off: a hint names the controller a voter last heard
+# of, which can be stale for a moment around an election, so two voters may point at each other.
+_MAX_CONTROLLER_HOPS = 3
+# Backoff between rounds over the known nodes while no voter names a reachable active controller.
+_CONTROLLER_BACKOFF_MIN_S = 0.05
+_CONTROLLER_BACKOFF_MAX_S = 1.0
 
 _SOURCES = {
     client_pb2.CONFIG_SOURCE_TOPIC: "topic",
@@ -31,14 +66,49 @@ def _topic_id(raw: bytes) -> uuid.UUID | None:
     return uuid.UUID(bytes=raw) if len(raw) == 16 else None
 
 
+class _ControllerAnswer(Protocol):
+    """What every ControllerService response carries besides its own fields."""
+
+    @property
+    def error_code(self) -> int: ...
+
+    @property
+    def error_message(self) -> str: ...
+
+    @property
+    def controller(self) -> controller_pb2.ControllerHint: ...
+
+
+A = TypeVar("A", bound=_ControllerAnswer)
+_ControllerCall = Callable[[controller_pb2_grpc.ControllerServiceStub, float], A]
+
+
+def _controller_rpc_error(exc: grpc.RpcError, what: str) -> HeadwaterError:
+    """A gRPC failure of a ControllerService call; a node without that service is "not available"."""
+    if isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+        return NodeNotAvailableError(f"{what} failed: the node does not serve the controller API")
+    return error_for_rpc(exc, what)
+
+
 class Admin:
-    """Manages topics and their configs. Thread safe; close it (or use ``with``) when done."""
+    """Manages topics, their configs and partition leadership, and describes the cluster.
+
+    Thread safe; close it (or use ``with``) when done. ``request_timeout_ms`` bounds each call,
+    including the retries of a call to the active controller.
+    """
 
     def __init__(self, bootstrap: str | Iterable[str], *, request_timeout_ms: int = 30_000) -> None:
         require_positive(request_timeout_ms=request_timeout_ms)
         self._timeout_ms = request_timeout_ms
         self._timeout_s = request_timeout_ms / 1000
         self._cluster = Cluster(bootstrap, request_timeout_s=self._timeout_s)
+        # ControllerService stubs by address, on channels of their own; guarded by _lock.
+        self._lock = threading.Lock()
+        self._controller_channels: dict[str, grpc.Channel] = {}
+        self._controller_stubs: dict[str, controller_pb2_grpc.ControllerServiceStub] = {}
+        self._closed = threading.Event()
+        # Where the active controller answered last; a plain reference, read and replaced whole.
+        self._controller_address: str | None = None
 
     def create_topics(
         self,
@@ -168,7 +238,118 @@ class Admin:
             if r.error_code != errors_pb2.ERROR_CODE_NONE:
                 raise error_for_code(r.error_code, r.error_message or f"topic {topic!r}")
 
+    # ------------------------------------------------------------------ cluster
+
+    def describe_cluster(self) -> ClusterDescription:
+        """The registered nodes (fenced or not), the active controller, and the Raft state of the
+        voter that answered: any voter answers, from its own applied metadata.
+
+        ``cluster_id`` comes from a Metadata request to any node; it is None when none answers it.
+        """
+        answer: controller_pb2.DescribeClusterResponse = self._call_controller(
+            "DescribeCluster",
+            lambda stub, timeout_s: stub.DescribeCluster(
+                controller_pb2.DescribeClusterRequest(), timeout=timeout_s
+            ),
+            active_only=False,
+        )
+        try:
+            cluster_id: str | None = self._metadata([]).cluster_id or None
+        except HeadwaterError:
+            cluster_id = None
+        nodes = tuple(
+            NodeDescription(n.node_id, n.host, n.port, n.rack, n.fenced, n.broker_epoch)
+            for n in sorted(answer.nodes, key=lambda n: n.node_id)
+        )
+        return ClusterDescription(
+            cluster_id=cluster_id,
+            controller_id=answer.controller_id,
+            nodes=nodes,
+            answered_by=answer.answered_by,
+            raft_term=answer.raft_term,
+            commit_index=answer.commit_index,
+            metadata_offset=answer.metadata_offset,
+            voters=dict(sorted(answer.voters.items())),
+        )
+
+    def elect_leaders(
+        self,
+        partitions: Iterable[tuple[str, int]] | None = None,
+        *,
+        preferred: bool = False,
+        raise_on_error: bool = True,
+    ) -> dict[tuple[str, int], ElectionResult]:
+        """Elect partition leaders through the active controller; returns (topic, partition) -> result.
+
+        ``preferred``: move leadership to each partition's first replica, when that replica is in the
+        ISR and unfenced (Kafka's preferred election). Otherwise: give each partition without a
+        leader the first unfenced ISR member. ``partitions`` None means every partition that needs
+        such an election, as the controller sees them. A partition that already has the wanted
+        leader comes back without an error.
+
+        With ``raise_on_error`` (the default) the first partition's error is raised, after the
+        controller has handled the others. A topic that does not exist is
+        ``UnknownTopicOrPartitionError``.
+        """
+        request = controller_pb2.ElectLeadersRequest(preferred=preferred)
+        out: dict[tuple[str, int], ElectionResult] = {}
+        wanted: list[TopicPartition] = []
+        names: dict[bytes, str] = {}
+        if partitions is not None:
+            wanted = list(dict.fromkeys(TopicPartition(t, p) for t, p in partitions))
+            if not wanted:
+                return {}
+            ids, errors = self._topic_ids(sorted({tp.topic for tp in wanted}))
+            names = {tid: name for name, tid in ids.items()}
+            for tp in wanted:
+                tid = ids.get(tp.topic)
+                if tid is None:
+                    error = errors.get(tp.topic) or UnknownTopicOrPartitionError(
+                        f"topic {tp.topic!r} does not exist"
+                    )
+                    out[tp] = ElectionResult(tp.topic, tp.partition, -1, -1, error)
+                else:
+                    request.partitions.add(topic_id=tid, partition=tp.partition)
+            # Never send an empty list: the controller reads it as "every partition".
+            if not request.partitions:
+                return self._raise_election_error(out, raise_on_error)
+        answer: controller_pb2.ElectLeadersResponse = self._call_controller(
+            "ElectLeaders",
+            lambda stub, timeout_s: stub.ElectLeaders(request, timeout=timeout_s),
+            active_only=True,
+        )
+        if partitions is None:
+            # The controller chose the partitions: name them from metadata read after its answer.
+            ids, _ = self._topic_ids([])
+            names = {tid: name for name, tid in ids.items()}
+        for r in answer.results:
+            name = names.get(r.topic_id)
+            if name is None:
+                continue  # a topic the answering node does not know: deleted since, or not there yet
+            error = (
+                error_for_code(r.error_code, r.error_message or f"partition {name}-{r.partition}")
+                if r.error_code != errors_pb2.ERROR_CODE_NONE
+                else None
+            )
+            tp = TopicPartition(name, r.partition)
+            out[tp] = ElectionResult(name, r.partition, r.leader_id, r.leader_epoch, error)
+        if wanted:
+            out = {tp: out[tp] for tp in wanted if tp in out}
+        else:
+            out = dict(sorted(out.items()))
+        return self._raise_election_error(out, raise_on_error)
+
+    # ------------------------------------------------------------------ lifecycle
+
     def close(self) -> None:
+        """Close every channel; calls under way end with ``ClientClosedError`` or a gRPC failure."""
+        with self._lock:
+            self._closed.set()
+            channels = list(self._controller_channels.values())
+            self._controller_channels.clear()
+            self._controller_stubs.clear()
+        for channel in channels:
+            channel.close()
         self._cluster.close()
 
     def __enter__(self) -> Admin:
@@ -185,6 +366,101 @@ class Admin:
             lambda stub: stub.Metadata(client_pb2.MetadataRequest(topics=names), timeout=self._timeout_s),
         )
         return response
+
+    def _topic_ids(self, names: list[str]) -> tuple[dict[str, bytes], dict[str, HeadwaterError]]:
+        """Topic name -> id (``names`` empty: every topic), and the error of each topic without one."""
+        response = self._metadata(names)
+        ids: dict[str, bytes] = {}
+        errors: dict[str, HeadwaterError] = {}
+        for t in response.topics:
+            if t.error_code != errors_pb2.ERROR_CODE_NONE:
+                errors[t.name] = error_for_code(t.error_code, t.error_message or f"topic {t.name!r}")
+            elif len(t.topic_id) == 16:
+                ids[t.name] = t.topic_id
+        return ids, errors
+
+    def _controller_stub(self, address: str) -> controller_pb2_grpc.ControllerServiceStub:
+        with self._lock:
+            if self._closed.is_set():
+                raise ClientClosedError("the admin client is closed")
+            stub = self._controller_stubs.get(address)
+            if stub is None:
+                channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+                self._controller_channels[address] = channel
+                stub = controller_pb2_grpc.ControllerServiceStub(channel)  # type: ignore[no-untyped-call]
+                self._controller_stubs[address] = stub
+            return stub
+
+    def _call_controller(self, what: str, call: _ControllerCall[A], *, active_only: bool) -> A:
+        """Run ``call`` (given a stub and the time left) until a node answers without an error.
+
+        ``active_only``: the call needs the active controller, so the last one that answered is tried
+        first. A NOT_CONTROLLER answer is followed to the controller its hint names (at most
+        ``_MAX_CONTROLLER_HOPS`` in a row, never back to a node that refused in this round); an
+        unreachable node, or one without the controller API, is skipped. After a round that found no
+        controller the client backs off (doubling, up to ``_CONTROLLER_BACKOFF_MAX_S``, and never
+        more than half the time left) and starts over, until the request timeout; then the last
+        refusal is raised. Any other error is raised at once.
+        """
+        deadline = time.monotonic() + self._timeout_s
+        backoff_s = _CONTROLLER_BACKOFF_MIN_S
+        last: HeadwaterError | None = None
+        while True:
+            cached = self._controller_address if active_only else None
+            pending = list(dict.fromkeys([*([cached] if cached else []), *self._cluster.addresses()]))
+            tried: set[str] = set()
+            hops = 0
+            while pending:
+                address = pending.pop(0)
+                if address in tried:
+                    continue
+                tried.add(address)
+                remaining_s = deadline - time.monotonic()
+                if remaining_s <= 0:
+                    break
+                try:
+                    answer = call(self._controller_stub(address), remaining_s)
+                except grpc.RpcError as exc:
+                    last = _controller_rpc_error(exc, f"{what} to {address}")
+                    if not isinstance(last, NodeNotAvailableError):
+                        raise last from None
+                    self._forget_controller(address)
+                    continue
+                if answer.error_code == errors_pb2.ERROR_CODE_NONE:
+                    if active_only:
+                        self._controller_address = address
+                    return answer
+                last = error_for_code(answer.error_code, answer.error_message or f"{what} to {address}")
+                if answer.error_code != errors_pb2.ERROR_CODE_NOT_CONTROLLER:
+                    raise last
+                self._forget_controller(address)
+                target = answer.controller.controller_address
+                if target and target not in tried and hops < _MAX_CONTROLLER_HOPS:
+                    hops += 1
+                    pending.insert(0, target)
+            remaining_s = deadline - time.monotonic()
+            if remaining_s < _CONTROLLER_BACKOFF_MIN_S:
+                if last is not None:
+                    raise last
+                raise RequestTimedOutError(f"{what}: no node answered within {self._timeout_ms} ms")
+            # At most half of what is left, so a last round still runs before the deadline.
+            if self._closed.wait(min(backoff_s, remaining_s / 2)):
+                raise ClientClosedError("the admin client is closed")
+            backoff_s = min(backoff_s * 2, _CONTROLLER_BACKOFF_MAX_S)
+
+    def _forget_controller(self, address: str) -> None:
+        if self._controller_address == address:
+            self._controller_address = None
+
+    @staticmethod
+    def _raise_election_error(
+        out: dict[tuple[str, int], ElectionResult], raise_on_error: bool
+    ) -> dict[tuple[str, int], ElectionResult]:
+        if raise_on_error:
+            for result in out.values():
+                if result.error is not None:
+                    raise result.error
+        return out
 
     @staticmethod
     def _maybe_raise(out: dict, raise_on_error: bool) -> dict:  # type: ignore[type-arg]

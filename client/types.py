@@ -11,6 +11,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from headwater.client.errors import HeadwaterError
+
 __all__ = [
     "Header",
     "TopicPartition",
@@ -21,6 +23,9 @@ __all__ = [
     "PartitionInfo",
     "TopicDescription",
     "ConfigEntry",
+    "NodeDescription",
+    "ClusterDescription",
+    "ElectionResult",
 ]
 
 #: One record header: a string key and optional bytes.
@@ -86,6 +91,11 @@ class PartitionInfo:
     isr: tuple[int, ...]
     offline_replicas: tuple[int, ...]
 
+    @property
+    def offline(self) -> bool:
+        """No replica leads it: it takes neither produce nor fetch until a leader is elected."""
+        return self.leader == -1
+
 
 @dataclass(frozen=True)
 class TopicDescription:
@@ -107,3 +117,59 @@ class ConfigEntry:
     read_only: bool = False
     sensitive: bool = False
     documentation: str = ""
+
+
+@dataclass(frozen=True)
+class NodeDescription:
+    """A registered node as the metadata quorum knows it. A fenced node leads no partition and is in
+    no ISR it could drop out of; ``broker_epoch`` changes each time the node process (re)registers."""
+
+    node_id: int
+    host: str
+    port: int
+    rack: str
+    fenced: bool
+    broker_epoch: int
+
+    @property
+    def address(self) -> str:
+        """The node's client (gRPC) endpoint, ``host:port``."""
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ClusterDescription:
+    """The cluster as one voter of the metadata quorum sees it (``answered_by``), from its applied
+    metadata. ``controller_id`` is -1 while no active controller is known. ``commit_index`` is the Raft
+    commit index, which counts entries that are not metadata commands, so it is not an offset.
+    ``cluster_id`` is None when no node answered the Metadata request it comes from."""
+
+    cluster_id: str | None
+    controller_id: int
+    nodes: tuple[NodeDescription, ...]
+    answered_by: int
+    raft_term: int
+    commit_index: int
+    metadata_offset: int
+    #: Voter node id -> its Raft ``host:port``.
+    voters: dict[int, str]
+
+    @property
+    def controller(self) -> NodeDescription | None:
+        """The active controller's node entry, when it is known and registered as a node."""
+        return next((n for n in self.nodes if n.node_id == self.controller_id), None)
+
+
+@dataclass(frozen=True)
+class ElectionResult:
+    """One partition's outcome of ``Admin.elect_leaders``: its leader now, or why it has none.
+
+    ``leader_id`` and ``leader_epoch`` are -1 when ``error`` is set. A partition that already had the
+    leader the election asked for comes back without an error and with its current leader.
+    """
+
+    topic: str
+    partition: int
+    leader_id: int
+    leader_epoch: int
+    error: HeadwaterError | None = None

@@ -1,4 +1,5 @@
-"""The ``headwater`` command: run nodes and a local cluster, manage topics, produce, consume, measure.
+"""The ``headwater`` command: run nodes and a local cluster, manage topics, describe the cluster and elect
+leaders, produce, consume, measure.
 
 Every client command takes ``--bootstrap HOST:PORT`` (several may be given, comma-separated); the
 default comes from ``HEADWATER_BOOTSTRAP``, else ``127.0.0.1:9192``. Output is for people on a
@@ -189,6 +190,39 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bootstrap(p)
     _add_format(p)
     p.set_defaults(func=cmd_topic_describe_config)
+
+    # --- cluster
+    p = sub.add_parser("cluster", help="describe the cluster and elect partition leaders")
+    cluster_sub = p.add_subparsers(dest="cluster_command", metavar="ACTION", required=True)
+
+    p = cluster_sub.add_parser(
+        "describe",
+        help="nodes, the active controller and the metadata quorum's state",
+        description="List the registered nodes (fenced or not, broker epoch, which one is the active "
+        "controller), then the Raft term, commit index, metadata offset and voters of the voter that "
+        "answered. Text output is two tables: nodes, then the quorum as name/value rows (separated by "
+        "an empty line when stdout is not a terminal).",
+    )
+    _add_bootstrap(p)
+    _add_format(p)
+    p.set_defaults(func=cmd_cluster_describe)
+
+    p = cluster_sub.add_parser(
+        "elect-leaders",
+        help="elect partition leaders through the active controller",
+        description="Without --preferred: give each partition that has no leader the first unfenced "
+        "in-sync replica. With --preferred: move leadership back to each partition's first replica "
+        "when it is in sync and unfenced. Without --topic: every partition that needs it. Exits "
+        "non-zero when any partition's election failed.",
+    )
+    p.add_argument("--preferred", action="store_true", help="elect the preferred (first) replica")
+    p.add_argument("--topic", "-t", metavar="TOPIC", help="only this topic's partitions")
+    p.add_argument(
+        "--partition", "-p", type=_non_negative_int, metavar="P", help="only this partition (needs --topic)"
+    )
+    _add_bootstrap(p)
+    _add_format(p)
+    p.set_defaults(func=cmd_cluster_elect_leaders)
 
     # --- produce
     p = sub.add_parser(
@@ -580,6 +614,7 @@ def cmd_topic_describe(args: argparse.Namespace) -> int:
                             "replicas": list(p.replicas),
                             "isr": list(p.isr),
                             "offline_replicas": list(p.offline_replicas),
+                            "offline": p.offline,
                             **(
                                 {
                                     "log_start_offset": offsets[(d.name, p.partition)][0],
@@ -596,8 +631,28 @@ def cmd_topic_describe(args: argparse.Namespace) -> int:
             ]
         )
         return 0
-    columns = ["topic", "partition", "leader", "leader_epoch", "replicas", "isr", "offline"]
-    labels = ["topic", "part", "leader", "epoch", "replicas", "isr", "offline"]
+    columns = [
+        "topic",
+        "partition",
+        "leader",
+        "leader_epoch",
+        "partition_epoch",
+        "replicas",
+        "isr",
+        "offline_replicas",
+        "status",
+    ]
+    labels = [
+        "topic",
+        "part",
+        "leader",
+        "leader epoch",
+        "part epoch",
+        "replicas",
+        "isr",
+        "offline replicas",
+        "status",
+    ]
     if offsets:
         columns += ["log_start_offset", "log_end_offset"]
         labels += ["start", "end"]
@@ -609,15 +664,24 @@ def cmd_topic_describe(args: argparse.Namespace) -> int:
                 p.partition,
                 p.leader if p.leader >= 0 else "none",
                 p.leader_epoch,
+                p.partition_epoch,
                 _ids(p.replicas),
                 _ids(p.isr),
                 _ids(p.offline_replicas),
+                _partition_status(p),
             ]
             if offsets:
                 row += list(offsets.get((d.name, p.partition), ("", "")))
             rows.append(row)
     _print_table(columns, rows, labels=labels)
     return 0
+
+
+def _partition_status(p: Any) -> str:
+    """offline (no leader), under-replicated (fewer in-sync replicas than replicas) or ok."""
+    if p.offline:
+        return "offline"
+    return "under-replicated" if len(p.isr) < len(p.replicas) else "ok"
 
 
 def _log_offsets(bootstrap: str, descriptions: Sequence[Any]) -> dict[tuple[str, int], tuple[int, int]]:
@@ -682,6 +746,139 @@ def cmd_topic_describe_config(args: argparse.Namespace) -> int:
         _print_json({e.name: {"value": e.value, "source": e.source} for e in items})
     else:
         _print_table(["name", "value", "source"], [[e.name, e.value, e.source] for e in items])
+    return 0
+
+
+# ------------------------------------------------------------------ cluster
+
+
+def cmd_cluster_describe(args: argparse.Namespace) -> int:
+    admin = _admin(args.bootstrap)
+    try:
+        d = admin.describe_cluster()
+    finally:
+        admin.close()
+    if args.format == "json":
+        _print_json(
+            {
+                "cluster_id": d.cluster_id,
+                "controller_id": d.controller_id,
+                "answered_by": d.answered_by,
+                "raft_term": d.raft_term,
+                "commit_index": d.commit_index,
+                "metadata_offset": d.metadata_offset,
+                "voters": {str(k): v for k, v in d.voters.items()},
+                "nodes": [
+                    {
+                        "node_id": n.node_id,
+                        "host": n.host,
+                        "port": n.port,
+                        "rack": n.rack or None,
+                        "fenced": n.fenced,
+                        "broker_epoch": n.broker_epoch,
+                        "voter": n.node_id in d.voters,
+                        "controller": n.node_id == d.controller_id,
+                    }
+                    for n in d.nodes
+                ],
+            }
+        )
+        return 0
+    _print_table(
+        ["node_id", "address", "rack", "state", "broker_epoch", "role"],
+        [
+            [
+                n.node_id,
+                n.address,
+                n.rack,
+                "fenced" if n.fenced else "unfenced",
+                n.broker_epoch,
+                _node_role(n.node_id, d.controller_id, d.voters),
+            ]
+            for n in d.nodes
+        ],
+        title="nodes",
+        labels=["id", "address", "rack", "state", "broker epoch", "role"],
+    )
+    if not _stdout_is_tty():
+        sys.stdout.write("\n")
+    _print_table(
+        ["name", "value"],
+        [
+            ["cluster_id", d.cluster_id or "unknown"],
+            ["controller_id", d.controller_id if d.controller_id >= 0 else "none"],
+            ["answered_by", d.answered_by],
+            ["raft_term", d.raft_term],
+            ["commit_index", d.commit_index],
+            ["metadata_offset", d.metadata_offset],
+            ["voters", ",".join(f"{k}={v}" for k, v in d.voters.items())],
+        ],
+        title="metadata quorum",
+    )
+    return 0
+
+
+def _node_role(node_id: int, controller_id: int, voters: dict[int, str]) -> str:
+    if node_id == controller_id:
+        return "active controller"
+    return "voter" if node_id in voters else "broker"
+
+
+def cmd_cluster_elect_leaders(args: argparse.Namespace) -> int:
+    if args.partition is not None and args.topic is None:
+        raise CliError("--partition needs --topic", EXIT_USAGE)
+    admin = _admin(args.bootstrap)
+    try:
+        partitions: list[tuple[str, int]] | None = None
+        if args.topic is not None:
+            indexes = _topic_partitions(admin, args.topic)
+            if args.partition is not None:
+                if args.partition not in indexes:
+                    raise CliError(_no_such_partition(args.topic, args.partition, indexes))
+                indexes = [args.partition]
+            partitions = [(args.topic, i) for i in indexes]
+        results = admin.elect_leaders(partitions, preferred=args.preferred, raise_on_error=False)
+    finally:
+        admin.close()
+    failed = [r for r in results.values() if r.error is not None]
+    if args.format == "json":
+        _print_json(
+            [
+                {
+                    "topic": r.topic,
+                    "partition": r.partition,
+                    "leader": r.leader_id,
+                    "leader_epoch": r.leader_epoch,
+                    "error": None if r.error is None else _error_code_name(r.error.code),
+                    "error_message": None if r.error is None else r.error.message,
+                }
+                for r in results.values()
+            ]
+        )
+    elif not results:
+        kind = "a preferred" if args.preferred else "an"
+        print(f"No partition needed {kind} election.", file=sys.stderr)
+    else:
+        _print_table(
+            ["topic", "partition", "leader", "leader_epoch", "result"],
+            [
+                [
+                    r.topic,
+                    r.partition,
+                    r.leader_id if r.leader_id >= 0 else "none",
+                    r.leader_epoch,
+                    "ok" if r.error is None else _describe_exception(r.error),
+                ]
+                for r in results.values()
+            ],
+            labels=["topic", "part", "leader", "epoch", "result"],
+        )
+    if failed:
+        first = _describe_exception(failed[0].error) if failed[0].error is not None else ""
+        raise CliError(
+            f"{len(failed)} of {len(results)} election(s) failed; "
+            f"first: {failed[0].topic}-{failed[0].partition}: {first}"
+        )
     return 0
 
 
