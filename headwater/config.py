@@ -28,9 +28,13 @@ __all__ = [
     "REQUEST_OVERHEAD_BYTES",
     "add_config_flags",
     "config_from_args",
+    "SECRET_SETTINGS",
+    "read_cluster_secret",
 ]
 
 ENV_PREFIX = "HEADWATER_"
+# Settings never shown (DescribeConfigs, logs, repr).
+SECRET_SETTINGS = frozenset({"cluster_secret"})
 # Room a request or answer needs around its record batches (headers, names, offsets).
 REQUEST_OVERHEAD_BYTES = 64 * 1024
 
@@ -88,6 +92,27 @@ class NodeConfig:
     # --- shutdown
     shutdown_grace_s: float = 10.0
 
+    # --- the metadata quorum (see raft/ and node/cluster.py)
+    # Raft voters, "1@host:port,2@host:port,3@host:port" (Raft addresses; the same on every node).
+    # Empty: this node alone is the quorum, on host:raft_port.
+    voters: str = ""
+    # Raft port of a node that is the quorum alone; 0 picks a free port at start.
+    raft_port: int = 0
+    # Client (gRPC) host:port of the voters, comma separated: how a node finds the active controller.
+    # A node that is not a voter needs it; voters use it too. Empty on a lone node.
+    controller_addresses: str = ""
+    # The cluster secret that authenticates and encrypts Raft traffic. Required with several voters;
+    # prefer cluster_secret_file (a file readable by the node alone) or HEADWATER_CLUSTER_SECRET over
+    # a flag, which other users can read in the process list. A lone node without one generates it
+    # in its data dir.
+    cluster_secret: str = field(default="", repr=False)
+    cluster_secret_file: str = ""
+    # Shown by Metadata; empty: derived from the voters.
+    cluster_id: str = ""
+    # Node leases (the active controller fences a node that misses heartbeats for session_timeout_ms).
+    heartbeat_interval_ms: int = 500
+    session_timeout_ms: int = 3_000
+
     def advertised(self) -> tuple[str, int]:
         return (self.advertised_host or self.host, self.port)
 
@@ -128,6 +153,7 @@ def _validate(cfg: NodeConfig) -> NodeConfig:
         "default_replication_factor",
         "max_decompressed_bytes",
         "retention_check_interval_ms",
+        "heartbeat_interval_ms",
     ]
     for name in positive:
         if getattr(cfg, name) <= 0:
@@ -146,9 +172,44 @@ def _validate(cfg: NodeConfig) -> NodeConfig:
         )
     if cfg.log_flush_policy not in ("none", "fsync"):
         raise ConfigError(f"setting log_flush_policy must be none or fsync, got {cfg.log_flush_policy!r}")
+    if cfg.session_timeout_ms <= cfg.heartbeat_interval_ms:
+        raise ConfigError("setting session_timeout_ms must be larger than heartbeat_interval_ms")
+    if not 0 <= cfg.raft_port < 65536:
+        raise ConfigError(f"setting raft_port must be in 0..65535, got {cfg.raft_port}")
+    if cfg.voters:
+        from headwater.raft.quorum import parse_voters  # here: the quorum module imports this one
+
+        try:
+            voters = parse_voters(cfg.voters)
+        except ValueError as e:
+            raise ConfigError(f"setting voters: {e}") from None
+        if len(voters) > 1 and not (cfg.cluster_secret or cfg.cluster_secret_file):
+            raise ConfigError(
+                "several voters need a cluster secret: set cluster_secret_file or HEADWATER_CLUSTER_SECRET"
+            )
     if cfg.fetch_max_wait_ms < 0:
         raise ConfigError("setting fetch_max_wait_ms must be >= 0")
     return cfg
+
+
+def read_cluster_secret(cfg: NodeConfig) -> str:
+    """The cluster secret from ``cluster_secret`` or ``cluster_secret_file`` ("" when neither is set).
+
+    The message of an error names the file, never its content."""
+    if cfg.cluster_secret:
+        return cfg.cluster_secret
+    if not cfg.cluster_secret_file:
+        return ""
+    try:
+        with open(cfg.cluster_secret_file, encoding="utf-8") as fh:
+            secret = fh.read().strip()
+    except OSError as e:
+        raise ConfigError(
+            f"cannot read cluster_secret_file {cfg.cluster_secret_file}: {e.strerror}"
+        ) from None
+    if not secret:
+        raise ConfigError(f"cluster_secret_file {cfg.cluster_secret_file} is empty")
+    return secret
 
 
 def load_config(

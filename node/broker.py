@@ -9,21 +9,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 from headwater.config import (
-    REQUEST_OVERHEAD_BYTES,
+    SECRET_SETTINGS,
     TOPIC_CONFIGS,
-    ConfigError,
     NodeConfig,
     effective_topic_config,
     normalize_config_name,
-    validate_topic_configs,
 )
-from headwater.node.catalog import InvalidTopicName, TopicCatalog, TopicInfo, validate_topic_name
+from headwater.node.catalog import TopicCatalog
 from headwater.node.partition import Partition
+from headwater.raft.commands import NO_LEADER
+from headwater.raft.metadata import ClusterMetadata, PartitionRecord
 from headwater.storage import (
     CorruptRecordError,
     LogStore,
@@ -104,41 +103,87 @@ class Broker:
     """Topics and partition replicas on this node, and the requests that read and write them."""
 
     def __init__(
-        self, config: NodeConfig, store: LogStore, *, clock_ms: Callable[[], int] = _wall_clock_ms
+        self,
+        config: NodeConfig,
+        store: LogStore,
+        *,
+        cluster_id: str = "",
+        clock_ms: Callable[[], int] = _wall_clock_ms,
     ) -> None:
         self.config = config
         self.store = store
         self.clock_ms = clock_ms
-        self.catalog = TopicCatalog(store)
+        # The metadata image this node serves; replaced by ``apply_image`` as the quorum moves on.
+        self.catalog = TopicCatalog(ClusterMetadata(), cluster_id)
+        # The active controller as this node last heard of it (-1: unknown).
+        self.controller_id = NO_LEADER
+        # Set once the image has reached the metadata the controller had when this node registered:
+        # only then may a replica missing from the image be a deleted one (and its data removed).
+        self.caught_up = False
+        # A replica failed to open (e.g. a full disk): apply the image again later.
+        self.needs_reconcile = False
         self.partitions: dict[tuple[str, int], Partition] = {}
         self._parked = 0
         self._closing = False
         self._topic_config_cache: dict[str, dict[str, Any]] = {}
-        for info in self.catalog:
-            opened: list[Partition] = []
-            self._open_partitions(info.name, info.topic_id, info.partition_count, opened)
-            self._register(opened)
-        self._drop_orphan_partitions()
 
-    # ----------------------------------------------------------------- lifecycle
+    # ----------------------------------------------------------------- metadata image
 
-    def _open_partitions(self, name: str, topic_id: bytes, count: int, opened: list[Partition]) -> None:
-        """Open (or create) a topic's partition logs, appending each to ``opened`` as it opens."""
-        for index in range(count):
-            plog = self.store.open_partition(topic_id, index)
-            opened.append(Partition(name, topic_id, index, plog, node_id=self.config.node_id))
+    @property
+    def image(self) -> ClusterMetadata:
+        return self.catalog.image
 
-    def _register(self, opened: list[Partition]) -> None:
-        for p in opened:
-            self.partitions[(p.topic, p.index)] = p
+    def apply_image(self, image: ClusterMetadata, *, caught_up: bool = False) -> None:
+        """Serve ``image``: open the replicas it places here, set each one's role and epochs, and
+        (once caught up) remove the data of replicas it no longer has (deleted topics)."""
+        first_catch_up = caught_up and not self.caught_up
+        self.caught_up = self.caught_up or caught_up
+        self.catalog = TopicCatalog(image, self.catalog.cluster_id)
+        self._topic_config_cache.clear()
+        me = self.config.node_id
+        wanted: dict[tuple[str, int], tuple[bytes, PartitionRecord]] = {}
+        for tid, t in image.topics.items():
+            for index, rec in enumerate(t.partitions):
+                if me in rec.replicas:
+                    wanted[(t.name, index)] = (tid, rec)
+        for key, p in list(self.partitions.items()):
+            w = wanted.get(key)
+            if w is None or w[0] != p.topic_id:
+                self._drop_replica(key, p, delete_data=self.caught_up)
+        self.needs_reconcile = False
+        for key, (tid, rec) in wanted.items():
+            p = self.partitions.get(key)
+            if p is None:
+                try:
+                    plog = self.store.open_partition(tid, key[1])
+                except StorageError as e:
+                    log.warning("cannot open %s-%d yet (tried again later): %s", key[0], key[1], e)
+                    self.needs_reconcile = True
+                    break
+                p = self.partitions[key] = Partition(key[0], tid, key[1], plog, node_id=me)
+            p.follow(rec.leader, rec.leader_epoch, rec.partition_epoch, rec.replicas, rec.isr)
+        if first_catch_up:
+            self._drop_orphan_partitions({(tid, key[1]) for key, (tid, _) in wanted.items()})
 
-    def _drop_orphan_partitions(self) -> None:
-        """Partitions whose topic is gone (a crash between the catalog delete and the data delete)."""
-        live = {(i.topic_id, n) for i in self.catalog for n in range(i.partition_count)}
+    def _drop_replica(self, key: tuple[str, int], p: Partition, *, delete_data: bool) -> None:
+        del self.partitions[key]
+        p.wake()
+        if delete_data:
+            log.info("removing replica %s-%d (topic %s)", key[0], key[1], p.topic_id.hex())
+            try:
+                self.store.delete_partition(p.topic_id, p.index)
+            except StorageError as e:  # the start-up sweep of orphans removes it later
+                log.warning("removing %s-%d failed: %s", key[0], key[1], e)
+
+    def _drop_orphan_partitions(self, live: set[tuple[bytes, int]]) -> None:
+        """Data of replicas the caught-up image does not place here (deleted or moved meanwhile)."""
         for topic_id, index in self.store.list_partitions():
             if (topic_id, index) not in live:
                 log.info("removing data of deleted topic %s partition %d", topic_id.hex(), index)
-                self.store.delete_partition(topic_id, index)
+                try:
+                    self.store.delete_partition(topic_id, index)
+                except StorageError as e:
+                    log.warning("removing orphan %s-%d failed: %s", topic_id.hex(), index, e)
 
     def close(self) -> None:
         """Wake every parked reader so in-flight fetches answer before the store closes."""
@@ -154,181 +199,73 @@ class Broker:
             cached = self._topic_config_cache[name] = effective_topic_config(info.configs, self.config)
         return cached
 
-    # ----------------------------------------------------------------- topics
-
-    def create_topics(self, req: pb.CreateTopicsRequest) -> pb.CreateTopicsResponse:
-        resp = pb.CreateTopicsResponse()
-        seen: set[str] = set()
-        for t in req.topics:
-            r = resp.topics.add(name=t.name)
-            code, msg, partitions, rf, configs = self._check_new_topic(t, seen)
-            seen.add(t.name)
-            r.num_partitions, r.replication_factor = partitions, rf
-            if code != E.ERROR_CODE_NONE:
-                r.error_code, r.error_message = code, msg
-                continue
-            if req.validate_only:
-                continue
-            try:
-                info = self._create_topic(t.name, partitions, rf, configs)
-            except StorageError as e:
-                log.warning("creating topic %s failed: %s", t.name, e)
-                self._maybe_recover_store()
-                r.error_code = E.ERROR_CODE_STORAGE_ERROR
-                r.error_message = f"the node could not write the topic: {e}; nothing was created"
-                continue
-            r.topic_id = info.topic_id
-            log.info("created topic %s with %d partitions", t.name, partitions)
-        return resp
-
-    def _create_topic(self, name: str, partitions: int, rf: int, configs: dict[str, str]) -> TopicInfo:
-        """Partitions first, the catalog entry last (synced): a topic is only ever listed whole. On a
-        failure the partitions made so far are removed (start-up removes any a crash leaves)."""
-        topic_id = uuid.uuid4().bytes
-        opened: list[Partition] = []
-        try:
-            self._open_partitions(name, topic_id, partitions, opened)
-            info = self.catalog.create(name, partitions, rf, configs, topic_id)
-        except StorageError:
-            for p in opened:
-                try:
-                    self.store.delete_partition(topic_id, p.index)
-                except StorageError:
-                    pass  # still failing: the start-up sweep of orphans removes it
-            raise
-        self._register(opened)
-        return info
-
-    def _check_new_topic(
-        self, t: pb.CreatableTopic, seen: set[str]
-    ) -> tuple[int, str, int, int, dict[str, str]]:
-        if t.num_partitions == -1:
-            partitions = self.config.default_num_partitions
-        elif t.num_partitions == 0 and t.assignments:
-            partitions = len(t.assignments)
-        else:
-            partitions = t.num_partitions
-        rf = self.config.default_replication_factor if t.replication_factor == -1 else t.replication_factor
-        try:
-            validate_topic_name(t.name)
-        except InvalidTopicName as e:
-            return E.ERROR_CODE_INVALID_TOPIC, str(e), partitions, rf, {}
-        if t.name in seen:
-            return (
-                E.ERROR_CODE_INVALID_REQUEST,
-                f"topic {t.name} appears twice in the request",
-                partitions,
-                rf,
-                {},
-            )
-        if self.catalog.get(t.name) is not None:
-            return E.ERROR_CODE_TOPIC_ALREADY_EXISTS, f"topic {t.name} already exists", partitions, rf, {}
-        if len(self.catalog) >= self.config.max_topics:
-            return (
-                E.ERROR_CODE_POLICY_VIOLATION,
-                f"the node holds max_topics={self.config.max_topics}",
-                partitions,
-                rf,
-                {},
-            )
-        if not 1 <= partitions <= self.config.max_partitions_per_topic:
-            return (
-                E.ERROR_CODE_INVALID_PARTITIONS,
-                f"partition count must be 1..{self.config.max_partitions_per_topic}, got {partitions}",
-                partitions,
-                rf,
-                {},
-            )
-        live_nodes = 1
-        if not 1 <= rf <= live_nodes:
-            return (
-                E.ERROR_CODE_INVALID_REPLICATION_FACTOR,
-                f"replication factor must be 1..{live_nodes} (live nodes), got {rf}",
-                partitions,
-                rf,
-                {},
-            )
-        for a in t.assignments:
-            if list(a.replicas) != [self.config.node_id] or not 0 <= a.partition < partitions:
-                return (
-                    E.ERROR_CODE_INVALID_REPLICA_ASSIGNMENT,
-                    f"assignment {a.partition}:{list(a.replicas)} names unknown nodes or partitions",
-                    partitions,
-                    rf,
-                    {},
-                )
-        try:
-            configs = self._validate_topic_configs(dict(t.configs))
-        except ConfigError as e:
-            return E.ERROR_CODE_INVALID_CONFIG, str(e), partitions, rf, {}
-        return E.ERROR_CODE_NONE, "", partitions, rf, configs
-
-    def _validate_topic_configs(self, configs: dict[str, str]) -> dict[str, str]:
-        """Topic configs valid on their own and on this node: a batch must fit in a gRPC message."""
-        out = validate_topic_configs(configs)
-        limit = self.config.max_request_bytes - REQUEST_OVERHEAD_BYTES
-        if "max_message_bytes" in out and int(out["max_message_bytes"]) > limit:
-            raise ConfigError(
-                f"topic config max_message_bytes: {out['max_message_bytes']} is above {limit} "
-                "(the node's max_request_bytes less room for the request around the batch)"
-            )
-        return out
-
-    def delete_topics(self, req: pb.DeleteTopicsRequest) -> pb.DeleteTopicsResponse:
-        resp = pb.DeleteTopicsResponse()
-        for name in req.names:
-            r = resp.topics.add(name=name)
-            info = self.catalog.get(name)
-            if info is None:
-                r.error_code = E.ERROR_CODE_UNKNOWN_TOPIC_OR_PARTITION
-                r.error_message = f"topic {name!r} does not exist"
-                continue
-            r.topic_id = info.topic_id
-            self.catalog.delete(name)  # synced first: a crash now leaves orphan data, removed at start-up
-            self._topic_config_cache.pop(name, None)
-            for index in range(info.partition_count):
-                p = self.partitions.pop((name, index))
-                p.wake()
-                self.store.delete_partition(info.topic_id, index)
-            log.info("deleted topic %s", name)
-        return resp
+    # ----------------------------------------------------------------- metadata
 
     def metadata(self, req: pb.MetadataRequest) -> pb.MetadataResponse:
-        host, port = self.config.advertised()
-        resp = pb.MetadataResponse(cluster_id=self.catalog.cluster_id, controller_id=self.config.node_id)
-        resp.nodes.add(
-            node_id=self.config.node_id, host=host, port=port, rack=self.config.rack, broker_epoch=0
+        image = self.image
+        resp = pb.MetadataResponse(
+            cluster_id=self.catalog.cluster_id,
+            controller_id=self.controller_id,
+            metadata_offset=image.metadata_offset,
         )
-        names: Iterable[str] = req.topics if req.topics else [i.name for i in self.catalog]
+        for n in sorted(image.nodes.values(), key=lambda n: n.node_id):
+            resp.nodes.add(
+                node_id=n.node_id,
+                host=n.host,
+                port=n.port,
+                rack=n.rack,
+                fenced=n.fenced,
+                broker_epoch=n.broker_epoch,
+            )
+        names: Iterable[str] = req.topics if req.topics else sorted(image.topic_ids)
         for name in names:
             t = resp.topics.add(name=name)
-            info = self.catalog.get(name)
-            if info is None:
+            record = image.topic(name)
+            if record is None:
                 t.error_code = E.ERROR_CODE_UNKNOWN_TOPIC_OR_PARTITION
                 t.error_message = f"topic {name!r} does not exist"
                 continue
-            t.topic_id = info.topic_id
-            for index in range(info.partition_count):
-                p = self.partitions[(name, index)]
-                t.partitions.add(
+            t.topic_id = record.topic_id
+            for index, rec in enumerate(record.partitions):
+                pm = t.partitions.add(
                     partition=index,
-                    leader_id=p.leader_id,
-                    leader_epoch=p.leader_epoch,
-                    partition_epoch=0,
-                    replicas=[self.config.node_id],
-                    isr=[self.config.node_id],
+                    leader_id=rec.leader,
+                    leader_epoch=rec.leader_epoch,
+                    partition_epoch=rec.partition_epoch,
+                    replicas=rec.replicas,
+                    isr=rec.isr,
+                    offline_replicas=[r for r in rec.replicas if not image.is_unfenced(r)],
                 )
+                if rec.leader == NO_LEADER:
+                    pm.error_code = E.ERROR_CODE_LEADER_NOT_AVAILABLE
         return resp
 
     # ----------------------------------------------------------------- produce
 
-    def _lookup(self, topic: str, index: int) -> tuple[Partition | None, str]:
+    def _lookup(self, topic: str, index: int) -> tuple[Partition | None, errors_pb2.ErrorCode, str]:
+        """This node's replica of a partition, or the error code and message for the caller."""
         p = self.partitions.get((topic, index))
         if p is not None:
-            return p, ""
-        if self.catalog.get(topic) is None:
-            return None, f"topic {topic!r} does not exist"
-        return None, f"topic {topic!r} has no partition {index}"
+            return p, E.ERROR_CODE_NONE, ""
+        record = self.catalog.record(topic)
+        if record is None:
+            return None, E.ERROR_CODE_UNKNOWN_TOPIC_OR_PARTITION, f"topic {topic!r} does not exist"
+        if not 0 <= index < len(record.partitions):
+            return None, E.ERROR_CODE_UNKNOWN_TOPIC_OR_PARTITION, f"topic {topic!r} has no partition {index}"
+        rec = record.partitions[index]
+        return (
+            None,
+            E.ERROR_CODE_NOT_LEADER_OR_FOLLOWER,
+            f"node {self.config.node_id} holds no replica of {topic}-{index}; its leader is {rec.leader}",
+        )
+
+    def _leader_of(self, topic: str, index: int) -> tuple[int, int]:
+        """The image's leader id and leader epoch of a partition ((-1, -1) when unknown)."""
+        record = self.catalog.record(topic)
+        if record is None or not 0 <= index < len(record.partitions):
+            return NO_LEADER, -1
+        rec = record.partitions[index]
+        return rec.leader, rec.leader_epoch
 
     async def produce(self, req: pb.ProduceRequest) -> pb.ProduceResponse:
         resp = pb.ProduceResponse()
@@ -352,9 +289,10 @@ class Broker:
     ) -> tuple[int, str]:
         if acks not in (0, 1, -1):
             return E.ERROR_CODE_INVALID_REQUIRED_ACKS, f"acks must be 0, 1 or -1 (all), got {acks}"
-        p, why = self._lookup(topic, pd.partition)
+        p, code, why = self._lookup(topic, pd.partition)
         if p is None:
-            return E.ERROR_CODE_UNKNOWN_TOPIC_OR_PARTITION, why
+            pr.leader_id, pr.leader_epoch = self._leader_of(topic, pd.partition)
+            return code, why
         check = p.check_leader(-1)
         if check.error_code != E.ERROR_CODE_NONE:
             pr.leader_id, pr.leader_epoch = p.leader_id, p.leader_epoch
@@ -385,11 +323,21 @@ class Broker:
             if problem:
                 return E.ERROR_CODE_CORRUPT_MESSAGE, f"{problem}; nothing was stored"
         pr.ClearField("error_batch_index")
-        if acks == -1 and cfg["min_insync_replicas"] > 1:  # one node: the ISR is this node alone
-            return (
-                E.ERROR_CODE_NOT_ENOUGH_REPLICAS,
-                f"in-sync replicas 1 < min_insync_replicas={cfg['min_insync_replicas']}",
-            )
+        if acks == -1:
+            isr = p.isr
+            if len(isr) < cfg["min_insync_replicas"]:
+                return (
+                    E.ERROR_CODE_NOT_ENOUGH_REPLICAS,
+                    f"in-sync replicas {list(isr)} < min_insync_replicas={cfg['min_insync_replicas']}",
+                )
+            if isr != (self.config.node_id,):
+                # acks=all is "in every in-sync replica's log"; followers do not copy the leader's
+                # log yet, so only a partition whose ISR is its leader alone can promise that.
+                return (
+                    E.ERROR_CODE_NOT_ENOUGH_REPLICAS,
+                    f"acks=all needs the in-sync replicas {list(isr)} to hold the write, and followers "
+                    "do not copy the log yet: use acks=1, or replication_factor=1",
+                )
         log_append_time = cfg["message_timestamp_type"] == "LogAppendTime"
         sync = cfg["flush_policy"] == "fsync"
         batches = list(pd.batches)
@@ -415,9 +363,9 @@ class Broker:
         except StorageError as e:  # e.g. the topic was deleted while the append waited
             return E.ERROR_CODE_UNKNOWN_TOPIC_OR_PARTITION, f"{topic}-{pd.partition} is gone: {e}"
         finally:
-            # On one node a record is committed once it is in the local log (RocksDB WAL, written by
-            # the append that just returned, all of this partition's batches in one write): that is
-            # the acks=all guarantee here.
+            # The leader alone holds the log (followers do not copy it yet): a record is committed
+            # once it is in the local log (RocksDB WAL, written by the append that just returned, all
+            # of this partition's batches in one write).
             if p.log.log_end_offset > p.high_watermark:
                 p.advance_high_watermark(p.log.log_end_offset)
         first = results[0]
@@ -484,9 +432,10 @@ class Broker:
                     log_end_offset=-1,
                     leader_id=-1,
                 )
-                p, why = self._lookup(t.topic, fp.partition)
+                p, code, why = self._lookup(t.topic, fp.partition)
                 if p is None:
-                    pr.error_code, pr.error_message = E.ERROR_CODE_UNKNOWN_TOPIC_OR_PARTITION, why
+                    pr.error_code, pr.error_message = code, why
+                    pr.leader_id, pr.leader_epoch = self._leader_of(t.topic, fp.partition)
                     errored = True
                     continue
                 check = p.check_leader(fp.current_leader_epoch)
@@ -532,9 +481,9 @@ class Broker:
     ) -> AsyncIterator[tuple[int, str, int, list[records_pb2.RecordBatch]]]:
         """Yield ``(error_code, error_message, high_watermark, [RecordBatch])`` from ``offset`` on,
         waiting for new data; ends after an error."""
-        p, why = self._lookup(topic, index)
+        p, code, why = self._lookup(topic, index)
         if p is None:
-            yield E.ERROR_CODE_UNKNOWN_TOPIC_OR_PARTITION, why, -1, []
+            yield code, why, -1, []
             return
         if offset == EARLIEST:
             offset = p.log.log_start_offset
@@ -550,6 +499,10 @@ class Broker:
             assert p is not None
             if not self._still_serving(topic, index, p):
                 yield E.ERROR_CODE_UNKNOWN_TOPIC_OR_PARTITION, f"topic {topic!r} was deleted", -1, []
+                return
+            check = p.check_leader(-1)
+            if check.error_code != E.ERROR_CODE_NONE:
+                yield check.error_code, check.message, -1, []
                 return
             try:
                 raw = p.log.read(offset, max_bytes, p.high_watermark)
@@ -579,9 +532,9 @@ class Broker:
             tr = resp.topics.add(topic=t.topic)
             for lp in t.partitions:
                 pr = tr.partitions.add(partition=lp.partition, offset=-1, timestamp_ms=-1, leader_epoch=-1)
-                p, why = self._lookup(t.topic, lp.partition)
+                p, code, why = self._lookup(t.topic, lp.partition)
                 if p is None:
-                    pr.error_code, pr.error_message = E.ERROR_CODE_UNKNOWN_TOPIC_OR_PARTITION, why
+                    pr.error_code, pr.error_message = code, why
                     continue
                 check = p.check_leader(lp.current_leader_epoch)
                 if check.error_code != E.ERROR_CODE_NONE:
@@ -639,48 +592,12 @@ class Broker:
                     r.error_message = f"node {res.resource_name!r} is not this node ({self.config.node_id})"
                     continue
                 for name, value in sorted(vars(self.config).items()):
-                    if wanted and name not in wanted:
+                    if (wanted and name not in wanted) or name in SECRET_SETTINGS:
                         continue
                     r.entries.add(name=name, value=str(value), source=pb.CONFIG_SOURCE_NODE, read_only=True)
             else:
                 r.error_code = E.ERROR_CODE_INVALID_REQUEST
                 r.error_message = f"unsupported resource type {res.resource_type}"
-        return resp
-
-    def alter_configs(self, req: pb.AlterConfigsRequest) -> pb.AlterConfigsResponse:
-        resp = pb.AlterConfigsResponse()
-        for res in req.resources:
-            r = resp.results.add(resource_type=res.resource_type, resource_name=res.resource_name)
-            if res.resource_type != pb.RESOURCE_TYPE_TOPIC:
-                r.error_code = E.ERROR_CODE_INVALID_REQUEST
-                r.error_message = "only topic configs can be altered; node settings come from its config"
-                continue
-            info = self.catalog.get(res.resource_name)
-            if info is None:
-                r.error_code = E.ERROR_CODE_UNKNOWN_TOPIC_OR_PARTITION
-                r.error_message = f"topic {res.resource_name!r} does not exist"
-                continue
-            merged = dict(info.configs)
-            try:
-                for c in res.configs:
-                    name = normalize_config_name(c.name)
-                    if name not in TOPIC_CONFIGS:
-                        raise ConfigError(f"unknown topic config {c.name!r}")
-                    if c.op == pb.ALTER_CONFIG_OP_DELETE:
-                        merged.pop(name, None)
-                    elif c.op == pb.ALTER_CONFIG_OP_SET:
-                        merged[name] = c.value
-                    else:
-                        raise ConfigError(f"unknown operation {c.op} for {c.name}")
-                merged = self._validate_topic_configs(merged)
-            except ConfigError as e:
-                r.error_code, r.error_message = E.ERROR_CODE_INVALID_CONFIG, str(e)
-                continue
-            if req.validate_only:
-                continue
-            self.catalog.set_configs(info.name, merged)  # synced before the answer
-            self._topic_config_cache.pop(info.name, None)
-            log.info("altered configs of topic %s", info.name)
         return resp
 
     # ----------------------------------------------------------------- retention

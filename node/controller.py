@@ -36,8 +36,11 @@ from dataclasses import dataclass, field
 
 from headwater.raft.commands import (
     NO_LEADER,
+    AlterConfigs,
     AlterPartition,
     Command,
+    CreateTopic,
+    DeleteTopic,
     ElectLeader,
     encode_command,
 )
@@ -392,8 +395,18 @@ class ControllerRuntime:
     def _enqueue(self, commands: Iterable[Command]) -> list[asyncio.Future[Outcome]]:
         """Queue commands of the current generation, in order; each future settles on its outcome."""
         futures = []
+        commands = list(commands)
+        low_space = bool(commands) and self.quorum.low_space
         for cmd in commands:
             f: asyncio.Future[Outcome] = self._loop.create_future()
+            if low_space:
+                f.set_result(
+                    Outcome(
+                        E.ERROR_CODE_STORAGE_ERROR, "the metadata log's disk is full; nothing was changed"
+                    )
+                )
+                futures.append(f)
+                continue
             try:
                 self._queue.put_nowait(_Queued(self._generation, cmd, f))
             except asyncio.QueueFull:
@@ -511,17 +524,47 @@ class ControllerRuntime:
         replication_factor: int,
         configs: Iterable[tuple[str, str]] = (),
         topic_id: bytes | None = None,
+        assignments: tuple[tuple[int, ...], ...] | None = None,
+        validate_only: bool = False,
     ) -> Outcome:
-        """Place and create a topic; the outcome's message is empty on success."""
+        """Place and create a topic (or take the ``assignments`` given); the outcome's message is
+        empty on success. ``validate_only`` checks and places, and proposes nothing."""
         c = self._check_role()
         if c is None:
             return Outcome(E.ERROR_CODE_NOT_CONTROLLER, _NOT_ACTIVE)
+        configs = tuple(configs)
         decided = c.create_topic(
-            name, partitions, replication_factor, configs, topic_id or uuid.uuid4().bytes, self._clock_ms()
+            name,
+            len(assignments) if assignments else partitions,
+            len(assignments[0]) if assignments else replication_factor,
+            configs,
+            topic_id or uuid.uuid4().bytes,
+            self._clock_ms(),
         )
         if isinstance(decided, Refusal):
             return Outcome(decided.error_code, decided.message)
+        if assignments:
+            decided = CreateTopic(decided.name, decided.topic_id, assignments, decided.configs)
+        if validate_only:
+            return Outcome(E.ERROR_CODE_NONE)
         return (await self._run([decided]))[0]
+
+    async def delete_topic(self, name: str) -> Outcome:
+        """Delete a topic by name (the command carries its id, so a newer namesake is safe)."""
+        if self._check_role() is None:
+            return Outcome(E.ERROR_CODE_NOT_CONTROLLER, _NOT_ACTIVE)
+        record = self.quorum.metadata.topic(name)
+        if record is None:
+            return Outcome(E.ERROR_CODE_UNKNOWN_TOPIC_OR_PARTITION, f"topic {name!r} does not exist")
+        return (await self._run([DeleteTopic(name, record.topic_id)]))[0]
+
+    async def alter_configs(
+        self, name: str, set_: Iterable[tuple[str, str]], delete: Iterable[str]
+    ) -> Outcome:
+        """Set and delete topic configs; the state machine validates them."""
+        if self._check_role() is None:
+            return Outcome(E.ERROR_CODE_NOT_CONTROLLER, _NOT_ACTIVE)
+        return (await self._run([AlterConfigs(name, tuple(set_), tuple(delete))]))[0]
 
     # ---------------------------------------------------------------- every voter
 

@@ -13,6 +13,8 @@ from typing import Any
 
 import grpc
 
+from headwater.config import NodeConfig
+from headwater.node import topic_admin
 from headwater.node.controller import ControllerRuntime, FeedEntry, Outcome
 from headwater.node.rpc import Malformed, add_service
 from headwater.raft.commands import AlterPartition
@@ -39,8 +41,10 @@ async def _refuse_malformed(request: object, context: grpc.aio.ServicerContext[A
 class ControllerServiceServicer:
     """``ControllerService`` over a ``ControllerRuntime``."""
 
-    def __init__(self, runtime: ControllerRuntime) -> None:
+    def __init__(self, runtime: ControllerRuntime, config: NodeConfig | None = None) -> None:
         self.runtime = runtime
+        # Bounds and defaults for forwarded topic changes.
+        self.config = config or NodeConfig()
 
     def _hint(self) -> Any:
         controller_id, address = self.runtime.controller_hint()
@@ -179,3 +183,57 @@ class ControllerServiceServicer:
                         metadata_offset=event.metadata_offset, data=event.to_snapshot()
                     )
                 )
+
+    # ---------------------------------------------------------------- forwarded topic changes
+
+    def _not_controller(self, response_type: Any) -> Any | None:
+        if self.runtime.active or self.runtime.quorum.is_leader:
+            return None
+        return response_type(
+            error_code=E.ERROR_CODE_NOT_CONTROLLER,
+            error_message="this voter is not the active controller",
+            controller=self._hint(),
+            metadata_offset=-1,
+        )
+
+    async def CreateTopics(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await _refuse_malformed(request, context)
+        refused = self._not_controller(pb.ControllerServiceCreateTopicsResponse)
+        if refused is not None:
+            return refused
+        resp, offset = await topic_admin.create_topics(self.runtime, self.config, request.request)
+        return self._answer(
+            pb.ControllerServiceCreateTopicsResponse, resp, [t.error_code for t in resp.topics], offset
+        )
+
+    async def DeleteTopics(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await _refuse_malformed(request, context)
+        refused = self._not_controller(pb.ControllerServiceDeleteTopicsResponse)
+        if refused is not None:
+            return refused
+        resp, offset = await topic_admin.delete_topics(self.runtime, request.request)
+        return self._answer(
+            pb.ControllerServiceDeleteTopicsResponse, resp, [t.error_code for t in resp.topics], offset
+        )
+
+    async def AlterConfigs(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await _refuse_malformed(request, context)
+        refused = self._not_controller(pb.ControllerServiceAlterConfigsResponse)
+        if refused is not None:
+            return refused
+        resp, offset = await topic_admin.alter_configs(self.runtime, self.config, request.request)
+        return self._answer(
+            pb.ControllerServiceAlterConfigsResponse, resp, [r.error_code for r in resp.results], offset
+        )
+
+    def _answer(self, response_type: Any, resp: Any, codes: list[int], offset: int) -> Any:
+        """The whole request is NOT_CONTROLLER when leadership was lost midway for every entry (the
+        caller then goes to the new controller); otherwise the per-topic results stand."""
+        if codes and all(c == E.ERROR_CODE_NOT_CONTROLLER for c in codes):
+            return response_type(
+                error_code=E.ERROR_CODE_NOT_CONTROLLER,
+                error_message="this voter stopped being the active controller",
+                controller=self._hint(),
+                metadata_offset=offset,
+            )
+        return response_type(error_code=E.ERROR_CODE_NONE, response=resp, metadata_offset=offset)

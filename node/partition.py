@@ -1,9 +1,9 @@
 """One partition replica on this node: its role, leader epoch, high watermark and parked waiters.
 
 The role is an explicit state (Kafka's ``Partition``): a replica is the leader or a follower of a
-given ``leader_epoch``, and every request that names an epoch is checked here, in one place. On a
-single node the replica is always the leader and the high watermark is the log end: ``acks=all``
-means "in the local log".
+given ``leader_epoch``, as the metadata image says (``follow``), and every request that names an
+epoch is checked here, in one place. Followers do not copy the leader's log yet, so the leader's
+high watermark is its log end.
 """
 
 from __future__ import annotations
@@ -55,6 +55,9 @@ class Partition:
         self.role = Role.LEADER
         self.leader_id = node_id
         self.leader_epoch = leader_epoch
+        self.partition_epoch = 0
+        self.replicas: tuple[int, ...] = (node_id,)
+        self.isr: tuple[int, ...] = (node_id,)
         # Parked long-poll fetches and Subscribe streams, woken when the high watermark moves.
         self._waiters: set[asyncio.Future[None]] = set()
         # One node: every record in the local log is committed.
@@ -67,7 +70,11 @@ class Partition:
     def check_leader(self, current_leader_epoch: int) -> EpochCheck:
         """Is this replica the leader a request expects? (KIP-320 fencing by ``current_leader_epoch``)."""
         if self.role is not Role.LEADER:
-            return EpochCheck(E.ERROR_CODE_NOT_LEADER_OR_FOLLOWER, f"node {self.node_id} is not the leader")
+            return EpochCheck(
+                E.ERROR_CODE_NOT_LEADER_OR_FOLLOWER,
+                f"node {self.node_id} is not the leader of {self.topic}-{self.index}"
+                + (f"; node {self.leader_id} is" if self.leader_id >= 0 else "; it has no leader now"),
+            )
         if current_leader_epoch >= 0:
             if current_leader_epoch < self.leader_epoch:
                 return EpochCheck(
@@ -80,6 +87,26 @@ class Partition:
                     f"leader epoch {current_leader_epoch} is newer than the current {self.leader_epoch}",
                 )
         return _OK
+
+    def follow(
+        self,
+        leader_id: int,
+        leader_epoch: int,
+        partition_epoch: int,
+        replicas: tuple[int, ...],
+        isr: tuple[int, ...],
+    ) -> None:
+        """Take the role and epochs the metadata image gives this replica. A change of leader or
+        epoch wakes parked readers, so they answer from the new role (NOT_LEADER_OR_FOLLOWER)."""
+        role = Role.LEADER if leader_id == self.node_id else Role.FOLLOWER
+        moved = role is not self.role or leader_epoch != self.leader_epoch or leader_id != self.leader_id
+        self.role, self.leader_id, self.leader_epoch = role, leader_id, leader_epoch
+        self.partition_epoch, self.replicas, self.isr = partition_epoch, replicas, isr
+        if moved:
+            if role is Role.LEADER:
+                # The leader alone holds the log (followers do not copy it yet): all of it is committed.
+                self._high_watermark = self.log.log_end_offset
+            self.wake()
 
     def advance_high_watermark(self, offset: int) -> None:
         """Called once the records below ``offset`` meet the durability guarantee; wakes readers."""

@@ -12,15 +12,20 @@ import logging
 import os
 import signal
 import sys
+import uuid
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from headwater.config import NodeConfig
+from headwater.config import ConfigError, NodeConfig
 from headwater.node.broker import Broker
+from headwater.node.cluster import ClusterLink
+from headwater.node.controller_service import SERVICE_NAME as CONTROLLER_SERVICE_NAME
+from headwater.node.controller_service import add_controller_to_server
 from headwater.node.metrics import NodeMetrics
 from headwater.node.service import HeadwaterService, add_to_server
+from headwater.raft.quorum import QuorumError
 from headwater.storage import LogStore, StorageError
 from headwater.v1 import client_pb2
 
@@ -28,6 +33,7 @@ __all__ = ["serve", "run_node"]
 
 log = logging.getLogger("headwater.node")
 SERVICE_NAME = client_pb2.DESCRIPTOR.services_by_name["HeadwaterService"].full_name
+_CLUSTER_ID_KEY = b"catalog/cluster_id"
 
 
 def grpc_server_options(config: NodeConfig) -> list[tuple[str, int]]:
@@ -51,20 +57,39 @@ async def _retention_loop(broker: Broker, interval_s: float) -> None:
             log.exception("retention pass failed")
 
 
+def _cluster_id(link: ClusterLink, store: LogStore) -> str:
+    cluster_id = link.cluster_id()
+    if cluster_id:
+        return str(cluster_id)
+    raw = store.get_meta(_CLUSTER_ID_KEY)  # a node alone keeps its own, made on first start
+    if raw is None:
+        raw = uuid.uuid4().hex.encode()
+        store.put_meta(_CLUSTER_ID_KEY, raw)
+    return bytes(raw).decode()
+
+
 async def run_node(config: NodeConfig, stop: asyncio.Event) -> None:
     """Serve until ``stop`` is set."""
     os.makedirs(config.data_dir, exist_ok=True)
     store = LogStore(os.path.join(config.data_dir, "log"))
+    link: ClusterLink | None = None
     try:
         broker = Broker(config, store)
+        link = ClusterLink(config, broker, asyncio.get_running_loop())
+        broker.catalog.cluster_id = _cluster_id(link, store)
+        controller_servicer = link.start_voter()
         metrics = NodeMetrics(broker)
         server = grpc.aio.server(options=grpc_server_options(config))
-        add_to_server(HeadwaterService(broker, metrics), server)
+        add_to_server(HeadwaterService(broker, metrics, link), server)
+        services = [SERVICE_NAME]
+        if controller_servicer is not None:
+            add_controller_to_server(controller_servicer, server)
+            services.append(CONTROLLER_SERVICE_NAME)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
             (
-                SERVICE_NAME,
+                *services,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ),
@@ -73,28 +98,40 @@ async def run_node(config: NodeConfig, stop: asyncio.Event) -> None:
         address = f"{config.host}:{config.port}"
         if server.add_insecure_port(address) == 0:
             raise OSError(f"cannot listen on {address}")
+        await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
-        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-        await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        await link.start()
         if config.metrics_port:
             metrics.serve_http(config.host, config.metrics_port)
         retention = asyncio.create_task(_retention_loop(broker, config.retention_check_interval_ms / 1000))
-        log.info(
-            "headwater node %d serving on %s (data in %s, %d topics)",
-            config.node_id,
-            address,
-            config.data_dir,
-            len(broker.catalog),
-        )
-        await stop.wait()
-        log.info("shutting down: finishing in-flight requests")
+        log.info("node %d listening on %s; joining the cluster", config.node_id, address)
+        ready = asyncio.create_task(link.ready.wait())
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait([ready, stopping], return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        if link.ready.is_set() and not stop.is_set():
+            await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+            await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+            log.info(
+                "headwater node %d serving on %s (data in %s, %d topics)",
+                config.node_id,
+                address,
+                config.data_dir,
+                len(broker.catalog),
+            )
+        await stopping
+        log.info("shutting down: moving leaderships away, then finishing in-flight requests")
         await health_servicer.enter_graceful_shutdown()
+        await link.controlled_shutdown(min(config.shutdown_grace_s, 2 * config.session_timeout_ms / 1000))
         broker.close()
         await server.stop(config.shutdown_grace_s)
         retention.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await retention
     finally:
+        if link is not None:
+            await link.close()
         store.close()
     log.info("node %d stopped", config.node_id)
 
@@ -116,7 +153,7 @@ def serve(config: NodeConfig) -> int:
 
     try:
         asyncio.run(main())
-    except (OSError, StorageError) as e:
+    except (OSError, StorageError, ConfigError, QuorumError) as e:
         log.error("node %d cannot run: %s", config.node_id, e)
         return 1
     return 0

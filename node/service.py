@@ -9,11 +9,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
 from headwater.node.broker import Broker, FetchResult
+from headwater.node.cluster import ClusterLink, timeout_of
 from headwater.node.metrics import NodeMetrics
 from headwater.node.rpc import Malformed, add_service
 from headwater.v1 import batch as batch_codec
@@ -27,14 +28,42 @@ T = TypeVar("T")
 E = errors_pb2
 
 
+def _fail_create(req: pb.CreateTopicsRequest, why: str) -> pb.CreateTopicsResponse:
+    resp = pb.CreateTopicsResponse()
+    for t in req.topics:
+        resp.topics.add(name=t.name, error_code=E.ERROR_CODE_REQUEST_TIMED_OUT, error_message=why)
+    return resp
+
+
+def _fail_delete(req: pb.DeleteTopicsRequest, why: str) -> pb.DeleteTopicsResponse:
+    resp = pb.DeleteTopicsResponse()
+    for name in req.names:
+        resp.topics.add(name=name, error_code=E.ERROR_CODE_REQUEST_TIMED_OUT, error_message=why)
+    return resp
+
+
+def _fail_alter(req: pb.AlterConfigsRequest, why: str) -> pb.AlterConfigsResponse:
+    resp = pb.AlterConfigsResponse()
+    for r in req.resources:
+        resp.results.add(
+            resource_type=r.resource_type,
+            resource_name=r.resource_name,
+            error_code=E.ERROR_CODE_REQUEST_TIMED_OUT,
+            error_message=why,
+        )
+    return resp
+
+
 def add_to_server(servicer: HeadwaterService, server: grpc.aio.Server) -> None:
     add_service(servicer, server, client_pb2, "HeadwaterService")
 
 
 class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
-    def __init__(self, broker: Broker, metrics: NodeMetrics) -> None:
+    def __init__(self, broker: Broker, metrics: NodeMetrics, link: ClusterLink) -> None:
         self.broker = broker
         self.metrics = metrics
+        # Topic changes go to the active controller through the node's link.
+        self.link = link
         self._streams = 0
 
     async def _handle(
@@ -71,14 +100,14 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
         self, request: pb.CreateTopicsRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateTopicsResponse:  # noqa: N802,E501
         return await self._handle(
-            "CreateTopics", request, context, lambda: self.broker.create_topics(request)
+            "CreateTopics", request, context, lambda: self._forward("CreateTopics", request, _fail_create)
         )
 
     async def DeleteTopics(
         self, request: pb.DeleteTopicsRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteTopicsResponse:  # noqa: N802,E501
         return await self._handle(
-            "DeleteTopics", request, context, lambda: self.broker.delete_topics(request)
+            "DeleteTopics", request, context, lambda: self._forward("DeleteTopics", request, _fail_delete)
         )
 
     async def Metadata(
@@ -128,8 +157,12 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
         self, request: pb.AlterConfigsRequest, context: grpc.aio.ServicerContext
     ) -> pb.AlterConfigsResponse:  # noqa: N802,E501
         return await self._handle(
-            "AlterConfigs", request, context, lambda: self.broker.alter_configs(request)
+            "AlterConfigs", request, context, lambda: self._forward("AlterConfigs", request, _fail_alter)
         )
+
+    async def _forward(self, method: str, request: T, fail: Callable[[T, str], Any]) -> Any:
+        response, why = await self.link.forward(method, request, timeout_of(request))
+        return response if response is not None else fail(request, why)
 
     async def Subscribe(  # noqa: N802
         self, request: pb.SubscribeRequest, context: grpc.aio.ServicerContext

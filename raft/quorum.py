@@ -60,11 +60,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
+import pysyncobj.syncobj as _pysyncobj_module
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
+from pysyncobj.journal import MemoryJournal
 
 from headwater.v1 import errors_pb2
 
 from .commands import Command, decode_command, encode_command
+from .journal import SyncedJournal
 from .metadata import ClusterMetadata, Result
 
 __all__ = [
@@ -86,7 +89,10 @@ logger = logging.getLogger(__name__)
 E = errors_pb2
 DUMP_FORMAT = "headwater-raft-dump"
 DUMP_VERSION = 1
-JOURNAL_FILE = "raft.journal"
+JOURNAL_FILE = "raft.wal"
+# Free space below which the active controller refuses new commands (the journal keeps its own
+# reserve on top, so entries already accepted still land).
+MIN_FREE_BYTES = 4 * 1024 * 1024
 DUMP_FILE = "raft.dump"
 LOCK_FILE = "raft.lock"
 
@@ -220,6 +226,24 @@ def parse_voters(text: str) -> dict[int, str]:
 
 
 # ------------------------------------------------------------------------- the SyncObj inside
+
+
+# pysyncobj builds its journal with a module-level factory; ours writes with pwrite and syncs
+# (see journal.py). The journals it builds are kept here by path until their voter takes them.
+_JOURNALS: dict[str, SyncedJournal] = {}
+_JOURNALS_LOCK = threading.Lock()
+
+
+def _create_journal(path: str | None = None) -> Any:
+    if path is None:
+        return MemoryJournal()
+    journal = SyncedJournal(path)
+    with _JOURNALS_LOCK:
+        _JOURNALS[path] = journal
+    return journal
+
+
+_pysyncobj_module.createJournal = _create_journal
 
 
 class _Raft(SyncObj):  # type: ignore[misc]
@@ -360,11 +384,16 @@ class MetadataQuorum:
             bindRetryTime=1.0,
         )
         others = [a for i, a in checked.items() if i != node_id]
+        journal_path = os.path.join(self._data_dir, JOURNAL_FILE)
         try:
             self._raft = _Raft(self._apply_entry, self._address, others, conf)
         except BaseException:
+            with _JOURNALS_LOCK:
+                _JOURNALS.pop(journal_path, None)
             self._release_lock()
             raise
+        with _JOURNALS_LOCK:
+            self._journal = _JOURNALS.pop(journal_path)
         # pysyncobj derived its encryption key in the constructor and never reads the password
         # again; do not keep the secret around in the object graph.
         conf.password = None
@@ -596,6 +625,17 @@ class MetadataQuorum:
     def commit_index(self) -> int:
         """Raft commit index (pysyncobj's log index, which also counts its own no-op entries)."""
         return int(self._raft.raftCommitIndex)
+
+    @property
+    def low_space(self) -> bool:
+        """The journal's disk is (nearly) full: refuse new commands until space returns."""
+        if self._journal.low_space:
+            return True
+        try:
+            st = os.statvfs(self._data_dir)
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize < MIN_FREE_BYTES
 
     @property
     def closed(self) -> bool:

@@ -220,3 +220,63 @@ class MetadataDelta(_message.Message):
     error_code: _errors_pb2.ErrorCode
     error_message: str
     def __init__(self, metadata_offset: _Optional[int] = ..., command: _Optional[bytes] = ..., error_code: _Optional[_Union[_errors_pb2.ErrorCode, str]] = ..., error_message: _Optional[str] = ...) -> None: ...
+
+class ControllerServiceCreateTopicsRequest(_message.Message):
+    __slots__ = ("request",)
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    request: _client_pb2.CreateTopicsRequest
+    def __init__(self, request: _Optional[_Union[_client_pb2.CreateTopicsRequest, _Mapping]] = ...) -> None: ...
+
+class ControllerServiceCreateTopicsResponse(_message.Message):
+    __slots__ = ("error_code", "error_message", "controller", "response", "metadata_offset")
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    CONTROLLER_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    METADATA_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    error_code: _errors_pb2.ErrorCode
+    error_message: str
+    controller: ControllerHint
+    response: _client_pb2.CreateTopicsResponse
+    metadata_offset: int
+    def __init__(self, error_code: _Optional[_Union[_errors_pb2.ErrorCode, str]] = ..., error_message: _Optional[str] = ..., controller: _Optional[_Union[ControllerHint, _Mapping]] = ..., response: _Optional[_Union[_client_pb2.CreateTopicsResponse, _Mapping]] = ..., metadata_offset: _Optional[int] = ...) -> None: ...
+
+class ControllerServiceDeleteTopicsRequest(_message.Message):
+    __slots__ = ("request",)
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    request: _client_pb2.DeleteTopicsRequest
+    def __init__(self, request: _Optional[_Union[_client_pb2.DeleteTopicsRequest, _Mapping]] = ...) -> None: ...
+
+class ControllerServiceDeleteTopicsResponse(_message.Message):
+    __slots__ = ("error_code", "error_message", "controller", "response", "metadata_offset")
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    CONTROLLER_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    METADATA_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    error_code: _errors_pb2.ErrorCode
+    error_message: str
+    controller: ControllerHint
+    response: _client_pb2.DeleteTopicsResponse
+    metadata_offset: int
+    def __init__(self, error_code: _Optional[_Union[_errors_pb2.ErrorCode, str]] = ..., error_message: _Optional[str] = ..., controller: _Optional[_Union[ControllerHint, _Mapping]] = ..., response: _Optional[_Union[_client_pb2.DeleteTopicsResponse, _Mapping]] = ..., metadata_offset: _Optional[int] = ...) -> None: ...
+
+class ControllerServiceAlterConfigsRequest(_message.Message):
+    __slots__ = ("request",)
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    request: _client_pb2.AlterConfigsRequest
+    def __init__(self, request: _Optional[_Union[_client_pb2.AlterConfigsRequest, _Mapping]] = ...) -> None: ...
+
+class ControllerServiceAlterConfigsResponse(_message.Message):
+    __slots__ = ("error_code", "error_message", "controller", "response", "metadata_offset")
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    CONTROLLER_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    METADATA_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    error_code: _errors_pb2.ErrorCode
+    error_message: str
+    controller: ControllerHint
+    response: _client_pb2.AlterConfigsResponse
+    metadata_offset: int
+    def __init__(self, error_code: _Optional[_Union[_errors_pb2.ErrorCode, str]] = ..., error_message: _Optional[str] = ..., controller: _Optional[_Union[ControllerHint, _Mapping]] = ..., response: _Optional[_Union[_client_pb2.AlterConfigsResponse, _Mapping]] = ..., metadata_offset: _Optional[int] = ...) -> None: ...

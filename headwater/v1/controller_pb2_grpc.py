@@ -73,6 +73,21 @@ class ControllerServiceStub:
                 request_serializer=headwater_dot_v1_dot_controller__pb2.WatchMetadataRequest.SerializeToString,
                 response_deserializer=headwater_dot_v1_dot_controller__pb2.WatchMetadataResponse.FromString,
                 _registered_method=True)
+        self.CreateTopics = channel.unary_unary(
+                '/headwater.v1.ControllerService/CreateTopics',
+                request_serializer=headwater_dot_v1_dot_controller__pb2.ControllerServiceCreateTopicsRequest.SerializeToString,
+                response_deserializer=headwater_dot_v1_dot_controller__pb2.ControllerServiceCreateTopicsResponse.FromString,
+                _registered_method=True)
+        self.DeleteTopics = channel.unary_unary(
+                '/headwater.v1.ControllerService/DeleteTopics',
+                request_serializer=headwater_dot_v1_dot_controller__pb2.ControllerServiceDeleteTopicsRequest.SerializeToString,
+                response_deserializer=headwater_dot_v1_dot_controller__pb2.ControllerServiceDeleteTopicsResponse.FromString,
+                _registered_method=True)
+        self.AlterConfigs = channel.unary_unary(
+                '/headwater.v1.ControllerService/AlterConfigs',
+                request_serializer=headwater_dot_v1_dot_controller__pb2.ControllerServiceAlterConfigsRequest.SerializeToString,
+                response_deserializer=headwater_dot_v1_dot_controller__pb2.ControllerServiceAlterConfigsResponse.FromString,
+                _registered_method=True)
 
 
 class ControllerServiceServicer:
@@ -131,6 +146,26 @@ class ControllerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateTopics(self, request, context):
+        """Topic changes a node forwards to the active controller (KIP-590): the client sends
+        CreateTopics, DeleteTopics or AlterConfigs to any node, which forwards them here.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteTopics(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AlterConfigs(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControllerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -163,6 +198,21 @@ def add_ControllerServiceServicer_to_server(servicer, server):
                     servicer.WatchMetadata,
                     request_deserializer=headwater_dot_v1_dot_controller__pb2.WatchMetadataRequest.FromString,
                     response_serializer=headwater_dot_v1_dot_controller__pb2.WatchMetadataResponse.SerializeToString,
+            ),
+            'CreateTopics': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateTopics,
+                    request_deserializer=headwater_dot_v1_dot_controller__pb2.ControllerServiceCreateTopicsRequest.FromString,
+                    response_serializer=headwater_dot_v1_dot_controller__pb2.ControllerServiceCreateTopicsResponse.SerializeToString,
+            ),
+            'DeleteTopics': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteTopics,
+                    request_deserializer=headwater_dot_v1_dot_controller__pb2.ControllerServiceDeleteTopicsRequest.FromString,
+                    response_serializer=headwater_dot_v1_dot_controller__pb2.ControllerServiceDeleteTopicsResponse.SerializeToString,
+            ),
+            'AlterConfigs': grpc.unary_unary_rpc_method_handler(
+                    servicer.AlterConfigs,
+                    request_deserializer=headwater_dot_v1_dot_controller__pb2.ControllerServiceAlterConfigsRequest.FromString,
+                    response_serializer=headwater_dot_v1_dot_controller__pb2.ControllerServiceAlterConfigsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -336,6 +386,87 @@ class ControllerService:
             '/headwater.v1.ControllerService/WatchMetadata',
             headwater_dot_v1_dot_controller__pb2.WatchMetadataRequest.SerializeToString,
             headwater_dot_v1_dot_controller__pb2.WatchMetadataResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateTopics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/headwater.v1.ControllerService/CreateTopics',
+            headwater_dot_v1_dot_controller__pb2.ControllerServiceCreateTopicsRequest.SerializeToString,
+            headwater_dot_v1_dot_controller__pb2.ControllerServiceCreateTopicsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteTopics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/headwater.v1.ControllerService/DeleteTopics',
+            headwater_dot_v1_dot_controller__pb2.ControllerServiceDeleteTopicsRequest.SerializeToString,
+            headwater_dot_v1_dot_controller__pb2.ControllerServiceDeleteTopicsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AlterConfigs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/headwater.v1.ControllerService/AlterConfigs',
+            headwater_dot_v1_dot_controller__pb2.ControllerServiceAlterConfigsRequest.SerializeToString,
+            headwater_dot_v1_dot_controller__pb2.ControllerServiceAlterConfigsResponse.FromString,
             options,
             channel_credentials,
             insecure,

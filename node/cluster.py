@@ -1,0 +1,446 @@
+"""A node's place in the cluster: its quorum voter, its metadata image, its lease with the controller.
+
+``ClusterLink`` runs, on the node's event loop:
+
+- **The voter** (when ``voters`` names this node): a ``MetadataQuorum`` with its journal and dumps
+  in ``<data_dir>/raft``, a ``ControllerRuntime`` that acts while this voter is the Raft leader, and
+  the ``ControllerService`` the node's gRPC server exposes. A node alone (no ``voters``) is a quorum
+  of one on ``host:raft_port``, with a secret it generates in its data dir.
+- **The image.** A voter applies the metadata log itself, so its image is its quorum's metadata. A
+  node that is not a voter follows ``WatchMetadata`` from a voter (a snapshot, then every command,
+  applied in offset order to its own ``ClusterMetadata``). Each new image goes to
+  ``Broker.apply_image``, which opens the replicas placed here and sets their roles.
+- **The lease** (KIP-631): the node registers with the active controller (a new ``incarnation_id``
+  per process, so a restart gets a new ``broker_epoch``), asks to stay fenced until its image has
+  caught up with the metadata as of its registration, then heartbeats every
+  ``heartbeat_interval_ms`` and is unfenced. ``ready`` is set once it is unfenced and caught up.
+  On a clean stop it asks for a controlled shutdown: the controller moves its leaderships away
+  first, so clients fail over without waiting for the session timeout.
+- **Forwarding** (KIP-590): CreateTopics, DeleteTopics and AlterConfigs from clients go to the
+  active controller; the answer waits until this node's image has the change, so the caller sees it
+  here at once.
+
+The active controller is found through a hint (the last one that answered, or what a voter says),
+this node's own voter, and ``controller_addresses``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import secrets
+import socket
+import time
+import uuid
+from typing import Any
+
+import grpc
+
+from headwater.config import ConfigError, NodeConfig, read_cluster_secret
+from headwater.node.broker import Broker
+from headwater.node.controller import ControllerRuntime, MetadataFeed, monotonic_ms
+from headwater.node.controller_service import ControllerServiceServicer
+from headwater.raft.commands import NO_LEADER, decode_command
+from headwater.raft.controller import ActiveController
+from headwater.raft.metadata import ClusterMetadata
+from headwater.raft.quorum import MetadataQuorum, parse_voters
+from headwater.v1 import controller_pb2, controller_pb2_grpc, errors_pb2
+
+__all__ = ["ClusterLink", "SECRET_FILE"]
+
+log = logging.getLogger("headwater.node.cluster")
+E = errors_pb2
+cpb: Any = controller_pb2
+
+SECRET_FILE = "cluster.secret"
+_RPC_TIMEOUT_S = 5.0
+_RETRY_S = 0.2
+_MAX_RETRY_S = 2.0
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _lone_secret(raft_dir: str) -> str:
+    """The secret of a node that is a quorum of one: generated once, kept readable by the node alone."""
+    path = os.path.join(raft_dir, SECRET_FILE)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            secret = fh.read().strip()
+        if secret:
+            return secret
+    except FileNotFoundError:
+        pass
+    secret = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(secret + "\n")
+    return secret
+
+
+class ClusterLink:
+    """See the module docstring. ``start_voter()`` (sync, before the server starts), then
+    ``await start()`` once the gRPC server serves; at the end ``await controlled_shutdown(...)``
+    while the server still serves, then ``await close()``."""
+
+    def __init__(self, config: NodeConfig, broker: Broker, loop: asyncio.AbstractEventLoop) -> None:
+        self.config = config
+        self.broker = broker
+        self._loop = loop
+        host, port = config.advertised()
+        self.address = f"{host}:{port}"
+        self.raft_dir = os.path.join(config.data_dir, "raft")
+        if config.voters:
+            try:
+                self.voters = parse_voters(config.voters)
+            except ValueError as e:
+                raise ConfigError(f"setting voters: {e}") from None
+        else:
+            self.voters = {config.node_id: f"{config.host}:{config.raft_port or _free_port(config.host)}"}
+        self.is_voter = config.node_id in self.voters
+        self.controller_addresses = [a.strip() for a in config.controller_addresses.split(",") if a.strip()]
+        if not self.is_voter and not self.controller_addresses:
+            raise ConfigError(
+                f"node {config.node_id} is not one of the voters {sorted(self.voters)}: "
+                "set controller_addresses so it can find the controller"
+            )
+        self.quorum: MetadataQuorum | None = None
+        self.runtime: ControllerRuntime | None = None
+        self.feed: MetadataFeed | None = None
+        self.incarnation_id = uuid.uuid4().bytes
+        self.broker_epoch = -1
+        self.fenced = True
+        # Set once registered, caught up and unfenced.
+        self.ready = asyncio.Event()
+        self._hint_address = ""
+        self._hinted_controller_id = NO_LEADER
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._image_moved = asyncio.Event()
+        self._stopping = False
+        self._shutdown_ready = asyncio.Event()
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def start_voter(self) -> ControllerServiceServicer | None:
+        """Start this node's quorum voter and controller runtime; returns the ControllerService to
+        serve (None on a node that is not a voter). Blocks until the Raft port is bound."""
+        if not self.is_voter:
+            return None
+        os.makedirs(self.raft_dir, exist_ok=True)
+        secret = read_cluster_secret(self.config)
+        if not secret:
+            if len(self.voters) > 1:
+                raise ConfigError("several voters need a cluster secret (cluster_secret_file)")
+            secret = _lone_secret(self.raft_dir)
+        self.feed = MetadataFeed(self._loop)
+        self.quorum = MetadataQuorum(
+            self.config.node_id,
+            self.voters,
+            self.raft_dir,
+            secret,
+            on_applied=self.feed.on_applied,
+            on_snapshot_loaded=self.feed.on_snapshot_loaded,
+        )
+        del secret
+        cfg = self.config
+
+        def factory(metadata: ClusterMetadata) -> ActiveController:
+            return ActiveController(
+                metadata,
+                random.Random(),
+                heartbeat_interval_ms=cfg.heartbeat_interval_ms,
+                session_timeout_ms=cfg.session_timeout_ms,
+            )
+
+        self.runtime = ControllerRuntime(self.quorum, factory, monotonic_ms, self._loop, feed=self.feed)
+        self.runtime.start()
+        log.info(
+            "node %d is a metadata voter on raft %s (voters %s)",
+            cfg.node_id,
+            self.voters[cfg.node_id],
+            ",".join(f"{i}@{a}" for i, a in sorted(self.voters.items())),
+        )
+        return ControllerServiceServicer(self.runtime, cfg)
+
+    async def start(self) -> None:
+        """Follow the metadata and keep the lease; returns at once (``ready`` tells when unfenced)."""
+        follow = self._follow_local() if self.is_voter else self._follow_remote()
+        self._tasks = [
+            self._loop.create_task(follow, name="metadata-follow"),
+            self._loop.create_task(self._lease(), name="node-lease"),
+        ]
+
+    async def controlled_shutdown(self, timeout_s: float) -> None:
+        """Ask the controller to move this node's leaderships away; wait for it up to ``timeout_s``."""
+        self._stopping = True
+        if self.broker_epoch >= 0 and timeout_s > 0 and self._tasks:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._shutdown_ready.wait(), timeout_s)
+            if self._shutdown_ready.is_set():
+                log.info("controlled shutdown done: node %d leads nothing", self.config.node_id)
+            else:
+                log.warning("controlled shutdown did not finish in %.1fs; stopping anyway", timeout_s)
+
+    async def close(self) -> None:
+        """Stop following the metadata, the lease, the controller runtime and the voter."""
+        self._stopping = True
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks = []
+        for ch in self._channels.values():
+            await ch.close()
+        self._channels.clear()
+        if self.runtime is not None:
+            await self.runtime.stop()
+        if self.quorum is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.quorum.close)
+
+    # ---------------------------------------------------------------- the image
+
+    def _caught_up(self, image: ClusterMetadata) -> bool:
+        return self.broker_epoch >= 0 and image.metadata_offset >= self.broker_epoch
+
+    def _apply(self, image: ClusterMetadata) -> None:
+        try:
+            self.broker.apply_image(image, caught_up=self._caught_up(image))
+        except Exception:
+            log.exception("applying metadata offset %d failed", image.metadata_offset)
+            self.broker.needs_reconcile = True
+        self.broker.controller_id = self.controller_id()
+        old, self._image_moved = self._image_moved, asyncio.Event()
+        old.set()
+
+    def cluster_id(self) -> str:
+        """The configured cluster id, or one derived from the voters (the same on every node)."""
+        if self.config.cluster_id:
+            return self.config.cluster_id
+        if not self.config.voters:
+            return ""  # a node alone: the caller keeps one in its store
+        spec = ",".join(f"{i}@{a}" for i, a in sorted(self.voters.items()))
+        return str(uuid.uuid5(uuid.NAMESPACE_URL, f"headwater:voters:{spec}"))
+
+    def controller_id(self) -> int:
+        if self.quorum is not None:
+            leader = self.quorum.leader_id
+            return NO_LEADER if leader is None else int(leader)
+        return int(self._hinted_controller_id)
+
+    async def wait_for_offset(self, offset: int, timeout_s: float) -> bool:
+        """Wait until this node's image has applied ``offset``; False on timeout."""
+        deadline = self._loop.time() + timeout_s
+        while self.broker.image.metadata_offset < offset:
+            remaining = deadline - self._loop.time()
+            if remaining <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._image_moved.wait(), remaining)
+        return True
+
+    async def _follow_local(self) -> None:
+        assert self.feed is not None and self.quorum is not None
+        feed, quorum = self.feed, self.quorum
+        last: ClusterMetadata | None = None
+        was_caught_up = False
+        while True:
+            changed = feed.changed_event()
+            image = quorum.metadata
+            caught_up = self._caught_up(image)
+            if image is not last or self.broker.needs_reconcile or caught_up != was_caught_up:
+                self._apply(image)
+                last, was_caught_up = image, caught_up
+            else:
+                self.broker.controller_id = self.controller_id()
+            await feed.wait_changed(changed, 0.25)
+
+    async def _follow_remote(self) -> None:
+        image = ClusterMetadata()
+        from_offset = -1
+        backoff = _RETRY_S
+        while True:
+            for address in self._candidates():
+                stub = controller_pb2_grpc.ControllerServiceStub(self._channel(address))  # type: ignore[no-untyped-call]
+                try:
+                    call = stub.WatchMetadata(cpb.WatchMetadataRequest(from_offset=from_offset))
+                    async for event in call:
+                        backoff = _RETRY_S
+                        if event.HasField("snapshot"):
+                            image = ClusterMetadata.from_snapshot(event.snapshot.data)
+                        else:
+                            d = event.delta
+                            if d.metadata_offset != image.metadata_offset + 1:
+                                log.warning(
+                                    "metadata gap: have %d, got %d; asking for a snapshot",
+                                    image.metadata_offset,
+                                    d.metadata_offset,
+                                )
+                                from_offset = -1
+                                call.cancel()
+                                break
+                            image.apply(decode_command(d.command))
+                        from_offset = image.metadata_offset + 1
+                        self._apply(image)
+                except grpc.aio.AioRpcError as e:
+                    log.debug("metadata watch on %s ended: %s", address, e.code())
+                except Exception:
+                    log.exception("metadata watch on %s failed", address)
+                    from_offset = -1
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _MAX_RETRY_S)
+
+    # ---------------------------------------------------------------- the controller
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        ch = self._channels.get(address)
+        if ch is None:
+            ch = self._channels[address] = grpc.aio.insecure_channel(
+                address,
+                options=[
+                    ("grpc.max_receive_message_length", self.config.max_request_bytes),
+                    ("grpc.max_send_message_length", self.config.max_request_bytes),
+                ],
+            )
+        return ch
+
+    def _candidates(self) -> list[str]:
+        out: list[str] = []
+        if self.runtime is not None and self.quorum is not None and self.quorum.is_leader:
+            out.append(self.address)
+        if self.runtime is not None:
+            _, hinted = self.runtime.controller_hint()
+            if hinted:
+                out.append(hinted)
+        if self._hint_address:
+            out.append(self._hint_address)
+        out += self.controller_addresses
+        if self.is_voter:
+            out.append(self.address)
+        return list(dict.fromkeys(out))
+
+    async def call_controller(self, method: str, request: Any, timeout_s: float) -> Any | None:
+        """Send a ControllerService call to the active controller, following hints, until it answers
+        with something other than NOT_CONTROLLER or ``timeout_s`` passes (then None)."""
+        deadline = self._loop.time() + timeout_s
+        backoff = _RETRY_S
+        while True:
+            for address in self._candidates():
+                remaining = deadline - self._loop.time()
+                if remaining <= 0:
+                    return None
+                stub = controller_pb2_grpc.ControllerServiceStub(self._channel(address))  # type: ignore[no-untyped-call]
+                try:
+                    resp = await getattr(stub, method)(request, timeout=min(_RPC_TIMEOUT_S, remaining))
+                except grpc.aio.AioRpcError as e:
+                    log.debug("%s to %s failed: %s", method, address, e.code())
+                    if self._hint_address == address:
+                        self._hint_address = ""
+                    continue
+                if resp.error_code == E.ERROR_CODE_NOT_CONTROLLER:
+                    if self._hint_address == address:
+                        self._hint_address = ""
+                    hint = resp.controller
+                    if hint.controller_address and hint.controller_address != address:
+                        self._hint_address = hint.controller_address
+                        self._hinted_controller_id = hint.controller_id
+                    continue
+                self._hint_address = address
+                return resp
+            remaining = deadline - self._loop.time()
+            if remaining <= 0:
+                return None
+            await asyncio.sleep(min(backoff, remaining))
+            backoff = min(backoff * 2, _MAX_RETRY_S)
+
+    # ---------------------------------------------------------------- the lease
+
+    async def _register(self) -> None:
+        cfg = self.config
+        host, port = cfg.advertised()
+        request = cpb.RegisterNodeRequest(
+            node_id=cfg.node_id,
+            incarnation_id=self.incarnation_id,
+            host=host,
+            port=port,
+            rack=cfg.rack,
+            raft_address=self.voters.get(cfg.node_id, ""),
+        )
+        while True:
+            resp = await self.call_controller("RegisterNode", request, 30.0)
+            if resp is not None and resp.error_code == E.ERROR_CODE_NONE:
+                self.broker_epoch = resp.broker_epoch
+                log.info("node %d registered with broker epoch %d", cfg.node_id, self.broker_epoch)
+                return
+            if resp is not None:
+                log.warning(
+                    "registration refused: %s (%s)", E.ErrorCode.Name(resp.error_code), resp.error_message
+                )
+            else:
+                log.info("no active controller answers yet; still trying to register")
+            await asyncio.sleep(_MAX_RETRY_S)
+
+    async def _lease(self) -> None:
+        cfg = self.config
+        interval_s = cfg.heartbeat_interval_ms / 1000
+        await self._register()
+        while True:
+            caught_up = self._caught_up(self.broker.image)
+            if caught_up and not self.broker.caught_up:
+                self._apply(self.broker.image)
+            request = cpb.NodeHeartbeatRequest(
+                node_id=cfg.node_id,
+                broker_epoch=self.broker_epoch,
+                want_fence=not caught_up,
+                want_shutdown=self._stopping,
+            )
+            started = time.monotonic()
+            resp = await self.call_controller(
+                "NodeHeartbeat", request, max(interval_s, cfg.session_timeout_ms / 2000)
+            )
+            if resp is not None:
+                if resp.error_code == E.ERROR_CODE_NONE:
+                    if self.fenced != resp.is_fenced:
+                        log.info("node %d is %s", cfg.node_id, "fenced" if resp.is_fenced else "unfenced")
+                    self.fenced = resp.is_fenced
+                    if caught_up and not resp.is_fenced:
+                        self.ready.set()
+                    if self._stopping and resp.shutdown_ready:
+                        self._shutdown_ready.set()
+                        return
+                elif resp.error_code in (E.ERROR_CODE_STALE_BROKER_EPOCH, E.ERROR_CODE_NODE_NOT_AVAILABLE):
+                    log.warning("heartbeat refused (%s); registering again", resp.error_message)
+                    self.fenced = True
+                    await self._register()
+                    continue
+                else:
+                    log.warning("heartbeat failed: %s", resp.error_message)
+            await asyncio.sleep(max(0.0, interval_s - (time.monotonic() - started)))
+
+    # ---------------------------------------------------------------- forwarding
+
+    async def forward(self, method: str, request: Any, timeout_s: float) -> tuple[Any | None, str]:
+        """Forward a topic change to the active controller. Returns its inner response (once this
+        node's image has the change) or None and why."""
+        wrapped = getattr(cpb, f"ControllerService{method}Request")(request=request)
+        resp = await self.call_controller(method, wrapped, timeout_s)
+        if resp is None:
+            return None, f"no active controller answered within {timeout_s:.1f}s"
+        if resp.error_code != E.ERROR_CODE_NONE:
+            return None, resp.error_message
+        if resp.metadata_offset >= 0:
+            await self.wait_for_offset(resp.metadata_offset, timeout_s)
+        return resp.response, ""
+
+
+def timeout_of(request: Any, default_s: float = 30.0) -> float:
+    """A request's ``timeout_ms`` in seconds, when it has one."""
+    ms = getattr(request, "timeout_ms", 0)
+    return ms / 1000 if ms > 0 else default_s

@@ -1,0 +1,259 @@
+"""The Raft journal of a metadata voter: appended with ``pwrite`` into preallocated space, synced.
+
+pysyncobj's own file journal maps its file into memory and never syncs it. On a full disk a write
+into a mapped page the file system cannot back kills the process with SIGBUS, and an entry the voter
+acknowledged may never reach the disk. This journal keeps the same interface (pysyncobj's
+``Journal``) and:
+
+- writes each entry with ``pwrite`` and ``fdatasync`` before pysyncobj goes on (a voter acknowledges
+  an entry only once it is on disk);
+- keeps ``HEADROOM_BYTES`` preallocated ahead of the end (``posix_fallocate``), so an append never
+  meets a full disk. When the space ahead cannot be reserved, ``low_space`` turns on and the
+  controller refuses new commands (STORAGE_ERROR) until space returns;
+- keeps the term, vote and commit index in a small preallocated side file, synced on every change
+  of term or vote (Raft's persistent state).
+
+Layout: a 16-byte header (magic, version), then records ``len:u32 | idx:u64 | term:u64 | command |
+len:u32``; a zero length ends the log (preallocated space reads as zeros). Compaction
+(``deleteEntriesTo``) records the first live index in the side file and rewrites the file only when
+it has grown large and the rewrite fits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+import threading
+from typing import Any
+
+from pysyncobj.journal import Journal
+
+__all__ = ["SyncedJournal", "JournalError", "HEADROOM_BYTES"]
+
+log = logging.getLogger("headwater.raft.journal")
+
+MAGIC = b"HWRAFTJ1"
+_HEADER = MAGIC + struct.pack("<Q", 1)
+_LEN = struct.Struct("<I")
+_IDX_TERM = struct.Struct("<QQ")
+# Space kept reserved past the end of the log; one entry must fit in it.
+HEADROOM_BYTES = 8 * 1024 * 1024
+_CHUNK_BYTES = 4 * 1024 * 1024
+_META_BYTES = 64 * 1024
+# Rewrite the file on compaction once it is this much larger than its live entries.
+_REWRITE_SLACK_BYTES = 64 * 1024 * 1024
+
+
+class JournalError(OSError):
+    """The journal cannot be read or written."""
+
+
+class SyncedJournal(Journal):  # type: ignore[misc]
+    """See the module docstring. Used by pysyncobj on its tick thread; ``low_space`` may be read
+    from any thread."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._meta_path = path + ".meta"
+        self._lock = threading.Lock()
+        self.low_space = False
+        self._meta_dirty = False
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._meta_fd = os.open(self._meta_path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._meta = self._read_meta()
+        self._entries: list[tuple[bytes, int, int]] = []
+        size = os.fstat(self._fd).st_size
+        if size == 0:
+            os.pwrite(self._fd, _HEADER, 0)
+            os.fsync(self._fd)
+            size = len(_HEADER)
+        elif os.pread(self._fd, len(_HEADER), 0) != _HEADER:
+            raise JournalError(f"{path} is not a journal this version can read")
+        self._end = self._scan(size)
+        self._allocated = size
+        self._reserve()
+        if os.fstat(self._meta_fd).st_size < _META_BYTES:
+            self._fallocate(self._meta_fd, 0, _META_BYTES)
+
+    # ---------------------------------------------------------------- reading
+
+    def _scan(self, size: int) -> int:
+        first = int(self._meta.get("first_idx", 0))
+        offset = len(_HEADER)
+        while offset + _LEN.size <= size:
+            (length,) = _LEN.unpack(os.pread(self._fd, _LEN.size, offset))
+            if length < _IDX_TERM.size or offset + 2 * _LEN.size + length > size:
+                break
+            body = os.pread(self._fd, length + _LEN.size, offset + _LEN.size)
+            if _LEN.unpack(body[length:])[0] != length:
+                break  # a torn write: the entry was never acknowledged
+            idx, term = _IDX_TERM.unpack(body[: _IDX_TERM.size])
+            if idx >= first:
+                self._entries.append((body[_IDX_TERM.size : length], idx, term))
+            offset += length + 2 * _LEN.size
+        return offset
+
+    def _read_meta(self) -> dict[str, Any]:
+        raw = os.pread(self._meta_fd, _META_BYTES, 0)
+        if len(raw) < _LEN.size:
+            return {}
+        (length,) = _LEN.unpack(raw[: _LEN.size])
+        if not 0 < length <= len(raw) - _LEN.size:
+            return {}
+        try:
+            meta = json.loads(raw[_LEN.size : _LEN.size + length])
+        except ValueError:
+            return {}
+        return meta if isinstance(meta, dict) else {}
+
+    # ---------------------------------------------------------------- space
+
+    @staticmethod
+    def _fallocate(fd: int, offset: int, length: int) -> None:
+        os.posix_fallocate(fd, offset, length)
+
+    def _reserve(self) -> None:
+        """Keep HEADROOM_BYTES allocated past the end; note when the disk cannot give it."""
+        want = self._end + HEADROOM_BYTES
+        if self._allocated >= want:
+            self.low_space = False
+            return
+        try:
+            grow = max(want - self._allocated, _CHUNK_BYTES)
+            self._fallocate(self._fd, self._allocated, grow)
+            self._allocated += grow
+            self.low_space = False
+        except OSError as e:
+            if not self.low_space:
+                log.error("the metadata journal cannot reserve space (%s): refusing new commands", e)
+            self.low_space = True
+
+    def _write(self, offset: int, data: bytes) -> None:
+        if offset + len(data) + _LEN.size > self._allocated:
+            self._reserve()
+        if offset + len(data) + _LEN.size > self._allocated:
+            # No reserved room left even for this entry: stop rather than acknowledge an entry that
+            # is not on disk (Raft's safety rests on it) or die of SIGBUS halfway through.
+            log.critical("the metadata journal %s is out of disk space; the voter stops", self._path)
+            os._exit(75)
+        os.pwrite(self._fd, data, offset)
+        os.fdatasync(self._fd)
+
+    # ---------------------------------------------------------------- Journal
+
+    def add(self, command: bytes, idx: int, term: int) -> None:
+        body = _IDX_TERM.pack(idx, term) + bytes(command)
+        record = _LEN.pack(len(body)) + body + _LEN.pack(len(body))
+        # The zero length after the record ends the log until the next append overwrites it.
+        self._write(self._end, record + _LEN.pack(0))
+        self._end += len(record)
+        self._entries.append((bytes(command), idx, term))
+        if self._allocated - self._end < HEADROOM_BYTES:
+            self._reserve()
+
+    def clear(self) -> None:
+        self._entries = []
+        self._end = len(_HEADER)
+        self._write(self._end, _LEN.pack(0))
+
+    def __getitem__(self, item: Any) -> Any:
+        return self._entries[item]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def deleteEntriesFrom(self, entryFrom: int) -> None:  # noqa: N802 (pysyncobj's name)
+        if entryFrom >= len(self._entries):
+            return
+        drop = self._entries[entryFrom:]
+        del self._entries[entryFrom:]
+        self._end -= sum(len(c) + _IDX_TERM.size + 2 * _LEN.size for c, _, _ in drop)
+        self._write(self._end, _LEN.pack(0))
+
+    def deleteEntriesTo(self, entryTo: int) -> None:  # noqa: N802
+        if entryTo <= 0:
+            return
+        del self._entries[:entryTo]
+        if self._entries:
+            self._meta["first_idx"] = self._entries[0][1]
+            self._store_meta()
+        live = sum(len(c) + _IDX_TERM.size + 2 * _LEN.size for c, _, _ in self._entries)
+        if self._end - live > _REWRITE_SLACK_BYTES:
+            self._rewrite()
+
+    def _rewrite(self) -> None:
+        tmp = self._path + ".tmp"
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                parts = [_HEADER]
+                for command, idx, term in self._entries:
+                    body = _IDX_TERM.pack(idx, term) + command
+                    parts += (_LEN.pack(len(body)), body, _LEN.pack(len(body)))
+                data = b"".join(parts)
+                self._fallocate(fd, 0, len(data) + HEADROOM_BYTES)
+                os.pwrite(fd, data, 0)
+                os.fsync(fd)
+            except OSError:
+                os.close(fd)
+                raise
+        except OSError as e:
+            log.warning("journal compaction skipped: %s", e)
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            return
+        os.replace(tmp, self._path)
+        os.close(self._fd)
+        self._fd = fd
+        self._end = len(data)
+        self._allocated = len(data) + HEADROOM_BYTES
+
+    def _destroy(self) -> None:
+        for fd in (self._fd, self._meta_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def flush(self) -> None:
+        os.fdatasync(self._fd)
+
+    def _store_meta(self) -> None:
+        raw = json.dumps(self._meta).encode()
+        if len(raw) + _LEN.size > _META_BYTES:
+            raise JournalError("journal meta is too large")
+        try:
+            os.pwrite(self._meta_fd, _LEN.pack(len(raw)) + raw, 0)
+            os.fdatasync(self._meta_fd)
+        except OSError as e:  # preallocated: only a failing disk gets here
+            log.critical("cannot store the Raft term and vote (%s); the voter stops", e)
+            os._exit(75)
+
+    def setRaftCommitIndex(self, raftCommitIndex: int) -> None:  # noqa: N802
+        self._meta["commit"] = raftCommitIndex
+        self._meta_dirty = True
+
+    def getRaftCommitIndex(self) -> int:  # noqa: N802
+        return int(self._meta.get("commit", 1))
+
+    def setCurrentTerm(self, term: int, votedForNodeId: Any) -> None:  # noqa: N802
+        self._meta["term"] = term
+        self._meta["voted_for"] = votedForNodeId
+        self._store_meta()
+
+    def getCurrentTerm(self) -> int:  # noqa: N802
+        return int(self._meta.get("term", 0))
+
+    def getVotedForNodeId(self) -> Any:  # noqa: N802
+        return self._meta.get("voted_for")
+
+    def onOneSecondTimer(self) -> None:  # noqa: N802
+        if self._meta_dirty:
+            self._store_meta()
+            self._meta_dirty = False
+        if self.low_space:
+            self._reserve()
