@@ -126,7 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start a local cluster as child processes on 127.0.0.1, print its bootstrap "
         "address, and wait. Ctrl-C or SIGTERM stops every node cleanly.",
     )
-    p.add_argument("--nodes", type=_positive_int, default=1, help="number of nodes (default %(default)s)")
+    p.add_argument(
+        "--nodes",
+        type=_positive_int,
+        default=3,
+        help="number of nodes (default %(default)s); 1, 3 or 5 of them are metadata voters",
+    )
     p.add_argument("--data-dir", default="./headwater-data", help="data directory (default %(default)s)")
     p.add_argument(
         "--port", type=_positive_int, default=DEFAULT_PORT, help="first client port (default %(default)s)"
@@ -136,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_non_negative_int,
         default=None,
         help="first Prometheus metrics port (default: port + 100; 0 disables metrics)",
+    )
+    p.add_argument(
+        "--raft-port",
+        type=_non_negative_int,
+        default=None,
+        help="first Raft port of the voters (default: port + 200)",
     )
     p.add_argument("--start-timeout-s", type=float, default=60.0, help="how long to wait for a node to serve")
     p.set_defaults(func=cmd_local_up)
@@ -1154,13 +1165,29 @@ def _parent_death_signal() -> Callable[[], None] | None:
 class _LocalNode:
     """One child node process of ``headwater local up``."""
 
-    def __init__(self, node_id: int, port: int, metrics_port: int, data_dir: str, log_path: str) -> None:
+    def __init__(
+        self,
+        node_id: int,
+        port: int,
+        metrics_port: int,
+        data_dir: str,
+        log_path: str,
+        raft_port: int = 0,
+    ) -> None:
         self.node_id = node_id
         self.port = port
         self.metrics_port = metrics_port
         self.data_dir = data_dir
         self.log_path = log_path
+        # Its Raft port when it is a voter, else 0.
+        self.raft_port = raft_port
+        # Settings every node of the cluster shares (voters, controller addresses, secret file).
+        self.cluster_args: list[str] = []
         self.proc: Any = None
+
+    @property
+    def raft(self) -> str | None:
+        return f"127.0.0.1:{self.raft_port}" if self.raft_port else None
 
     @property
     def client(self) -> str:
@@ -1176,6 +1203,7 @@ class _LocalNode:
             "--port", str(self.port),
             "--data-dir", self.data_dir,
             "--metrics-port", str(self.metrics_port),
+            *self.cluster_args,
         ]  # fmt: skip
         with open(self.log_path, "ab") as log:
             # Its own process group: Ctrl-C reaches only the launcher, which then stops the nodes in
@@ -1257,16 +1285,28 @@ def _previous_cluster(state_path: str) -> list[int]:
         return []
 
 
+def _voter_count(nodes: int) -> int:
+    """Voters of a local cluster: 1, 3 or 5 (an odd quorum); the other nodes are brokers only."""
+    return 1 if nodes < 3 else 3 if nodes < 5 else 5
+
+
+def _cluster_secret_file(data_dir: str) -> str:
+    """The local cluster's secret, made once and readable by this user alone; never printed."""
+    import secrets
+
+    path = os.path.join(data_dir, "cluster.secret")
+    if not os.path.exists(path):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_urlsafe(32) + "\n")
+    return path
+
+
 def cmd_local_up(args: argparse.Namespace) -> int:
-    if args.nodes != 1:
-        raise CliError(
-            f"--nodes {args.nodes}: a local cluster has one node for now; multi-node clusters arrive "
-            "with the metadata quorum",
-            EXIT_USAGE,
-        )
     metrics_base = args.port + 100 if args.metrics_port is None else args.metrics_port
-    if args.port + args.nodes > 65536 or metrics_base + args.nodes > 65536:
-        raise CliError("ports out of range: choose a lower --port / --metrics-port", EXIT_USAGE)
+    raft_base = args.port + 200 if args.raft_port is None else args.raft_port
+    if max(args.port, metrics_base, raft_base) + args.nodes > 65536:
+        raise CliError("ports out of range: choose a lower --port / --metrics-port / --raft-port", EXIT_USAGE)
     data_dir = os.path.abspath(args.data_dir)
     state_path = os.path.join(data_dir, LOCAL_STATE_FILE)
     alive = _previous_cluster(state_path)
@@ -1274,6 +1314,7 @@ def cmd_local_up(args: argparse.Namespace) -> int:
         raise CliError(
             f"a local cluster is already running from {data_dir} (pids {_ids(alive)}); stop it first"
         )
+    voters = _voter_count(args.nodes)
     nodes = [
         _LocalNode(
             node_id=i,
@@ -1281,6 +1322,7 @@ def cmd_local_up(args: argparse.Namespace) -> int:
             metrics_port=metrics_base + i - 1 if metrics_base else 0,
             data_dir=os.path.join(data_dir, f"node-{i}"),
             log_path=os.path.join(data_dir, f"node-{i}.log"),
+            raft_port=raft_base + i - 1 if i <= voters else 0,
         )
         for i in range(1, args.nodes + 1)
     ]
@@ -1294,7 +1336,19 @@ def cmd_local_up(args: argparse.Namespace) -> int:
                 f"metrics port {n.metrics_port} on 127.0.0.1 is already in use; choose another with "
                 "--metrics-port (0 disables metrics)"
             )
+        if n.raft_port and not _port_free(n.raft_port):
+            raise CliError(
+                f"raft port {n.raft_port} on 127.0.0.1 is already in use; choose another with --raft-port"
+            )
     os.makedirs(data_dir, exist_ok=True)
+    secret_file = _cluster_secret_file(data_dir)
+    cluster_args = [
+        "--voters", ",".join(f"{n.node_id}@{n.raft}" for n in nodes if n.raft_port),
+        "--controller-addresses", ",".join(n.client for n in nodes if n.raft_port),
+        "--cluster-secret-file", secret_file,
+    ]  # fmt: skip
+    for n in nodes:
+        n.cluster_args = cluster_args
 
     stop_signal: list[int] = []
 
@@ -1315,9 +1369,19 @@ def cmd_local_up(args: argparse.Namespace) -> int:
         if not stop_signal:
             _write_local_state(state_path, bootstrap, nodes)
             _print_local_banner(bootstrap, nodes, data_dir)
+        gone: set[int] = set()
         while not stop_signal:
-            failed = next((n for n in nodes if n.exit_code() is not None), None)
-            if failed is not None:
+            for n in nodes:
+                if n.node_id not in gone and n.exit_code() is not None:
+                    # The cluster carries on without it (its partitions move to other replicas).
+                    gone.add(n.node_id)
+                    print(
+                        f"warning: {n.describe_exit()}; the other nodes keep running",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+            if len(gone) == len(nodes):
+                failed = nodes[-1]
                 break
             time.sleep(0.2)
     finally:
@@ -1329,8 +1393,7 @@ def cmd_local_up(args: argparse.Namespace) -> int:
         for s, handler in previous.items():
             signal.signal(s, handler)
     if failed is not None:
-        others = ", stopped the rest" if len(nodes) > 1 else ""
-        raise CliError(failed.describe_exit() + others)
+        raise CliError("every node of the local cluster has stopped")
     if unclean:
         raise CliError("; ".join(n.describe_exit() for n in unclean))
     print("Local cluster stopped.", file=sys.stderr, flush=True)
@@ -1345,7 +1408,10 @@ def _write_local_state(path: str, bootstrap: str, nodes: Sequence[_LocalNode]) -
                 "node_id": n.node_id,
                 "pid": n.proc.pid,
                 "client": n.client,
+                "raft": n.raft,
+                "voter": bool(n.raft_port),
                 "metrics": f"127.0.0.1:{n.metrics_port}" if n.metrics_port else None,
+                "log": n.log_path,
                 "data_dir": n.data_dir,
             }
             for n in nodes

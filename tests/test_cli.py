@@ -101,11 +101,6 @@ def test_unreachable_bootstrap_is_one_clear_line() -> None:
     fails(hw("topic", "list", "--bootstrap", "nonsense", timeout=30), "HOST:PORT")
 
 
-def test_local_up_refuses_more_than_one_node_for_now(tmp_path: Path) -> None:
-    fails(hw("local", "up", "--nodes", "3", "--data-dir", str(tmp_path)), "metadata quorum")
-    assert not (tmp_path / "local.json").exists()
-
-
 # ------------------------------------------------------------------ topics
 
 
@@ -319,13 +314,35 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def free_port_run(n: int) -> int:
+    """The first of ``n`` consecutive free ports on 127.0.0.1."""
+    import random
+    import socket
+
+    for _ in range(200):
+        base = random.randrange(20_000, 60_000)
+        socks = []
+        try:
+            for i in range(n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", base + i))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise AssertionError("no run of free ports")
+
+
 def test_local_up_serves_a_cluster_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port, raft_port = free_port_run(3), free_port_run(3), free_port_run(3)
     data_dir = tmp_path / "cluster"
     env = {k: v for k, v in os.environ.items() if k != "HEADWATER_BOOTSTRAP"}
     launcher = subprocess.Popen(
         [sys.executable, "-m", "headwater", "local", "up", "--data-dir", str(data_dir),
-         "--port", str(port), "--metrics-port", str(metrics_port)],
+         "--port", str(port), "--metrics-port", str(metrics_port), "--raft-port", str(raft_port)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
     state_path = data_dir / "local.json"
@@ -338,12 +355,27 @@ def test_local_up_serves_a_cluster_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -
             time.sleep(0.1)
         state = json.loads(state_path.read_text())
         pids = [n["pid"] for n in state["nodes"]]
-        assert state["bootstrap"] == f"127.0.0.1:{port}"
+        assert state["bootstrap"] == ",".join(f"127.0.0.1:{port + i}" for i in range(3))
         assert state["nodes"] == [
-            {"node_id": 1, "pid": pids[0], "client": f"127.0.0.1:{port}",
-             "metrics": f"127.0.0.1:{metrics_port}", "data_dir": str(data_dir / "node-1")},
+            {"node_id": i + 1, "pid": pids[i], "client": f"127.0.0.1:{port + i}",
+             "raft": f"127.0.0.1:{raft_port + i}", "voter": True,
+             "metrics": f"127.0.0.1:{metrics_port + i}", "log": str(data_dir / f"node-{i + 1}.log"),
+             "data_dir": str(data_dir / f"node-{i + 1}")}
+            for i in range(3)
         ]  # fmt: skip
-        assert _pid_alive(pids[0])
+        assert all(_pid_alive(pid) for pid in pids)
+        # The secret is in a file only its owner reads, and on no command line.
+        secret_file = data_dir / "cluster.secret"
+        assert secret_file.stat().st_mode & 0o077 == 0
+        secret = secret_file.read_text().strip()
+        for pid in pids:
+            assert secret not in Path(f"/proc/{pid}/cmdline").read_text()
+        described = json.loads(
+            ok(hw("cluster", "describe", "--format", "json", bootstrap=state["bootstrap"])).stdout
+        )
+        assert secret not in json.dumps(described)
+        assert sorted(n["node_id"] for n in described["nodes"]) == [1, 2, 3]
+        assert not any(n["fenced"] for n in described["nodes"])
 
         b = state["bootstrap"]
         ok(hw("topic", "create", "demo", "--partitions", "2", bootstrap=b))
