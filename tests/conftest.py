@@ -63,6 +63,12 @@ class NodeProcess:
         return f"127.0.0.1:{self.port}"
 
     def start(self, timeout_s: float = 20.0) -> NodeProcess:
+        self.launch()
+        self.wait_serving(timeout_s)
+        return self
+
+    def launch(self) -> NodeProcess:
+        """Start the process without waiting (a cluster's nodes serve once a quorum is up)."""
         assert self.proc is None or self.proc.poll() is not None, "node already running"
         self.log_path = self.data_dir.parent / f"node-{self.port}.log"
         args = [
@@ -80,7 +86,6 @@ class NodeProcess:
         env = {**os.environ, **self.env}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
-        self.wait_serving(timeout_s)
         return self
 
     def wait_serving(self, timeout_s: float) -> None:
