@@ -1,0 +1,304 @@
+"""Clusters of real node processes: every node a metadata voter and a broker (KRaft combined mode)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from conftest import NodeProcess, free_port
+
+from headwater import Admin, Consumer, NewTopic, Producer, TopicPartition
+from headwater.client.errors import TopicAlreadyExistsError, UnknownTopicOrPartitionError
+from headwater.v1 import client_pb2 as pb
+from headwater.v1 import client_pb2_grpc, controller_pb2, controller_pb2_grpc, errors_pb2
+
+E = errors_pb2
+SECRET = "cluster-test-secret-0123456789abcdef"
+FAST = ["--heartbeat-interval-ms", "200", "--session-timeout-ms", "1500"]
+
+
+class Cluster:
+    def __init__(self, root: Path, voters: int, secret: str = SECRET) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.secret_file = root / "cluster.secret"
+        self.secret_file.write_text(secret + "\n")
+        self.secret_file.chmod(0o600)
+        ports = {i: free_port() for i in range(1, voters + 1)}
+        raft = {i: free_port() for i in range(1, voters + 1)}
+        self.voters = ",".join(f"{i}@127.0.0.1:{raft[i]}" for i in ports)
+        self.controllers = ",".join(f"127.0.0.1:{p}" for p in ports.values())
+        self.nodes = {i: NodeProcess(root / f"node-{i}", ports[i], self.args(i)) for i in ports}
+
+    def args(self, node_id: int, secret_file: Path | None = None) -> list[str]:
+        return [
+            "--node-id", str(node_id),
+            "--voters", self.voters,
+            "--controller-addresses", self.controllers,
+            "--cluster-secret-file", str(secret_file or self.secret_file),
+            *FAST,
+        ]  # fmt: skip
+
+    @property
+    def bootstrap(self) -> str:
+        return ",".join(n.bootstrap for n in self.nodes.values())
+
+    def start(self, ids: list[int] | None = None, timeout_s: float = 30.0) -> None:
+        chosen = [self.nodes[i] for i in (ids or list(self.nodes))]
+        for n in chosen:
+            n.launch()
+        for n in chosen:
+            n.wait_serving(timeout_s)
+
+    def describe(self, node_id: int) -> controller_pb2.DescribeClusterResponse:
+        with grpc.insecure_channel(self.nodes[node_id].bootstrap) as ch:
+            stub = controller_pb2_grpc.ControllerServiceStub(ch)
+            return stub.DescribeCluster(controller_pb2.DescribeClusterRequest(), timeout=5)
+
+    def metadata(self, node_id: int, topics: list[str] | None = None) -> pb.MetadataResponse:
+        with grpc.insecure_channel(self.nodes[node_id].bootstrap) as ch:
+            return client_pb2_grpc.HeadwaterServiceStub(ch).Metadata(
+                pb.MetadataRequest(topics=topics or []), timeout=5
+            )
+
+    def active_controller(self, among: list[int] | None = None, timeout_s: float = 15.0) -> int:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for i in among or list(self.nodes):
+                if not self.nodes[i].alive():
+                    continue
+                try:
+                    d = self.describe(i)
+                except grpc.RpcError:
+                    continue
+                if d.controller_id == d.answered_by == i:
+                    return i
+            assert time.monotonic() < deadline, "no active controller"
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        for n in self.nodes.values():
+            if n.alive():
+                assert n.proc is not None
+                n.proc.kill()
+                n.proc.wait()
+
+
+@pytest.fixture
+def make_cluster(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
+    made: list[Cluster] = []
+
+    def make(voters: int, secret: str = SECRET) -> Cluster:
+        c = Cluster(tmp_path / f"cluster{len(made)}", voters, secret)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.stop()
+
+
+def eventually(pred: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def leaders(md: pb.MetadataResponse, topic: str) -> list[int]:
+    t = next(t for t in md.topics if t.name == topic)
+    return [p.leader_id for p in sorted(t.partitions, key=lambda p: p.partition)]
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def test_three_nodes_spread_topics_and_serve_clients_from_any_node(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    c = make_cluster(3)
+    c.start()
+    with Admin(c.nodes[2].bootstrap) as admin:
+        admin.create_topics([NewTopic("spread", partitions=6, replication_factor=1)])
+        cluster = admin.describe_cluster()
+    assert sorted(n.node_id for n in cluster.nodes) == [1, 2, 3]
+    assert not any(n.fenced for n in cluster.nodes)
+    # Every node serves the same image, and the leaders cover every node.
+    images = [c.metadata(i, ["spread"]) for i in (1, 2, 3)]
+    assert all(leaders(md, "spread") == leaders(images[0], "spread") for md in images)
+    assert set(leaders(images[0], "spread")) == {1, 2, 3}
+    # A client that bootstraps from one node reaches every leader.
+    with Producer(bootstrap=c.nodes[3].bootstrap, acks=1, linger_ms=0) as producer:
+        futures = [producer.send("spread", b"v%d" % i, partition=i % 6) for i in range(60)]
+        producer.flush()
+    assert {f.result(10).partition for f in futures} == set(range(6))
+    consumer = Consumer(bootstrap=c.nodes[1].bootstrap, auto_offset_reset="earliest")
+    try:
+        consumer.assign([TopicPartition("spread", p) for p in range(6)])
+        got: list[bytes] = []
+        deadline = time.monotonic() + 20
+        while len(got) < 60 and time.monotonic() < deadline:
+            got += [r.value for r in consumer.poll(1.0)]
+    finally:
+        consumer.close()
+    assert sorted(got) == sorted(b"v%d" % i for i in range(60))
+    # A follower refuses a write with NOT_LEADER_OR_FOLLOWER and names the leader.
+    leader = leaders(images[0], "spread")[0]
+    other = next(i for i in (1, 2, 3) if i != leader)
+    with grpc.insecure_channel(c.nodes[other].bootstrap) as ch:
+        r = client_pb2_grpc.HeadwaterServiceStub(ch).Produce(
+            pb.ProduceRequest(
+                acks=1,
+                topics=[
+                    pb.ProduceTopicData(topic="spread", partitions=[pb.ProducePartitionData(partition=0)])
+                ],
+            ),
+            timeout=5,
+        )
+    p0 = r.topics[0].partitions[0]
+    assert p0.error_code == E.ERROR_CODE_NOT_LEADER_OR_FOLLOWER and p0.leader_id == leader
+
+
+def test_killing_the_active_controller_elects_another_that_acts_and_keeps_every_change(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    c = make_cluster(3)
+    c.start()
+    with Admin(c.bootstrap) as admin:
+        admin.create_topics(
+            [NewTopic("kept", partitions=3, replication_factor=3), NewTopic("solo", partitions=3)]
+        )
+    active = c.active_controller()
+    before = c.metadata(active, ["kept"])
+    led_by_active = [i for i, leader in enumerate(leaders(before, "kept")) if leader == active]
+    c.nodes[active].kill9()
+    killed_at = time.monotonic()
+    survivors = [i for i in c.nodes if i != active]
+    new_active = c.active_controller(survivors)
+    assert new_active != active
+    # The new controller acts: it commits a change, and every earlier change is still there.
+    with Admin(",".join(c.nodes[i].bootstrap for i in survivors)) as admin:
+        admin.create_topics([NewTopic("after", partitions=1)])
+        assert {"kept", "solo", "after"} <= set(admin.list_topics())
+    failover_s = time.monotonic() - killed_at
+    assert failover_s < 15
+
+    # The dead node is fenced and its leaderships of replicated partitions moved to live replicas.
+    def moved() -> bool:
+        md = c.metadata(survivors[0], ["kept"])
+        fenced = {n.node_id for n in md.nodes if n.fenced}
+        ls = leaders(md, "kept")
+        return active in fenced and all(ls[i] in survivors for i in led_by_active)
+
+    eventually(moved, 10, "the dead node's partitions to get new leaders")
+    md = c.metadata(survivors[1], ["kept"])
+    for p in md.topics[0].partitions:
+        assert p.leader_id in p.isr and active not in p.isr
+        if p.partition in led_by_active:
+            assert p.leader_epoch >= 1
+
+
+def test_restarting_every_voter_brings_the_metadata_back(make_cluster: Callable[..., Cluster]) -> None:
+    c = make_cluster(3)
+    c.start()
+    with Admin(c.bootstrap) as admin:
+        admin.create_topics(
+            [NewTopic("durable", partitions=4, replication_factor=1, config={"retention_ms": "60000"})]
+        )
+    first = {n.node_id: n.broker_epoch for n in c.metadata(1).nodes}
+    with Producer(bootstrap=c.bootstrap, acks=1) as producer:
+        for i in range(20):
+            producer.send("durable", b"r%d" % i, partition=i % 4)
+        producer.flush()
+    for n in c.nodes.values():
+        n.kill9()
+    c.start()
+    md = c.metadata(2, ["durable"])
+    assert md.topics[0].error_code == E.ERROR_CODE_NONE and len(md.topics[0].partitions) == 4
+    again = {n.node_id: n.broker_epoch for n in md.nodes}
+    assert all(again[i] > first[i] for i in first), (first, again)  # new incarnations, new epochs
+    with Admin(c.bootstrap) as admin:
+        assert admin.describe_configs("durable")["retention_ms"].value == "60000"
+
+    # Each partition's only replica leads it again, with its data (followers do not copy logs yet,
+    # so a partition's data is where its leader was).
+    def all_led() -> bool:
+        return all(p.leader_id > 0 for p in c.metadata(1, ["durable"]).topics[0].partitions)
+
+    eventually(all_led, 15, "every partition to have a leader")
+    consumer = Consumer(bootstrap=c.bootstrap, auto_offset_reset="earliest")
+    try:
+        consumer.assign([TopicPartition("durable", p) for p in range(4)])
+        got: list[bytes] = []
+        deadline = time.monotonic() + 20
+        while len(got) < 20 and time.monotonic() < deadline:
+            got += [r.value for r in consumer.poll(1.0)]
+    finally:
+        consumer.close()
+    assert sorted(got) == sorted(b"r%d" % i for i in range(20))
+
+
+def test_a_voter_with_the_wrong_secret_is_kept_out(make_cluster: Callable[..., Cluster]) -> None:
+    c = make_cluster(3)
+    wrong = c.root / "wrong.secret"
+    wrong.write_text("not-the-cluster-secret\n")
+    c.nodes[3].extra_args = c.args(3, wrong)
+    c.start([1, 2])
+    c.nodes[3].launch()
+    time.sleep(4)  # several election timeouts
+    d3 = c.describe(3)
+    # Its voter learned nothing and leads nothing; the other two carry on.
+    assert d3.metadata_offset == -1 and d3.controller_id == -1
+    assert c.active_controller([1, 2]) in (1, 2)
+    with Admin(",".join(c.nodes[i].bootstrap for i in (1, 2))) as admin:
+        admin.create_topics([NewTopic("without-3", partitions=1)])
+    assert c.describe(3).metadata_offset == -1
+    assert SECRET not in c.nodes[1].log() + c.nodes[2].log() + c.nodes[3].log()
+    assert "not-the-cluster-secret" not in c.nodes[3].log()
+
+
+def test_five_voters_survive_two_down(make_cluster: Callable[..., Cluster]) -> None:
+    c = make_cluster(5)
+    c.start()
+    active = c.active_controller()
+    down = [active, next(i for i in c.nodes if i != active)]
+    for i in down:
+        c.nodes[i].kill9()
+    up = [i for i in c.nodes if i not in down]
+    assert c.active_controller(up, timeout_s=20) in up
+    # Once their leases run out the dead voters are fenced, and placement leaves them out.
+    eventually(
+        lambda: {n.node_id for n in c.metadata(up[0]).nodes if n.fenced} == set(down),
+        15,
+        "the dead nodes fenced",
+    )
+    with Admin(",".join(c.nodes[i].bootstrap for i in up)) as admin:
+        admin.create_topics([NewTopic("five", partitions=3)])
+        placed = {p.leader for t in admin.describe_topics(["five"]) for p in t.partitions}
+    assert placed <= set(up)
+
+
+def test_bad_controller_requests_change_nothing(make_cluster: Callable[..., Cluster]) -> None:
+    c = make_cluster(1)
+    c.start()
+    with grpc.insecure_channel(c.nodes[1].bootstrap) as ch:
+        stub = controller_pb2_grpc.ControllerServiceStub(ch)
+        before = c.describe(1).metadata_offset
+        hb = stub.NodeHeartbeat(controller_pb2.NodeHeartbeatRequest(node_id=42, broker_epoch=0), timeout=5)
+        assert hb.error_code == E.ERROR_CODE_NODE_NOT_AVAILABLE
+        hb = stub.NodeHeartbeat(controller_pb2.NodeHeartbeatRequest(node_id=1, broker_epoch=12345), timeout=5)
+        assert hb.error_code == E.ERROR_CODE_STALE_BROKER_EPOCH
+        with pytest.raises(grpc.RpcError) as e:
+            ch.unary_unary("/headwater.v1.ControllerService/RegisterNode")(b"\xff\xff garbage", timeout=5)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert c.describe(1).metadata_offset == before
+    with Admin(c.bootstrap) as admin:
+        admin.create_topics([NewTopic("twice", partitions=1)])
+        out = admin.create_topics([NewTopic("twice", partitions=1)], raise_on_error=False)
+        assert isinstance(out["twice"], TopicAlreadyExistsError)
+        admin.delete_topics(["twice"])
+        out2 = admin.delete_topics(["twice"], raise_on_error=False)
+        assert isinstance(out2["twice"], UnknownTopicOrPartitionError)
