@@ -40,6 +40,7 @@ from typing import Any
 import grpc
 
 from headwater.config import ConfigError, NodeConfig, read_cluster_secret
+from headwater.node.auth import NodeAuth
 from headwater.node.broker import Broker
 from headwater.node.controller import ControllerRuntime, MetadataFeed, monotonic_ms
 from headwater.node.controller_service import ControllerServiceServicer
@@ -110,6 +111,7 @@ class ClusterLink:
                 f"node {config.node_id} is not one of the voters {sorted(self.voters)}: "
                 "set controller_addresses so it can find the controller"
             )
+        self.auth: NodeAuth | None = None
         self.quorum: MetadataQuorum | None = None
         self.runtime: ControllerRuntime | None = None
         self.feed: MetadataFeed | None = None
@@ -132,6 +134,10 @@ class ClusterLink:
         """Start this node's quorum voter and controller runtime; returns the ControllerService to
         serve (None on a node that is not a voter). Blocks until the Raft port is bound."""
         if not self.is_voter:
+            secret = read_cluster_secret(self.config)
+            if not secret:
+                raise ConfigError("a node that is not a voter needs the cluster secret (cluster_secret_file)")
+            self.auth = NodeAuth(secret)
             return None
         os.makedirs(self.raft_dir, exist_ok=True)
         secret = read_cluster_secret(self.config)
@@ -139,6 +145,7 @@ class ClusterLink:
             if len(self.voters) > 1:
                 raise ConfigError("several voters need a cluster secret (cluster_secret_file)")
             secret = _lone_secret(self.raft_dir)
+        self.auth = NodeAuth(secret)
         self.feed = MetadataFeed(self._loop)
         self.quorum = MetadataQuorum(
             self.config.node_id,
@@ -167,7 +174,7 @@ class ClusterLink:
             self.voters[cfg.node_id],
             ",".join(f"{i}@{a}" for i, a in sorted(self.voters.items())),
         )
-        return ControllerServiceServicer(self.runtime, cfg)
+        return ControllerServiceServicer(self.runtime, cfg, self.auth)
 
     async def start(self) -> None:
         """Follow the metadata and keep the lease; returns at once (``ready`` tells when unfenced)."""
@@ -326,7 +333,9 @@ class ClusterLink:
             out.append(self.address)
         return list(dict.fromkeys(out))
 
-    async def call_controller(self, method: str, request: Any, timeout_s: float) -> Any | None:
+    async def call_controller(
+        self, method: str, request: Any, timeout_s: float, *, authenticate: bool = False
+    ) -> Any | None:
         """Send a ControllerService call to the active controller, following hints, until it answers
         with something other than NOT_CONTROLLER or ``timeout_s`` passes (then None)."""
         deadline = self._loop.time() + timeout_s
@@ -338,8 +347,17 @@ class ClusterLink:
                     return None
                 stub = controller_pb2_grpc.ControllerServiceStub(self._channel(address))  # type: ignore[no-untyped-call]
                 try:
-                    resp = await getattr(stub, method)(request, timeout=min(_RPC_TIMEOUT_S, remaining))
+                    metadata = (
+                        self.auth.metadata(self.config.node_id)
+                        if authenticate and self.auth is not None
+                        else None
+                    )
+                    resp = await getattr(stub, method)(
+                        request, timeout=min(_RPC_TIMEOUT_S, remaining), metadata=metadata
+                    )
                 except grpc.aio.AioRpcError as e:
+                    if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+                        log.error("the controller at %s refused this node: %s", address, e.details())
                     log.debug("%s to %s failed: %s", method, address, e.code())
                     if self._hint_address == address:
                         self._hint_address = ""
@@ -374,7 +392,7 @@ class ClusterLink:
             raft_address=self.voters.get(cfg.node_id, ""),
         )
         while True:
-            resp = await self.call_controller("RegisterNode", request, 30.0)
+            resp = await self.call_controller("RegisterNode", request, 30.0, authenticate=True)
             if resp is not None and resp.error_code == E.ERROR_CODE_NONE:
                 self.broker_epoch = resp.broker_epoch
                 log.info("node %d registered with broker epoch %d", cfg.node_id, self.broker_epoch)
@@ -403,7 +421,7 @@ class ClusterLink:
             )
             started = time.monotonic()
             resp = await self.call_controller(
-                "NodeHeartbeat", request, max(interval_s, cfg.session_timeout_ms / 2000)
+                "NodeHeartbeat", request, max(interval_s, cfg.session_timeout_ms / 2000), authenticate=True
             )
             if resp is not None:
                 if resp.error_code == E.ERROR_CODE_NONE:

@@ -15,6 +15,7 @@ import grpc
 
 from headwater.config import NodeConfig
 from headwater.node import topic_admin
+from headwater.node.auth import NodeAuth
 from headwater.node.controller import ControllerRuntime, FeedEntry, Outcome
 from headwater.node.rpc import Malformed, add_service
 from headwater.raft.commands import AlterPartition
@@ -41,10 +42,22 @@ async def _refuse_malformed(request: object, context: grpc.aio.ServicerContext[A
 class ControllerServiceServicer:
     """``ControllerService`` over a ``ControllerRuntime``."""
 
-    def __init__(self, runtime: ControllerRuntime, config: NodeConfig | None = None) -> None:
+    def __init__(
+        self, runtime: ControllerRuntime, config: NodeConfig | None = None, auth: NodeAuth | None = None
+    ) -> None:
         self.runtime = runtime
         # Bounds and defaults for forwarded topic changes.
         self.config = config or NodeConfig()
+        # When set, RegisterNode, NodeHeartbeat and AlterPartition need a node token (auth.py).
+        self.auth = auth
+
+    async def _authenticate(self, node_id: int, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        if self.auth is None:
+            return
+        problem = self.auth.problem(context.invocation_metadata(), node_id)
+        if problem:
+            log.warning("refused a controller request for node %d: %s", node_id, problem)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
 
     def _hint(self) -> Any:
         controller_id, address = self.runtime.controller_hint()
@@ -55,6 +68,7 @@ class ControllerServiceServicer:
 
     async def RegisterNode(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         await _refuse_malformed(request, context)
+        await self._authenticate(request.node_id, context)
         o: Outcome = await self.runtime.register(
             request.node_id, request.incarnation_id, request.host, request.port, request.rack
         )
@@ -68,6 +82,7 @@ class ControllerServiceServicer:
 
     async def NodeHeartbeat(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         await _refuse_malformed(request, context)
+        await self._authenticate(request.node_id, context)
         o = await self.runtime.heartbeat(
             request.node_id, request.broker_epoch, request.want_fence, request.want_shutdown
         )
@@ -82,6 +97,7 @@ class ControllerServiceServicer:
 
     async def AlterPartition(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         await _refuse_malformed(request, context)
+        await self._authenticate(request.leader_id, context)
         cmd = AlterPartition(
             topic_id=request.topic_id,
             partition=request.partition,

@@ -106,6 +106,14 @@ class NodeProcess:
                     raise TimeoutError(f"node not serving after {timeout_s}s:\n{self.log()}")
                 time.sleep(0.05)
 
+    def wait_serving_within(self, timeout_s: float) -> bool:
+        """Whether the node reports SERVING within ``timeout_s`` (False, not an error, when not)."""
+        try:
+            self.wait_serving(timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
 

@@ -12,6 +12,7 @@ from conftest import NodeProcess, free_port
 
 from headwater import Admin, Consumer, NewTopic, Producer, TopicPartition
 from headwater.client.errors import TopicAlreadyExistsError, UnknownTopicOrPartitionError
+from headwater.node.auth import NodeAuth
 from headwater.v1 import client_pb2 as pb
 from headwater.v1 import client_pb2_grpc, controller_pb2, controller_pb2_grpc, errors_pb2
 
@@ -256,6 +257,10 @@ def test_a_voter_with_the_wrong_secret_is_kept_out(make_cluster: Callable[..., C
     with Admin(",".join(c.nodes[i].bootstrap for i in (1, 2))) as admin:
         admin.create_topics([NewTopic("without-3", partitions=1)])
     assert c.describe(3).metadata_offset == -1
+    # Nor can it join as a broker: the controller refuses its registration.
+    assert 3 not in {n.node_id for n in c.describe(1).nodes}
+    assert "refused this node" in c.nodes[3].log()
+    assert not c.nodes[3].wait_serving_within(0.5)
     assert SECRET not in c.nodes[1].log() + c.nodes[2].log() + c.nodes[3].log()
     assert "not-the-cluster-secret" not in c.nodes[3].log()
 
@@ -287,9 +292,35 @@ def test_bad_controller_requests_change_nothing(make_cluster: Callable[..., Clus
     with grpc.insecure_channel(c.nodes[1].bootstrap) as ch:
         stub = controller_pb2_grpc.ControllerServiceStub(ch)
         before = c.describe(1).metadata_offset
-        hb = stub.NodeHeartbeat(controller_pb2.NodeHeartbeatRequest(node_id=42, broker_epoch=0), timeout=5)
+        auth = NodeAuth(SECRET)
+        # Without a node token, or with one made from another secret or for another node: refused.
+        for metadata in (None, NodeAuth("another-secret").metadata(1), auth.metadata(2)):
+            with pytest.raises(grpc.RpcError) as e:
+                stub.RegisterNode(
+                    controller_pb2.RegisterNodeRequest(node_id=1, incarnation_id=b"x" * 16, host="h", port=1),
+                    metadata=metadata,
+                    timeout=5,
+                )
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            with pytest.raises(grpc.RpcError) as e:
+                stub.NodeHeartbeat(
+                    controller_pb2.NodeHeartbeatRequest(node_id=1, broker_epoch=0),
+                    metadata=metadata,
+                    timeout=5,
+                )
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        # A member's token gets to the checks behind it: unknown nodes and stale epochs.
+        hb = stub.NodeHeartbeat(
+            controller_pb2.NodeHeartbeatRequest(node_id=42, broker_epoch=0),
+            metadata=auth.metadata(42),
+            timeout=5,
+        )
         assert hb.error_code == E.ERROR_CODE_NODE_NOT_AVAILABLE
-        hb = stub.NodeHeartbeat(controller_pb2.NodeHeartbeatRequest(node_id=1, broker_epoch=12345), timeout=5)
+        hb = stub.NodeHeartbeat(
+            controller_pb2.NodeHeartbeatRequest(node_id=1, broker_epoch=12345),
+            metadata=auth.metadata(1),
+            timeout=5,
+        )
         assert hb.error_code == E.ERROR_CODE_STALE_BROKER_EPOCH
         with pytest.raises(grpc.RpcError) as e:
             ch.unary_unary("/headwater.v1.ControllerService/RegisterNode")(b"\xff\xff garbage", timeout=5)
