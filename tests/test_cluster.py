@@ -333,3 +333,63 @@ def test_bad_controller_requests_change_nothing(make_cluster: Callable[..., Clus
         admin.delete_topics(["twice"])
         out2 = admin.delete_topics(["twice"], raise_on_error=False)
         assert isinstance(out2["twice"], UnknownTopicOrPartitionError)
+
+
+def test_a_node_that_is_not_a_voter_follows_the_metadata_as_a_broker(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    c = make_cluster(1)
+    broker = NodeProcess(c.root / "node-2", free_port(), c.args(2))
+    c.nodes[2] = broker
+    c.start()
+    assert "metadata voter" not in broker.log()
+    with Admin(broker.bootstrap) as admin:  # forwarded to the controller on node 1
+        admin.create_topics([NewTopic("both", partitions=4)])
+    md = c.metadata(2, ["both"])
+    assert set(leaders(md, "both")) == {1, 2}
+    assert {n.node_id: n.fenced for n in md.nodes} == {1: False, 2: False}
+    with Producer(bootstrap=broker.bootstrap, acks=1) as producer:
+        futures = [producer.send("both", b"x", partition=p) for p in range(4)]
+        producer.flush()
+    assert sorted(f.result(10).partition for f in futures) == [0, 1, 2, 3]
+    on_broker = [i for i, leader in enumerate(leaders(md, "both")) if leader == 2]
+    data_dir = c.root / "node-2" / "log"
+    assert data_dir.is_dir()
+    with Admin(c.nodes[1].bootstrap) as admin:
+        admin.delete_topics(["both"])
+    # The broker learns of the deletion from the metadata stream and drops its replicas.
+    eventually(lambda: all(t.name != "both" for t in c.metadata(2).topics), 10, "the deletion")
+    with grpc.insecure_channel(broker.bootstrap) as ch:
+        r = client_pb2_grpc.HeadwaterServiceStub(ch).ListOffsets(
+            pb.ListOffsetsRequest(
+                topics=[
+                    pb.ListOffsetsTopic(
+                        topic="both",
+                        partitions=[pb.ListOffsetsPartition(partition=on_broker[0], timestamp_ms=-1)],
+                    )
+                ]
+            ),
+            timeout=5,
+        )
+    assert r.topics[0].partitions[0].error_code == E.ERROR_CODE_UNKNOWN_TOPIC_OR_PARTITION
+
+
+def test_sigterm_moves_leaderships_away_before_the_node_stops(make_cluster: Callable[..., Cluster]) -> None:
+    c = make_cluster(3)
+    c.start()
+    with Admin(c.bootstrap) as admin:
+        admin.create_topics([NewTopic("handover", partitions=6, replication_factor=3)])
+    md = c.metadata(1, ["handover"])
+    stopping = leaders(md, "handover")[0]
+    led = [i for i, leader in enumerate(leaders(md, "handover")) if leader == stopping]
+    started = time.monotonic()
+    assert c.nodes[stopping].stop() == 0
+    took = time.monotonic() - started
+    log = c.nodes[stopping].log()
+    assert "controlled shutdown done" in log, log
+    survivor = next(i for i in c.nodes if i != stopping)
+    md = c.metadata(survivor, ["handover"])
+    # Already moved when the process exited: no waiting for the session timeout.
+    assert all(leaders(md, "handover")[i] not in (stopping, -1) for i in led), leaders(md, "handover")
+    assert next(n for n in md.nodes if n.node_id == stopping).fenced
+    assert took < 10
