@@ -1,0 +1,97 @@
+"""The voter's Raft journal: entries survive a reopen, truncation and compaction; a full disk is
+reported, not fatal."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from headwater.raft import journal as journal_mod
+from headwater.raft.journal import HEADROOM_BYTES, JournalError, SyncedJournal
+
+
+def entries(j: SyncedJournal) -> list[tuple[bytes, int, int]]:
+    return [j[i] for i in range(len(j))]
+
+
+def test_entries_term_and_vote_survive_a_reopen(tmp_path: Path) -> None:
+    path = str(tmp_path / "raft.wal")
+    j = SyncedJournal(path)
+    for i in range(1, 51):
+        j.add(b"cmd-%d" % i, i, 1 + i // 20)
+    j.setCurrentTerm(3, "127.0.0.1:9000")
+    j.setRaftCommitIndex(40)
+    j.onOneSecondTimer()
+    want = entries(j)
+    j._destroy()
+    again = SyncedJournal(path)
+    assert entries(again) == want
+    assert again.getCurrentTerm() == 3 and again.getVotedForNodeId() == "127.0.0.1:9000"
+    assert again.getRaftCommitIndex() == 40
+    # Space past the end is reserved, so the next appends cannot meet a full disk.
+    assert os.stat(path).st_size >= HEADROOM_BYTES
+    again._destroy()
+
+
+def test_truncation_and_compaction_persist(tmp_path: Path) -> None:
+    path = str(tmp_path / "raft.wal")
+    j = SyncedJournal(path)
+    for i in range(1, 21):
+        j.add(b"e%d" % i, i, 1)
+    j.deleteEntriesFrom(15)  # a follower drops a conflicting suffix
+    j.add(b"new-16", 16, 2)
+    j.deleteEntriesTo(5)  # compaction after a snapshot
+    want = entries(j)
+    assert want[0] == (b"e6", 6, 1) and want[-1] == (b"new-16", 16, 2) and len(want) == 11
+    j._destroy()
+    assert entries(reopened := SyncedJournal(path)) == want
+    reopened.clear()
+    reopened.add(b"only", 100, 5)
+    reopened._destroy()
+    assert entries(SyncedJournal(path)) == [(b"only", 100, 5)]
+
+
+def test_a_torn_last_entry_is_dropped_on_reopen(tmp_path: Path) -> None:
+    path = str(tmp_path / "raft.wal")
+    j = SyncedJournal(path)
+    j.add(b"whole", 1, 1)
+    end = j._end
+    j.add(b"torn-entry", 2, 1)
+    j._destroy()
+    with open(path, "r+b") as fh:  # the trailing length of the second entry never made it
+        fh.seek(end + 4 + 16 + len(b"torn-entry"))
+        fh.write(b"\0\0\0\0")
+    assert entries(SyncedJournal(path)) == [(b"whole", 1, 1)]
+
+
+def test_a_file_that_is_not_a_journal_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "raft.wal"
+    path.write_bytes(b"PYSYNCOBJ\0\0\0 something else")
+    with pytest.raises(JournalError, match="not a journal"):
+        SyncedJournal(str(path))
+
+
+def test_no_space_to_reserve_turns_on_low_space_and_appends_still_land(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = str(tmp_path / "raft.wal")
+    j = SyncedJournal(path)
+    assert not j.low_space
+
+    def no_space(fd: int, offset: int, length: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(journal_mod.SyncedJournal, "_fallocate", staticmethod(no_space))
+    big = b"x" * (1024 * 1024)
+    # Within the reserve the appends land; once the reserve runs short, low_space is on.
+    for i in range(1, 4):
+        j.add(big, i, 1)
+    assert j.low_space
+    want = entries(j)
+    j._destroy()
+    monkeypatch.undo()
+    again = SyncedJournal(path)
+    assert entries(again) == want and not again.low_space
+    again._destroy()
