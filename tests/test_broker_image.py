@@ -1,0 +1,135 @@
+"""The broker serves its metadata image: replicas open and take roles from it, and data is removed
+only once the image has caught up (a restarting node replays an old image first)."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from headwater.config import NodeConfig
+from headwater.node.broker import Broker
+from headwater.node.partition import Role
+from headwater.raft.commands import (
+    CreateTopic,
+    DeleteTopic,
+    ElectLeader,
+    FenceNode,
+    RegisterNode,
+    UnfenceNode,
+)
+from headwater.raft.metadata import ClusterMetadata
+from headwater.storage import LogStore
+from headwater.v1 import batch as batch_codec
+from headwater.v1 import client_pb2 as pb
+from headwater.v1 import errors_pb2
+
+E = errors_pb2
+TID = b"\x01" * 16
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    store = LogStore(str(tmp_path / "log"))
+    yield Broker(NodeConfig(node_id=1, data_dir=str(tmp_path)), store, cluster_id="c")
+    store.close()
+
+
+def cluster(*commands: object) -> ClusterMetadata:
+    md = ClusterMetadata()
+    for node in (1, 2):
+        assert md.apply(RegisterNode(node, bytes([node]) * 16, "127.0.0.1", 9000 + node)).ok
+        epoch = md.nodes[node].broker_epoch
+        assert md.apply(UnfenceNode(node, epoch)).ok
+    for cmd in commands:
+        assert md.apply(cmd).ok, cmd  # type: ignore[arg-type]
+    return md
+
+
+def produce(broker: Broker, topic: str, partition: int, acks: int = 1) -> pb.ProducePartitionResponse:
+    b = batch_codec.build_batch([(None, b"v", (), 1_000)])
+    req = pb.ProduceRequest(
+        acks=acks,
+        topics=[
+            pb.ProduceTopicData(
+                topic=topic, partitions=[pb.ProducePartitionData(partition=partition, batches=[b])]
+            )
+        ],
+    )
+    return asyncio.run(broker.produce(req)).topics[0].partitions[0]
+
+
+def test_replicas_open_with_the_role_the_image_gives(broker: Broker) -> None:
+    md = cluster(CreateTopic("t", TID, ((1, 2), (2, 1))))
+    broker.apply_image(md, caught_up=True)
+    assert broker.partitions[("t", 0)].role is Role.LEADER
+    assert broker.partitions[("t", 1)].role is Role.FOLLOWER
+    assert produce(broker, "t", 0).error_code == E.ERROR_CODE_NONE
+    refused = produce(broker, "t", 1)
+    assert refused.error_code == E.ERROR_CODE_NOT_LEADER_OR_FOLLOWER and refused.leader_id == 2
+    # acks=all cannot be promised while another replica is in the ISR and copies nothing yet.
+    assert produce(broker, "t", 0, acks=-1).error_code == E.ERROR_CODE_NOT_ENOUGH_REPLICAS
+    # The image moves leadership: the roles follow, with the new epoch.
+    moved = copy.deepcopy(md)
+    assert moved.apply(ElectLeader(TID, 1, 1, 0)).ok
+    broker.apply_image(moved, caught_up=True)
+    p1 = broker.partitions[("t", 1)]
+    assert p1.role is Role.LEADER and p1.leader_epoch == 1
+    assert produce(broker, "t", 1).error_code == E.ERROR_CODE_NONE
+
+
+def test_a_partition_with_the_leader_alone_in_the_isr_takes_acks_all(broker: Broker) -> None:
+    md = cluster(CreateTopic("t", TID, ((1, 2),)))
+    assert md.apply(FenceNode(2, md.nodes[2].broker_epoch)).ok  # node 2 leaves the ISR
+    broker.apply_image(md, caught_up=True)
+    assert broker.partitions[("t", 0)].isr == (1,)
+    assert produce(broker, "t", 0, acks=-1).error_code == E.ERROR_CODE_NONE
+
+
+def test_data_is_removed_only_once_the_image_has_caught_up(broker: Broker) -> None:
+    md = cluster(CreateTopic("t", TID, ((1,),)))
+    broker.apply_image(md, caught_up=True)
+    assert produce(broker, "t", 0).error_code == E.ERROR_CODE_NONE
+    # A restart replays the metadata from the start: an image from before the topic existed must
+    # not remove its data.
+    restarted = Broker(broker.config, broker.store, cluster_id="c")
+    restarted.apply_image(cluster(), caught_up=False)
+    assert (TID, 0) in broker.store.list_partitions()
+    restarted.apply_image(md, caught_up=True)
+    assert restarted.partitions[("t", 0)].log.log_end_offset == 1
+    # Once caught up, a deleted topic's data goes.
+    gone = copy.deepcopy(md)
+    assert gone.apply(DeleteTopic("t", TID)).ok
+    restarted.apply_image(gone, caught_up=True)
+    assert ("t", 0) not in restarted.partitions
+    assert broker.store.list_partitions() == []
+
+
+def test_the_first_caught_up_image_removes_orphans_left_by_a_crash(broker: Broker) -> None:
+    orphan = b"\x02" * 16
+    broker.store.open_partition(orphan, 0)
+    broker.apply_image(cluster(CreateTopic("t", TID, ((1,),))), caught_up=False)
+    assert (orphan, 0) in broker.store.list_partitions()
+    broker.apply_image(cluster(CreateTopic("t", TID, ((1,),))), caught_up=True)
+    assert broker.store.list_partitions() == [(TID, 0)]
+
+
+def test_metadata_answers_from_the_image(broker: Broker) -> None:
+    md = cluster(CreateTopic("t", TID, ((1, 2), (2, 1))))
+    assert md.apply(FenceNode(2, md.nodes[2].broker_epoch)).ok
+    broker.apply_image(md, caught_up=True)
+    broker.controller_id = 1
+    resp = broker.metadata(pb.MetadataRequest())
+    assert resp.controller_id == 1 and resp.metadata_offset == md.metadata_offset
+    assert [(n.node_id, n.fenced) for n in resp.nodes] == [(1, False), (2, True)]
+    parts = resp.topics[0].partitions
+    assert [(p.leader_id, list(p.isr), list(p.offline_replicas)) for p in parts] == [
+        (1, [1], [2]),
+        (1, [1], [2]),
+    ]
+    assert broker.metadata(pb.MetadataRequest(topics=["nope"])).topics[0].error_code == (
+        E.ERROR_CODE_UNKNOWN_TOPIC_OR_PARTITION
+    )
