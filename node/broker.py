@@ -138,6 +138,7 @@ class Broker:
         (once caught up) remove the data of replicas it no longer has (deleted topics)."""
         first_catch_up = caught_up and not self.caught_up
         self.caught_up = self.caught_up or caught_up
+        previous = self.catalog.image
         self.catalog = TopicCatalog(image, self.catalog.cluster_id)
         self._topic_config_cache.clear()
         me = self.config.node_id
@@ -161,6 +162,17 @@ class Broker:
                     self.needs_reconcile = True
                     break
                 p = self.partitions[key] = Partition(key[0], tid, key[1], plog, node_id=me)
+            if rec.leader == me and p.leader_id != me:
+                before = previous.partition(tid, key[1])
+                if before is not None and me not in before.isr:
+                    log.warning(
+                        "UNCLEAN leader election: node %d leads %s-%d without having been in sync "
+                        "(ISR was %s); records acknowledged by the previous leader may be lost",
+                        me,
+                        key[0],
+                        key[1],
+                        list(before.isr),
+                    )
             p.follow(rec.leader, rec.leader_epoch, rec.partition_epoch, rec.replicas, rec.isr)
         if first_catch_up:
             self._drop_orphan_partitions({(tid, key[1]) for key, (tid, _) in wanted.items()})

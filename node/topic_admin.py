@@ -9,6 +9,8 @@ image has it.
 
 from __future__ import annotations
 
+import logging
+
 from headwater.config import (
     REQUEST_OVERHEAD_BYTES,
     TOPIC_CONFIGS,
@@ -25,6 +27,7 @@ from headwater.v1 import errors_pb2
 __all__ = ["create_topics", "delete_topics", "alter_configs", "check_topic_configs"]
 
 E = errors_pb2
+log = logging.getLogger("headwater.node.controller")
 
 
 def check_topic_configs(configs: dict[str, str], config: NodeConfig) -> dict[str, str]:
@@ -37,6 +40,15 @@ def check_topic_configs(configs: dict[str, str], config: NodeConfig) -> dict[str
             "(the node's max_request_bytes less room for the request around the batch)"
         )
     return out
+
+
+def _warn_unclean(name: str, configs: dict[str, str]) -> None:
+    if configs.get("unclean_leader_election_enable") == "true":
+        log.warning(
+            "topic %s allows UNCLEAN leader election: a replica that was not in sync may become leader "
+            "and acknowledged records may be lost",
+            name,
+        )
 
 
 def _offset(o: Outcome, last: int) -> int:
@@ -108,6 +120,7 @@ async def create_topics(
             code, msg = o.error_code, o.message
             last = _offset(o, last)
             if o.ok and not req.validate_only:
+                _warn_unclean(t.name, configs)
                 record = runtime.quorum.metadata.topic(t.name)
                 if record is not None:
                     r.topic_id = record.topic_id
@@ -174,5 +187,7 @@ async def alter_configs(
             continue
         o = await runtime.alter_configs(record.name, sorted(set_.items()), sorted(set(delete)))
         last = _offset(o, last)
+        if o.ok:
+            _warn_unclean(record.name, set_)
         r.error_code, r.error_message = o.error_code, o.message
     return resp, last

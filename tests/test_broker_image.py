@@ -133,3 +133,19 @@ def test_metadata_answers_from_the_image(broker: Broker) -> None:
     assert broker.metadata(pb.MetadataRequest(topics=["nope"])).topics[0].error_code == (
         E.ERROR_CODE_UNKNOWN_TOPIC_OR_PARTITION
     )
+
+
+def test_an_unclean_election_is_logged_loudly(broker: Broker, caplog: pytest.LogCaptureFixture) -> None:
+    md = cluster(CreateTopic("risky", TID, ((2, 1),), (("unclean_leader_election_enable", "true"),)))
+    assert md.apply(FenceNode(1, md.nodes[1].broker_epoch)).ok  # node 1 drops out of the ISR
+    broker.apply_image(md, caught_up=True)
+    assert broker.partitions[("risky", 0)].role is Role.FOLLOWER
+    later = copy.deepcopy(md)
+    assert later.apply(FenceNode(2, later.nodes[2].broker_epoch)).ok  # the only in-sync replica dies
+    assert later.apply(RegisterNode(1, b"\x09" * 16, "127.0.0.1", 9001)).ok
+    assert later.apply(UnfenceNode(1, later.nodes[1].broker_epoch)).ok
+    assert later.partition(TID, 0) is not None and later.partition(TID, 0).leader == 1  # type: ignore[union-attr]
+    with caplog.at_level("WARNING", logger="headwater.node"):
+        broker.apply_image(later, caught_up=True)
+    assert broker.partitions[("risky", 0)].role is Role.LEADER
+    assert any("UNCLEAN leader election" in r.getMessage() for r in caplog.records)
