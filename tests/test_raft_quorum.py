@@ -357,36 +357,3 @@ def test_garbage_on_the_raft_port_neither_crashes_nor_changes_anything(
     leader = c.leader()
     assert leader.propose(register(2), timeout_s=5).metadata_offset == 1
     c.converged()
-
-
-# ------------------------------------------------------------------------------ measurement
-
-
-def test_measure_commands_committed_per_second_on_three_voters(
-    cluster_factory: Callable[..., Cluster],
-) -> None:
-    c = cluster_factory(3)
-    c.start_all()
-    leader = c.leader()
-
-    started, n = time.monotonic(), 0
-    while time.monotonic() - started < 1.5:
-        leader.propose(register(n % 50), timeout_s=5)
-        n += 1
-    sequential = n / (time.monotonic() - started)
-
-    async def pipelined(count: int, in_flight: int) -> float:
-        gate = asyncio.Semaphore(in_flight)
-
-        async def one(i: int) -> None:
-            async with gate:
-                await leader.propose_async(register(i % 50), timeout_s=10)
-
-        t0 = time.monotonic()
-        await asyncio.gather(*(one(i) for i in range(count)))
-        return count / (time.monotonic() - t0)
-
-    concurrent = asyncio.run(pipelined(1500, 128))
-    print(f"\ncommitted/s on 3 voters: {sequential:.0f} one at a time, {concurrent:.0f} with 128 in flight")
-    assert sequential > 20 and concurrent > 50
-    c.converged()
