@@ -13,6 +13,13 @@ acknowledged may never reach the disk. This journal keeps the same interface (py
 - keeps the term, vote and commit index in a small preallocated side file, synced on every change
   of term or vote (Raft's persistent state).
 
+A follower truncates only on a real conflict (Raft's rule). pysyncobj's follower deletes every entry
+after an append's ``prevLogIdx`` and re-adds what the message carries, even when they match; with
+overlapping appends in flight that deleted entries it had acknowledged and applied (it logs a
+CRITICAL line each time), and a message that carried fewer entries lost them. Here
+``deleteEntriesFrom`` only marks the position; each following ``add`` of an entry with the same index
+and term as the one already there keeps it, and the first one that differs truncates for real.
+
 Layout: a 16-byte header (magic, version), then records ``len:u32 | idx:u64 | term:u64 | command |
 len:u32``; a zero length ends the log (preallocated space reads as zeros). Compaction
 (``deleteEntriesTo``) records the first live index in the side file and rewrites the file only when
@@ -60,6 +67,8 @@ class SyncedJournal(Journal):  # type: ignore[misc]
         self._lock = threading.Lock()
         self.low_space = False
         self._meta_dirty = False
+        # Position deleteEntriesFrom marked; entries from it stay until an add conflicts with them.
+        self._pending_from: int | None = None
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         self._meta_fd = os.open(self._meta_path, os.O_RDWR | os.O_CREAT, 0o600)
         self._meta = self._read_meta()
@@ -144,6 +153,17 @@ class SyncedJournal(Journal):  # type: ignore[misc]
     # ---------------------------------------------------------------- Journal
 
     def add(self, command: bytes, idx: int, term: int) -> None:
+        pos = self._pending_from
+        if pos is not None:
+            if pos < len(self._entries) and self._entries[pos][1] == idx:
+                if self._entries[pos][2] == term:
+                    self._pending_from = pos + 1  # the same entry (Raft's log matching): keep it
+                    return
+                log.warning(
+                    "raft log conflict at index %d: dropping %d entries", idx, len(self._entries) - pos
+                )
+                self._truncate(pos)
+            self._pending_from = None
         body = _IDX_TERM.pack(idx, term) + bytes(command)
         record = _LEN.pack(len(body)) + body + _LEN.pack(len(body))
         # The zero length after the record ends the log until the next append overwrites it.
@@ -154,6 +174,7 @@ class SyncedJournal(Journal):  # type: ignore[misc]
             self._reserve()
 
     def clear(self) -> None:
+        self._pending_from = None
         self._entries = []
         self._end = len(_HEADER)
         self._write(self._end, _LEN.pack(0))
@@ -165,14 +186,17 @@ class SyncedJournal(Journal):  # type: ignore[misc]
         return len(self._entries)
 
     def deleteEntriesFrom(self, entryFrom: int) -> None:  # noqa: N802 (pysyncobj's name)
-        if entryFrom >= len(self._entries):
-            return
+        """Mark: the entries from ``entryFrom`` go only if an add conflicts with them (see above)."""
+        self._pending_from = entryFrom if 0 <= entryFrom < len(self._entries) else None
+
+    def _truncate(self, entryFrom: int) -> None:
         drop = self._entries[entryFrom:]
         del self._entries[entryFrom:]
         self._end -= sum(len(c) + _IDX_TERM.size + 2 * _LEN.size for c, _, _ in drop)
         self._write(self._end, _LEN.pack(0))
 
     def deleteEntriesTo(self, entryTo: int) -> None:  # noqa: N802
+        self._pending_from = None
         if entryTo <= 0:
             return
         del self._entries[:entryTo]
@@ -234,6 +258,9 @@ class SyncedJournal(Journal):  # type: ignore[misc]
             os._exit(75)
 
     def setRaftCommitIndex(self, raftCommitIndex: int) -> None:  # noqa: N802
+        # pysyncobj calls this at the end of every append it handles: a mark left by an append
+        # whose entries all matched ends here.
+        self._pending_from = None
         self._meta["commit"] = raftCommitIndex
         self._meta_dirty = True
 

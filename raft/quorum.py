@@ -246,6 +246,18 @@ def _create_journal(path: str | None = None) -> Any:
 _pysyncobj_module.createJournal = _create_journal
 
 
+class _DropMatchedTruncationNotice(logging.Filter):
+    """pysyncobj logs CRITICAL "truncating already-applied log entries" whenever an append overlaps
+    entries a follower holds; our journal keeps matching entries (journal.py) and logs a real
+    conflict itself, so the notice is noise that would bury real warnings."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("truncating already-applied log entries")
+
+
+logging.getLogger(_pysyncobj_module.__name__).addFilter(_DropMatchedTruncationNotice())
+
+
 class _Raft(SyncObj):  # type: ignore[misc]
     """The pysyncobj object. Its one replicated method carries encoded command bytes only."""
 

@@ -95,3 +95,27 @@ def test_no_space_to_reserve_turns_on_low_space_and_appends_still_land(
     again = SyncedJournal(path)
     assert entries(again) == want and not again.low_space
     again._destroy()
+
+
+def test_an_overlapping_append_keeps_matching_entries_and_a_conflict_truncates(tmp_path: Path) -> None:
+    path = str(tmp_path / "raft.wal")
+    j = SyncedJournal(path)
+    for i in range(1, 11):
+        j.add(b"e%d" % i, i, 1)
+    before = entries(j)
+    # A late append overlapping what the follower holds: pysyncobj asks to delete from its
+    # prevLogIdx on, then re-adds the same entries, or fewer of them. Nothing acknowledged goes.
+    j.deleteEntriesFrom(5)
+    j.add(b"e6", 6, 1)
+    j.setRaftCommitIndex(8)
+    assert entries(j) == before
+    j.deleteEntriesFrom(5)
+    j.setRaftCommitIndex(8)
+    assert entries(j) == before
+    # A real conflict (same index, another term) drops the suffix from there.
+    j.deleteEntriesFrom(5)
+    j.add(b"e6", 6, 1)
+    j.add(b"other-7", 7, 2)
+    assert entries(j) == before[:6] + [(b"other-7", 7, 2)]
+    j._destroy()
+    assert entries(SyncedJournal(path)) == before[:6] + [(b"other-7", 7, 2)]
