@@ -244,7 +244,8 @@ class Admin:
         """The registered nodes (fenced or not), the active controller, and the Raft state of the
         voter that answered: any voter answers, from its own applied metadata.
 
-        ``cluster_id`` comes from a Metadata request to any node; it is None when none answers it.
+        ``cluster_id`` comes with the voter's answer; from a voter that does not send it, it comes
+        from a Metadata request to any node, and is None when none answers that.
         """
         answer: controller_pb2.DescribeClusterResponse = self._call_controller(
             "DescribeCluster",
@@ -253,10 +254,12 @@ class Admin:
             ),
             active_only=False,
         )
-        try:
-            cluster_id: str | None = self._metadata([]).cluster_id or None
-        except HeadwaterError:
-            cluster_id = None
+        cluster_id: str | None = answer.cluster_id or None
+        if cluster_id is None:
+            try:
+                cluster_id = self._metadata([]).cluster_id or None
+            except HeadwaterError:
+                cluster_id = None
         nodes = tuple(
             NodeDescription(n.node_id, n.host, n.port, n.rack, n.fenced, n.broker_epoch)
             for n in sorted(answer.nodes, key=lambda n: n.node_id)

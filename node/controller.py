@@ -45,7 +45,7 @@ from headwater.raft.commands import (
     encode_command,
 )
 from headwater.raft.controller import DEFAULT_HEARTBEAT_INTERVAL_MS, ActiveController, Refusal
-from headwater.raft.metadata import ClusterMetadata, Result
+from headwater.raft.metadata import ClusterMetadata, PartitionRecord, Result, TopicRecord, choose_leader
 from headwater.raft.quorum import MetadataQuorum, QuorumError
 from headwater.v1 import errors_pb2
 
@@ -62,6 +62,7 @@ __all__ = [
     "DEFAULT_MAX_QUEUED_COMMANDS",
     "DEFAULT_MAX_IN_FLIGHT",
     "DEFAULT_MAX_RETAINED_DELTAS",
+    "MAX_ELECT_PARTITIONS",
 ]
 
 log = logging.getLogger("headwater.node.controller")
@@ -74,6 +75,8 @@ DEFAULT_MAX_QUEUED_COMMANDS = 4096
 DEFAULT_MAX_IN_FLIGHT = 128
 # Applied commands a voter keeps for WatchMetadata; an older offset gets a snapshot first.
 DEFAULT_MAX_RETAINED_DELTAS = 10_000
+# Distinct partitions one ElectLeaders request may name; a longer list is refused as INVALID_REQUEST.
+MAX_ELECT_PARTITIONS = 10_000
 
 
 def default_controller_factory(metadata: ClusterMetadata) -> ActiveController:
@@ -206,6 +209,32 @@ class _Queued:
 _NOT_ACTIVE = "this voter is not the active controller"
 
 
+# ---------------------------------------------------------------------------------- elections
+
+
+def _election_needed(p: PartitionRecord, preferred: bool) -> bool:
+    """Preferred: the first replica does not lead. Otherwise: nothing leads."""
+    return bool(p.leader != p.replicas[0] if preferred else p.leader == NO_LEADER)
+
+
+def _election_refusal(
+    t: TopicRecord, p: PartitionRecord, live: set[int], preferred: bool
+) -> tuple[int, str] | None:
+    """Why the state machine would reject this election (error code, message), or None when it
+    would take it. The same rule it applies (``choose_leader`` with the topic's unclean setting):
+    the preferred replica can lead exactly when ``choose_leader`` picks it, and a leaderless
+    partition can have a leader exactly when it picks anyone."""
+    leader, _ = choose_leader(p.replicas, p.isr, live, t.unclean_allowed())
+    if preferred and leader != p.replicas[0]:
+        first = p.replicas[0]
+        if first not in live:
+            return E.ERROR_CODE_INELIGIBLE_REPLICA, f"preferred replica {first} is fenced"
+        return E.ERROR_CODE_INELIGIBLE_REPLICA, f"preferred replica {first} is not in the ISR {list(p.isr)}"
+    if not preferred and leader == NO_LEADER:
+        return E.ERROR_CODE_LEADER_NOT_AVAILABLE, "no replica is eligible to lead"
+    return None
+
+
 # ---------------------------------------------------------------------------------- the runtime
 
 
@@ -246,6 +275,8 @@ class ControllerRuntime:
         self._tasks: list[asyncio.Task[None]] = []
         self._in_flight: set[asyncio.Task[None]] = set()
         self._stopped = False
+        # The cluster's id for DescribeCluster; set by whoever knows it, "" while unknown.
+        self.cluster_id: str = ""
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -468,20 +499,32 @@ class ControllerRuntime:
         self, partitions: Iterable[tuple[bytes, int]] | None, preferred: bool
     ) -> Outcome | list[ElectionOutcome]:
         """Preferred: move leadership to each partition's first replica. Otherwise: elect the first
-        live ISR member of each leaderless partition. ``None`` means every partition that needs it."""
+        live ISR member of each leaderless partition. ``None`` means every partition that needs it
+        and can have it. One answer per distinct partition, in the order first named.
+
+        An election the state machine would reject (``_election_refusal``) is answered here and not
+        proposed, so it takes no metadata offset. The whole request is NOT_CONTROLLER when every
+        election it proposed failed with NOT_CONTROLLER (leadership was lost midway)."""
+        wanted: list[tuple[bytes, int]] | None = None
+        if partitions is not None:
+            # Deduplicated first: the same partition named twice must not give two ElectLeaders.
+            wanted = list(dict.fromkeys(partitions))
+            if len(wanted) > MAX_ELECT_PARTITIONS:
+                return Outcome(
+                    E.ERROR_CODE_INVALID_REQUEST,
+                    f"the request names {len(wanted)} partitions; the limit is {MAX_ELECT_PARTITIONS}",
+                )
         if self._check_role() is None:
             return Outcome(E.ERROR_CODE_NOT_CONTROLLER, _NOT_ACTIVE)
         md = self.quorum.metadata
-        wanted: list[tuple[bytes, int]]
-        if partitions is None:
+        live = md.unfenced_nodes()
+        if wanted is None:
             wanted = [
                 (tid, i)
                 for tid, t in sorted(md.topics.items())
                 for i, p in enumerate(t.partitions)
-                if (p.leader != p.replicas[0] if preferred else p.leader == NO_LEADER)
+                if _election_needed(p, preferred) and _election_refusal(t, p, live, preferred) is None
             ]
-        else:
-            wanted = list(partitions)
         out: list[ElectionOutcome | None] = []
         commands: list[Command] = []
         for tid, i in wanted:
@@ -490,24 +533,30 @@ class ControllerRuntime:
                 out.append(
                     ElectionOutcome(tid, i, E.ERROR_CODE_UNKNOWN_TOPIC_OR_PARTITION, "no such partition")
                 )
-            elif (p.leader == p.replicas[0]) if preferred else (p.leader != NO_LEADER):
+            elif not _election_needed(p, preferred):
                 out.append(
                     ElectionOutcome(
                         tid, i, E.ERROR_CODE_NONE, "election not needed", p.leader, p.leader_epoch
                     )
                 )
+            elif (refusal := _election_refusal(md.topics[tid], p, live, preferred)) is not None:
+                out.append(ElectionOutcome(tid, i, *refusal))
             else:
                 commands.append(
                     ElectLeader(tid, i, p.replicas[0] if preferred else NO_LEADER, p.leader_epoch)
                 )
                 out.append(None)
-        outcomes = iter(await self._run(commands))
+        outcomes = await self._run(commands)
+        if outcomes and all(o.error_code == E.ERROR_CODE_NOT_CONTROLLER for o in outcomes):
+            # Leadership was lost midway: the caller asks the new controller for the whole request.
+            return Outcome(E.ERROR_CODE_NOT_CONTROLLER, "this voter stopped being the active controller")
+        proposed = iter(outcomes)
         results: list[ElectionOutcome] = []
         for (tid, i), done in zip(wanted, out, strict=True):
             if done is not None:
                 results.append(done)
                 continue
-            o = next(outcomes)
+            o = next(proposed)
             r = o.result
             if r is not None and r.ok:
                 results.append(
@@ -581,6 +630,7 @@ class ControllerRuntime:
             "commit_index": status["commit_index"],
             "metadata_offset": status["metadata_offset"],
             "voters": status["voters"],
+            "cluster_id": self.cluster_id,
         }
 
     async def watch(

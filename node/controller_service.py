@@ -177,6 +177,7 @@ class ControllerServiceServicer:
             metadata_offset=int(d["metadata_offset"]),
             voters={int(k): str(v) for k, v in voters.items()},
             controller=self._hint(),
+            cluster_id=str(d["cluster_id"]),
         )
 
     async def WatchMetadata(

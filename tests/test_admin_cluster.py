@@ -64,8 +64,10 @@ class MetadataServicer(client_pb2_grpc.HeadwaterServiceServicer):
 
     def __init__(self, runtime: ControllerRuntime) -> None:
         self.runtime = runtime
+        self.calls = 0
 
     async def Metadata(self, request: Any, context: Any) -> Any:  # noqa: N802 - the gRPC method name
+        self.calls += 1
         md = self.runtime.quorum.metadata
         resp = client_pb2.MetadataResponse(
             cluster_id=CLUSTER_ID,
@@ -104,6 +106,7 @@ class Cluster:
         self.thread = threading.Thread(target=self.loop.run_forever, name="voters-loop", daemon=True)
         self.v = Voters(root, 3)
         self.addresses: dict[int, str] = {}
+        self.metadata_servicers: dict[int, MetadataServicer] = {}
         self.epochs: dict[int, int] = {}
         self.alive: set[int] = set()
         self.keep_alive: asyncio.Task[None] | None = None
@@ -138,7 +141,8 @@ class Cluster:
         server = grpc.aio.server()
         runtime = self.v.runtimes[node_id]
         add_controller_to_server(ControllerServiceServicer(runtime), server)
-        client_pb2_grpc.add_HeadwaterServiceServicer_to_server(MetadataServicer(runtime), server)  # type: ignore[no-untyped-call]
+        self.metadata_servicers[node_id] = MetadataServicer(runtime)
+        client_pb2_grpc.add_HeadwaterServiceServicer_to_server(self.metadata_servicers[node_id], server)  # type: ignore[no-untyped-call]
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         self.v.servers[node_id] = server
@@ -245,6 +249,25 @@ def test_describe_cluster_lists_nodes_with_fence_state_and_the_controller_from_a
             assert n.broker_epoch == cluster.epochs[n.node_id]
             if n.node_id in cluster.addresses:
                 assert n.address == cluster.addresses[n.node_id]
+
+
+def test_describe_cluster_takes_the_cluster_id_from_the_voter_without_a_metadata_request(
+    cluster: Cluster,
+) -> None:
+    answering = cluster.follower()
+    with Admin(cluster.addresses[answering], request_timeout_ms=10_000) as admin:
+        # A voter that does not know the cluster id yet: the client asks Metadata for it.
+        assert admin.describe_cluster().cluster_id == CLUSTER_ID
+        for rt in cluster.v.runtimes.values():
+            rt.cluster_id = "known-to-the-voters"
+        try:
+            calls = sum(s.calls for s in cluster.metadata_servicers.values())
+            d = admin.describe_cluster()
+            assert sum(s.calls for s in cluster.metadata_servicers.values()) == calls
+        finally:
+            for rt in cluster.v.runtimes.values():
+                rt.cluster_id = ""
+    assert d.cluster_id == "known-to-the-voters" and d.answered_by == answering
 
 
 # ------------------------------------------------------------------------------- elections

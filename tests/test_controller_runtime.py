@@ -12,12 +12,29 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import grpc
+import pytest
 
-from headwater.node.controller import ControllerRuntime, MetadataFeed, monotonic_ms
+from headwater.node.controller import (
+    MAX_ELECT_PARTITIONS,
+    ControllerRuntime,
+    ElectionOutcome,
+    MetadataFeed,
+    _election_needed,
+    _election_refusal,
+    monotonic_ms,
+)
 from headwater.node.controller_service import ControllerServiceServicer, add_controller_to_server
-from headwater.raft.commands import AlterPartition, decode_command
+from headwater.raft.commands import (
+    NO_LEADER,
+    AlterPartition,
+    Command,
+    CreateTopic,
+    ElectLeader,
+    FenceNode,
+    decode_command,
+)
 from headwater.raft.controller import ActiveController
-from headwater.raft.metadata import ClusterMetadata
+from headwater.raft.metadata import ClusterMetadata, NodeRecord, PartitionRecord, Result, TopicRecord
 from headwater.raft.quorum import MetadataQuorum, QuorumSettings
 from headwater.v1 import controller_pb2 as pb
 from headwater.v1 import controller_pb2_grpc, errors_pb2
@@ -50,10 +67,17 @@ async def eventually(pred: Callable[[], bool], timeout_s: float = 10.0, what: st
 
 
 class Voters:
-    """Quorum voters with a controller runtime each, on one loop; everything is closed at the end."""
+    """Quorum voters with a controller runtime each, on one loop; everything is closed at the end.
+    ``controller_factory`` defaults to this module's ``factory``."""
 
-    def __init__(self, root: Path, size: int) -> None:
+    def __init__(
+        self,
+        root: Path,
+        size: int,
+        controller_factory: Callable[[ClusterMetadata], ActiveController] | None = None,
+    ) -> None:
         self.root = root
+        self.controller_factory = controller_factory
         self.voters = {i: f"127.0.0.1:{free_port()}" for i in range(1, size + 1)}
         self.quorums: dict[int, MetadataQuorum] = {}
         self.runtimes: dict[int, ControllerRuntime] = {}
@@ -73,7 +97,14 @@ class Voters:
             settings=FAST,
         )
         self.quorums[node_id] = q
-        rt = ControllerRuntime(q, factory, monotonic_ms, loop, feed=feed, tick_interval_ms=HEARTBEAT_MS // 2)
+        rt = ControllerRuntime(
+            q,
+            self.controller_factory or factory,
+            monotonic_ms,
+            loop,
+            feed=feed,
+            tick_interval_ms=HEARTBEAT_MS // 2,
+        )
         rt.start()
         self.runtimes[node_id] = rt
         return rt
@@ -110,8 +141,10 @@ class Voters:
 
 
 @asynccontextmanager
-async def voters(root: Path, size: int) -> AsyncIterator[Voters]:
-    v = Voters(root, size)
+async def voters(
+    root: Path, size: int, controller_factory: Callable[[ClusterMetadata], ActiveController] | None = None
+) -> AsyncIterator[Voters]:
+    v = Voters(root, size, controller_factory)
     try:
         for i in v.voters:
             v.start(i)
@@ -398,3 +431,263 @@ def test_metadata_feed_wakes_every_watcher_that_took_the_event_before_an_apply()
         return time.monotonic() - started
 
     assert asyncio.run(scenario()) < 1.0
+
+
+# ------------------------------------------------------------------------------- elections
+
+
+def patient_factory(metadata: ClusterMetadata) -> ActiveController:
+    """No lease runs out and no leader is moved back by the controller itself during a test, so only
+    the test's own requests change the metadata (and its offset)."""
+    return ActiveController(
+        metadata,
+        random.Random(7),
+        heartbeat_interval_ms=HEARTBEAT_MS,
+        session_timeout_ms=60_000,
+        leader_balance_interval_ms=3_600_000,
+    )
+
+
+async def propose(rt: ControllerRuntime, cmd: Command) -> Result:
+    result = await rt.quorum.propose_async(cmd, 10.0)
+    assert result.ok, result
+    return result
+
+
+async def election_topics(rt: ControllerRuntime) -> dict[str, bytes]:
+    """Nodes 1-3 registered and unfenced, then node 3 fenced, and a one-partition topic in each state
+    an election can meet; returns their topic ids by name:
+
+    - ``displaced``: replicas (1, 2), led by 2: a preferred election moves it back to 1.
+    - ``fenced-preferred``: replicas (3, 1), led by 1 since its preferred replica 3 was fenced.
+    - ``out-of-sync``: replicas (2, 1), led by 1 with ISR (1,): 2 is unfenced but not in sync.
+    - ``offline``: replicas (3,), no leader: its only replica is fenced.
+    """
+    epochs = {i: await register(rt, i) for i in (1, 2, 3)}
+    for i, e in epochs.items():
+        assert not (await rt.heartbeat(i, e)).is_fenced
+    ids: dict[str, bytes] = {}
+    for name, replicas in (
+        ("displaced", (1, 2)),
+        ("fenced-preferred", (3, 1)),
+        ("out-of-sync", (2, 1)),
+        ("offline", (3,)),
+    ):
+        ids[name] = uuid.uuid4().bytes
+        await propose(rt, CreateTopic(name, ids[name], (replicas,)))
+
+    def part(name: str) -> PartitionRecord:
+        p = rt.quorum.metadata.partition(ids[name], 0)
+        assert p is not None
+        return p
+
+    await propose(rt, ElectLeader(ids["displaced"], 0, 2, part("displaced").leader_epoch))
+    await propose(rt, ElectLeader(ids["out-of-sync"], 0, 1, part("out-of-sync").leader_epoch))
+    p = part("out-of-sync")
+    await propose(
+        rt, AlterPartition(ids["out-of-sync"], 0, 1, epochs[1], p.leader_epoch, p.partition_epoch, (1,))
+    )
+    await propose(rt, FenceNode(3, epochs[3]))
+    assert (part("displaced").leader, part("displaced").isr) == (2, (1, 2))
+    assert (part("fenced-preferred").leader, part("fenced-preferred").isr) == (1, (1,))
+    assert (part("out-of-sync").leader, part("out-of-sync").isr) == (1, (1,))
+    assert (part("offline").leader, part("offline").isr) == (NO_LEADER, (3,))
+    return ids
+
+
+def summary(results: object) -> list[tuple[bytes, int, int, int]]:
+    assert isinstance(results, list), results
+    return [
+        (r.topic_id, r.partition, r.error_code, r.leader_id)
+        for r in results
+        if isinstance(r, ElectionOutcome)
+    ]
+
+
+def test_electing_every_partition_proposes_only_elections_that_can_succeed(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with voters(tmp_path, 1, patient_factory) as v:
+            _, rt = await v.active()
+            ids = await election_topics(rt)
+            offset = rt.quorum.metadata_offset
+            # ``offline`` is leaderless but nothing can lead it: not an election this request needs.
+            assert await rt.elect_leaders(None, preferred=False) == []
+            assert rt.quorum.metadata_offset == offset
+            # Preferred: ``fenced-preferred`` and ``out-of-sync`` cannot move to their first replica.
+            results = await rt.elect_leaders(None, preferred=True)
+            assert summary(results) == [(ids["displaced"], 0, E.ERROR_CODE_NONE, 1)]
+            assert rt.quorum.metadata_offset == offset + 1  # one ElectLeader, and no rejected ones
+
+    run(main)
+
+
+def test_named_elections_that_cannot_succeed_are_answered_without_a_proposal(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with voters(tmp_path, 1, patient_factory) as v:
+            _, rt = await v.active()
+            ids = await election_topics(rt)
+            before = rt.quorum.metadata
+            names = ("fenced-preferred", "out-of-sync", "offline")
+            results = await rt.elect_leaders([(ids[n], 0) for n in names], preferred=True)
+            assert summary(results) == [
+                (ids[n], 0, E.ERROR_CODE_INELIGIBLE_REPLICA, NO_LEADER) for n in names
+            ]
+            assert isinstance(results, list)
+            assert [r.message for r in results] == [
+                "preferred replica 3 is fenced",
+                "preferred replica 2 is not in the ISR [1]",
+                "preferred replica 3 is fenced",
+            ]
+            results = await rt.elect_leaders([(ids["offline"], 0)], preferred=False)
+            assert summary(results) == [(ids["offline"], 0, E.ERROR_CODE_LEADER_NOT_AVAILABLE, NO_LEADER)]
+            assert rt.quorum.metadata_offset == before.metadata_offset
+            assert rt.quorum.metadata == before
+
+    run(main)
+
+
+def test_a_partition_named_twice_is_elected_once_and_answered_once(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with voters(tmp_path, 1, patient_factory) as v:
+            _, rt = await v.active()
+            ids = await election_topics(rt)
+            offset = rt.quorum.metadata_offset
+            displaced, unknown = (ids["displaced"], 0), (uuid.uuid4().bytes, 0)
+            results = await rt.elect_leaders(
+                [displaced, displaced, unknown, displaced, unknown], preferred=True
+            )
+            assert summary(results) == [
+                (*displaced, E.ERROR_CODE_NONE, 1),
+                (*unknown, E.ERROR_CODE_UNKNOWN_TOPIC_OR_PARTITION, NO_LEADER),
+            ]
+            # A second ElectLeader would take an offset too (rejected on its stale leader epoch).
+            assert rt.quorum.metadata_offset == offset + 1
+
+    run(main)
+
+
+def test_losing_leadership_midway_answers_not_controller_for_the_whole_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def main() -> None:
+        async with voters(tmp_path, 1, patient_factory) as v:
+            _, rt = await v.active()
+            ids = await election_topics(rt)
+            address = await v.serve(1)
+            q = v.quorums[1]
+            offset = q.metadata_offset
+            propose_async = q.propose_async
+
+            async def lose_leadership_first(cmd: Command, timeout_s: float) -> Result:
+                q.close()  # the voter stops, and its leadership with it, while the elections are queued
+                return await propose_async(cmd, timeout_s)
+
+            monkeypatch.setattr(q, "propose_async", lose_leadership_first)
+            # One election to propose, one answered without a proposal, one unknown partition: the
+            # answers of the last two go too, and the caller asks the new controller for all three.
+            wanted = [(ids["displaced"], 0), (ids["out-of-sync"], 0), (uuid.uuid4().bytes, 0)]
+            async with grpc.aio.insecure_channel(address) as ch:
+                stub = controller_pb2_grpc.ControllerServiceStub(ch)
+                r = await stub.ElectLeaders(
+                    pb.ElectLeadersRequest(
+                        partitions=[pb.TopicPartition(topic_id=t, partition=i) for t, i in wanted],
+                        preferred=True,
+                    )
+                )
+            assert r.error_code == E.ERROR_CODE_NOT_CONTROLLER, r
+            assert r.HasField("controller")
+            assert r.controller.controller_id == rt.controller_hint()[0]
+            assert not r.results
+            assert not rt.active
+            assert q.metadata_offset == offset
+
+    run(main)
+
+
+def test_elect_leaders_refuses_more_partitions_than_the_limit_in_one_request(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with voters(tmp_path, 1, patient_factory) as v:
+            _, rt = await v.active()
+            address = await v.serve(1)
+            offset = rt.quorum.metadata_offset
+            tid = uuid.uuid4().bytes
+
+            def request(partitions: range) -> pb.ElectLeadersRequest:
+                return pb.ElectLeadersRequest(
+                    partitions=[pb.TopicPartition(topic_id=tid, partition=i) for i in partitions]
+                )
+
+            async with grpc.aio.insecure_channel(address) as ch:
+                stub = controller_pb2_grpc.ControllerServiceStub(ch)
+                r = await stub.ElectLeaders(request(range(MAX_ELECT_PARTITIONS + 1)))
+                assert r.error_code == E.ERROR_CODE_INVALID_REQUEST, r.error_message
+                assert str(MAX_ELECT_PARTITIONS) in r.error_message
+                assert not r.results and not r.HasField("controller")
+                # The limit counts distinct partitions: repeats of one do not add up.
+                repeated = pb.ElectLeadersRequest(
+                    partitions=[pb.TopicPartition(topic_id=tid, partition=0)] * (MAX_ELECT_PARTITIONS + 1)
+                )
+                r = await stub.ElectLeaders(repeated)
+                assert r.error_code == E.ERROR_CODE_NONE and len(r.results) == 1
+                r = await stub.ElectLeaders(request(range(MAX_ELECT_PARTITIONS)))
+                assert r.error_code == E.ERROR_CODE_NONE and len(r.results) == MAX_ELECT_PARTITIONS
+                assert {x.error_code for x in r.results} == {E.ERROR_CODE_UNKNOWN_TOPIC_OR_PARTITION}
+            assert rt.quorum.metadata_offset == offset
+
+    run(main)
+
+
+def test_describe_cluster_carries_the_cluster_id_the_runtime_was_given(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with voters(tmp_path, 1) as v:
+            _, rt = await v.active()
+            address = await v.serve(1)
+            async with grpc.aio.insecure_channel(address) as ch:
+                stub = controller_pb2_grpc.ControllerServiceStub(ch)
+                r = await stub.DescribeCluster(pb.DescribeClusterRequest())
+                assert r.error_code == E.ERROR_CODE_NONE and r.cluster_id == ""  # not known yet
+                rt.cluster_id = "cluster-7"
+                r = await stub.DescribeCluster(pb.DescribeClusterRequest())
+                assert r.cluster_id == "cluster-7"
+            assert rt.describe()["cluster_id"] == "cluster-7"
+
+    run(main)
+
+
+def test_an_election_is_skipped_exactly_when_the_state_machine_would_reject_it() -> None:
+    """``_election_refusal`` against ``ClusterMetadata.apply`` over random partition states (fenced
+    replicas, short ISRs, leaderless partitions, unclean topics): it refuses exactly the elections
+    the state machine rejects, with the same error code."""
+    rng = random.Random(20240611)
+    checked = {True: 0, False: 0}
+    refused = {True: 0, False: 0}
+    for _ in range(2000):
+        md = ClusterMetadata()
+        md.metadata_offset = 10
+        for node_id in (1, 2, 3, 4):
+            md.nodes[node_id] = NodeRecord(node_id, bytes([node_id]) * 16, "h", 1, "", 0, rng.random() < 0.4)
+        live = md.unfenced_nodes()
+        replicas = tuple(rng.sample([1, 2, 3, 4], rng.randint(1, 3)))
+        isr = tuple(r for r in replicas if rng.random() < 0.6 and r in live) or (rng.choice(replicas),)
+        leaders = [r for r in isr if r in live]
+        leader = rng.choice([NO_LEADER, *leaders])
+        unclean = rng.random() < 0.5
+        tid = b"\x01" * 16
+        configs = (("unclean_leader_election_enable", "true"),) if unclean else ()
+        partition = PartitionRecord(replicas, isr, leader, 0, 0)
+        topic = TopicRecord("t", tid, (partition,), configs)
+        md.topics[tid], md.topic_ids["t"] = topic, tid
+        md.check_invariants()
+        for preferred in (True, False):
+            if not _election_needed(partition, preferred):
+                continue
+            refusal = _election_refusal(topic, partition, live, preferred)
+            applied = ClusterMetadata.from_snapshot(md.to_snapshot())
+            result = applied.apply(ElectLeader(tid, 0, replicas[0] if preferred else NO_LEADER, 0))
+            assert (refusal is None) == result.ok, (partition, unclean, preferred, refusal, result)
+            if refusal is not None:
+                assert refusal[0] == result.error_code
+                refused[preferred] += 1
+            checked[preferred] += 1
+    # Every kind of case came up: elections taken and refused, preferred and not.
+    assert all(checked[p] > refused[p] > 0 for p in (True, False)), (checked, refused)

@@ -157,7 +157,7 @@ class DescribeClusterRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DescribeClusterResponse(_message.Message):
-    __slots__ = ("error_code", "error_message", "nodes", "controller_id", "answered_by", "raft_term", "commit_index", "metadata_offset", "voters", "controller")
+    __slots__ = ("error_code", "error_message", "nodes", "controller_id", "answered_by", "raft_term", "commit_index", "metadata_offset", "voters", "controller", "cluster_id")
     class VotersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -175,6 +175,7 @@ class DescribeClusterResponse(_message.Message):
     METADATA_OFFSET_FIELD_NUMBER: _ClassVar[int]
     VOTERS_FIELD_NUMBER: _ClassVar[int]
     CONTROLLER_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
     error_code: _errors_pb2.ErrorCode
     error_message: str
     nodes: _containers.RepeatedCompositeFieldContainer[_client_pb2.NodeInfo]
@@ -185,7 +186,8 @@ class DescribeClusterResponse(_message.Message):
     metadata_offset: int
     voters: _containers.ScalarMap[int, str]
     controller: ControllerHint
-    def __init__(self, error_code: _Optional[_Union[_errors_pb2.ErrorCode, str]] = ..., error_message: _Optional[str] = ..., nodes: _Optional[_Iterable[_Union[_client_pb2.NodeInfo, _Mapping]]] = ..., controller_id: _Optional[int] = ..., answered_by: _Optional[int] = ..., raft_term: _Optional[int] = ..., commit_index: _Optional[int] = ..., metadata_offset: _Optional[int] = ..., voters: _Optional[_Mapping[int, str]] = ..., controller: _Optional[_Union[ControllerHint, _Mapping]] = ...) -> None: ...
+    cluster_id: str
+    def __init__(self, error_code: _Optional[_Union[_errors_pb2.ErrorCode, str]] = ..., error_message: _Optional[str] = ..., nodes: _Optional[_Iterable[_Union[_client_pb2.NodeInfo, _Mapping]]] = ..., controller_id: _Optional[int] = ..., answered_by: _Optional[int] = ..., raft_term: _Optional[int] = ..., commit_index: _Optional[int] = ..., metadata_offset: _Optional[int] = ..., voters: _Optional[_Mapping[int, str]] = ..., controller: _Optional[_Union[ControllerHint, _Mapping]] = ..., cluster_id: _Optional[str] = ...) -> None: ...
 
 class WatchMetadataRequest(_message.Message):
     __slots__ = ("from_offset",)
