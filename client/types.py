@@ -142,7 +142,8 @@ class ClusterDescription:
     """The cluster as one voter of the metadata quorum sees it (``answered_by``), from its applied
     metadata. ``controller_id`` is -1 while no active controller is known. ``commit_index`` is the Raft
     commit index, which counts entries that are not metadata commands, so it is not an offset.
-    ``cluster_id`` is None when no node answered the Metadata request it comes from."""
+    ``cluster_id`` comes from the voter's answer (or, from a voter that does not send it, a Metadata
+    request); it is None when neither gave one."""
 
     cluster_id: str | None
     controller_id: int

@@ -78,6 +78,8 @@ async def run_node(config: NodeConfig, stop: asyncio.Event) -> None:
         link = ClusterLink(config, broker, asyncio.get_running_loop())
         broker.catalog.cluster_id = _cluster_id(link, store)
         controller_servicer = link.start_voter()
+        if link.runtime is not None:
+            link.runtime.cluster_id = broker.catalog.cluster_id
         metrics = NodeMetrics(broker)
         server = grpc.aio.server(options=grpc_server_options(config))
         add_to_server(HeadwaterService(broker, metrics, link), server)

@@ -393,3 +393,12 @@ def test_sigterm_moves_leaderships_away_before_the_node_stops(make_cluster: Call
     assert all(leaders(md, "handover")[i] not in (stopping, -1) for i in led), leaders(md, "handover")
     assert next(n for n in md.nodes if n.node_id == stopping).fenced
     assert took < 10
+
+
+def test_cluster_describe_and_metadata_agree_on_the_cluster_id(make_cluster: Callable[..., Cluster]) -> None:
+    c = make_cluster(3)
+    c.start()
+    ids = {c.describe(i).cluster_id for i in c.nodes} | {c.metadata(i).cluster_id for i in c.nodes}
+    assert len(ids) == 1 and ids != {""}
+    with Admin(c.bootstrap) as admin:
+        assert admin.describe_cluster().cluster_id in ids
