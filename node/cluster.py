@@ -43,7 +43,7 @@ from headwater.config import ConfigError, NodeConfig, read_cluster_secret
 from headwater.node.auth import NodeAuth
 from headwater.node.broker import Broker
 from headwater.node.controller import ControllerRuntime, MetadataFeed, monotonic_ms
-from headwater.node.controller_service import ControllerServiceServicer
+from headwater.node.controller_service import BrokerControllerService, ControllerServiceServicer
 from headwater.raft.commands import NO_LEADER, decode_command
 from headwater.raft.controller import ActiveController
 from headwater.raft.metadata import ClusterMetadata
@@ -130,15 +130,22 @@ class ClusterLink:
 
     # ---------------------------------------------------------------- lifecycle
 
-    def start_voter(self) -> ControllerServiceServicer | None:
+    def start_voter(self, cluster_id: str = "") -> ControllerServiceServicer | BrokerControllerService:
         """Start this node's quorum voter and controller runtime; returns the ControllerService to
-        serve (None on a node that is not a voter). Blocks until the Raft port is bound."""
+        serve (on a node that is not a voter, one that describes the cluster from its image and
+        names the active controller). Blocks until the Raft port is bound."""
         if not self.is_voter:
             secret = read_cluster_secret(self.config)
             if not secret:
                 raise ConfigError("a node that is not a voter needs the cluster secret (cluster_secret_file)")
             self.auth = NodeAuth(secret)
-            return None
+            return BrokerControllerService(
+                self.config.node_id,
+                lambda: self.broker.image,
+                self.controller_hint,
+                self.voters,
+                lambda: cluster_id,
+            )
         os.makedirs(self.raft_dir, exist_ok=True)
         secret = read_cluster_secret(self.config)
         if not secret:
@@ -167,6 +174,7 @@ class ClusterLink:
             )
 
         self.runtime = ControllerRuntime(self.quorum, factory, monotonic_ms, self._loop, feed=self.feed)
+        self.runtime.cluster_id = cluster_id
         self.runtime.start()
         log.info(
             "node %d is a metadata voter on raft %s (voters %s)",
@@ -236,11 +244,22 @@ class ClusterLink:
         spec = ",".join(f"{i}@{a}" for i, a in sorted(self.voters.items()))
         return str(uuid.uuid5(uuid.NAMESPACE_URL, f"headwater:voters:{spec}"))
 
+    def controller_hint(self) -> tuple[int, str]:
+        """The active controller's id and client address as this node knows them (-1, "" if not)."""
+        if self.runtime is not None:
+            controller_id, hinted = self.runtime.controller_hint()
+            return int(controller_id), str(hinted)
+        address = self._hint_address
+        for n in self.broker.image.nodes.values():
+            if address and f"{n.host}:{n.port}" == address:
+                return n.node_id, address
+        return self._hinted_controller_id, address
+
     def controller_id(self) -> int:
         if self.quorum is not None:
             leader = self.quorum.leader_id
             return NO_LEADER if leader is None else int(leader)
-        return int(self._hinted_controller_id)
+        return int(self.controller_hint()[0])
 
     async def wait_for_offset(self, offset: int, timeout_s: float) -> bool:
         """Wait until this node's image has applied ``offset``; False on timeout."""

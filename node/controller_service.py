@@ -8,7 +8,7 @@ INVALID_ARGUMENT); everything else is an ``ErrorCode`` in the response.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -19,18 +19,21 @@ from headwater.node.auth import NodeAuth
 from headwater.node.controller import ControllerRuntime, FeedEntry, Outcome
 from headwater.node.rpc import Malformed, add_service
 from headwater.raft.commands import AlterPartition
+from headwater.raft.metadata import ClusterMetadata
 from headwater.v1 import client_pb2, controller_pb2, errors_pb2
 
 pb: Any = controller_pb2
 
-__all__ = ["ControllerServiceServicer", "add_controller_to_server", "SERVICE_NAME"]
+__all__ = ["ControllerServiceServicer", "BrokerControllerService", "add_controller_to_server", "SERVICE_NAME"]
 
 log = logging.getLogger("headwater.node.controller")
 E = errors_pb2
 SERVICE_NAME = controller_pb2.DESCRIPTOR.services_by_name["ControllerService"].full_name
 
 
-def add_controller_to_server(servicer: ControllerServiceServicer, server: grpc.aio.Server) -> None:
+def add_controller_to_server(
+    servicer: ControllerServiceServicer | BrokerControllerService, server: grpc.aio.Server
+) -> None:
     add_service(servicer, server, controller_pb2, "ControllerService")
 
 
@@ -254,3 +257,100 @@ class ControllerServiceServicer:
                 metadata_offset=offset,
             )
         return response_type(error_code=E.ERROR_CODE_NONE, response=resp, metadata_offset=offset)
+
+
+class BrokerControllerService:
+    """``ControllerService`` on a node that is not a voter: DescribeCluster from its metadata image
+    (no Raft state: term and commit index are -1), and NOT_CONTROLLER with the active controller it
+    last heard of for everything the controller alone does."""
+
+    def __init__(
+        self,
+        node_id: int,
+        image: Callable[[], ClusterMetadata],
+        hint: Callable[[], tuple[int, str]],
+        voters: dict[int, str],
+        cluster_id: Callable[[], str],
+    ) -> None:
+        self._node_id = node_id
+        self._image = image
+        self._hint_of = hint
+        self._voters = dict(voters)
+        self._cluster_id = cluster_id
+
+    def _hint(self) -> Any:
+        controller_id, address = self._hint_of()
+        return pb.ControllerHint(controller_id=controller_id, controller_address=address)
+
+    def _refusal(self, response_type: Any, **fields: Any) -> Any:
+        return response_type(
+            error_code=E.ERROR_CODE_NOT_CONTROLLER,
+            error_message=f"node {self._node_id} is not a voter of the metadata quorum",
+            controller=self._hint(),
+            **fields,
+        )
+
+    async def RegisterNode(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await _refuse_malformed(request, context)
+        return self._refusal(pb.RegisterNodeResponse, broker_epoch=-1)
+
+    async def NodeHeartbeat(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await _refuse_malformed(request, context)
+        return self._refusal(pb.NodeHeartbeatResponse, is_fenced=True, metadata_offset=-1)
+
+    async def AlterPartition(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await _refuse_malformed(request, context)
+        return self._refusal(pb.AlterPartitionResponse, leader_id=-1, leader_epoch=-1, partition_epoch=-1)
+
+    async def ElectLeaders(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await _refuse_malformed(request, context)
+        return self._refusal(pb.ElectLeadersResponse)
+
+    async def CreateTopics(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await _refuse_malformed(request, context)
+        return self._refusal(pb.ControllerServiceCreateTopicsResponse, metadata_offset=-1)
+
+    async def DeleteTopics(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await _refuse_malformed(request, context)
+        return self._refusal(pb.ControllerServiceDeleteTopicsResponse, metadata_offset=-1)
+
+    async def AlterConfigs(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await _refuse_malformed(request, context)
+        return self._refusal(pb.ControllerServiceAlterConfigsResponse, metadata_offset=-1)
+
+    async def WatchMetadata(
+        self, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        await _refuse_malformed(request, context)
+        await context.abort(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"node {self._node_id} is not a voter; watch the metadata on a voter {sorted(self._voters)}",
+        )
+        yield  # pragma: no cover (abort raises); makes this an async generator
+
+    async def DescribeCluster(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await _refuse_malformed(request, context)
+        image = self._image()
+        controller_id, _ = self._hint_of()
+        return pb.DescribeClusterResponse(
+            error_code=E.ERROR_CODE_NONE,
+            nodes=[
+                client_pb2.NodeInfo(
+                    node_id=n.node_id,
+                    host=n.host,
+                    port=n.port,
+                    rack=n.rack,
+                    fenced=n.fenced,
+                    broker_epoch=n.broker_epoch,
+                )
+                for n in sorted(image.nodes.values(), key=lambda n: n.node_id)
+            ],
+            controller_id=controller_id,
+            answered_by=self._node_id,
+            raft_term=-1,
+            commit_index=-1,
+            metadata_offset=image.metadata_offset,
+            voters=self._voters,
+            controller=self._hint(),
+            cluster_id=self._cluster_id(),
+        )

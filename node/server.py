@@ -77,16 +77,12 @@ async def run_node(config: NodeConfig, stop: asyncio.Event) -> None:
         broker = Broker(config, store)
         link = ClusterLink(config, broker, asyncio.get_running_loop())
         broker.catalog.cluster_id = _cluster_id(link, store)
-        controller_servicer = link.start_voter()
-        if link.runtime is not None:
-            link.runtime.cluster_id = broker.catalog.cluster_id
+        controller_servicer = link.start_voter(broker.catalog.cluster_id)
         metrics = NodeMetrics(broker)
         server = grpc.aio.server(options=grpc_server_options(config))
         add_to_server(HeadwaterService(broker, metrics, link), server)
-        services = [SERVICE_NAME]
-        if controller_servicer is not None:
-            add_controller_to_server(controller_servicer, server)
-            services.append(CONTROLLER_SERVICE_NAME)
+        add_controller_to_server(controller_servicer, server)
+        services = [SERVICE_NAME, CONTROLLER_SERVICE_NAME]
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(

@@ -343,6 +343,22 @@ def test_a_node_that_is_not_a_voter_follows_the_metadata_as_a_broker(
     c.nodes[2] = broker
     c.start()
     assert "metadata voter" not in broker.log()
+    # It describes the cluster from its image, and names the controller for what only it does.
+    d2 = c.describe(2)
+    assert d2.answered_by == 2 and d2.raft_term == -1 and sorted(n.node_id for n in d2.nodes) == [1, 2]
+    assert d2.cluster_id == c.describe(1).cluster_id != ""
+    with grpc.insecure_channel(broker.bootstrap) as ch:
+        refused = controller_pb2_grpc.ControllerServiceStub(ch).ElectLeaders(
+            controller_pb2.ElectLeadersRequest(preferred=True), timeout=5
+        )
+    assert refused.error_code == E.ERROR_CODE_NOT_CONTROLLER
+    assert (
+        refused.controller.controller_id == 1
+        and refused.controller.controller_address == c.nodes[1].bootstrap
+    )
+    with Admin(broker.bootstrap) as admin:
+        assert admin.describe_cluster().answered_by == 2
+        admin.elect_leaders(preferred=True)  # follows the hint to node 1
     with Admin(broker.bootstrap) as admin:  # forwarded to the controller on node 1
         admin.create_topics([NewTopic("both", partitions=4)])
     md = c.metadata(2, ["both"])
