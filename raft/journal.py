@@ -33,6 +33,7 @@ import logging
 import os
 import struct
 import threading
+import zlib
 from typing import Any
 
 from pysyncobj.journal import Journal
@@ -53,6 +54,22 @@ _META_BYTES = 64 * 1024
 _REWRITE_SLACK_BYTES = 64 * 1024 * 1024
 
 
+def fsync_dir(path: str) -> None:
+    """Make a rename or a new file in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fail_stop(what: str, error: OSError) -> None:
+    # Carrying on after a failed write or sync could acknowledge an entry that is not on disk,
+    # which Raft's safety rests on: stop the voter (the node restarts and catches up).
+    log.critical("the metadata journal cannot %s (%s); the voter stops", what, error)
+    os._exit(75)
+
+
 class JournalError(OSError):
     """The journal cannot be read or written."""
 
@@ -69,8 +86,12 @@ class SyncedJournal(Journal):  # type: ignore[misc]
         self._meta_dirty = False
         # Position deleteEntriesFrom marked; entries from it stay until an add conflicts with them.
         self._pending_from: int | None = None
+        # clear() asked for: done only if the adds that follow do not match entries held here.
+        self._pending_clear = False
+        created = not (os.path.exists(path) and os.path.exists(self._meta_path))
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         self._meta_fd = os.open(self._meta_path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._meta_seq = 0
         self._meta = self._read_meta()
         self._entries: list[tuple[bytes, int, int]] = []
         size = os.fstat(self._fd).st_size
@@ -85,6 +106,8 @@ class SyncedJournal(Journal):  # type: ignore[misc]
         self._reserve()
         if os.fstat(self._meta_fd).st_size < _META_BYTES:
             self._fallocate(self._meta_fd, 0, _META_BYTES)
+        if created:
+            fsync_dir(os.path.dirname(os.path.abspath(path)))
 
     # ---------------------------------------------------------------- reading
 
@@ -104,18 +127,29 @@ class SyncedJournal(Journal):  # type: ignore[misc]
             offset += length + 2 * _LEN.size
         return offset
 
+    # The side file holds two slots; each store writes the slot the last one did not, so a torn
+    # write leaves the previous term and vote readable. A slot: len:u32 | crc32:u32 | seq:u64 | json.
+    _SLOT = struct.Struct("<IIQ")
+
     def _read_meta(self) -> dict[str, Any]:
-        raw = os.pread(self._meta_fd, _META_BYTES, 0)
-        if len(raw) < _LEN.size:
-            return {}
-        (length,) = _LEN.unpack(raw[: _LEN.size])
-        if not 0 < length <= len(raw) - _LEN.size:
-            return {}
-        try:
-            meta = json.loads(raw[_LEN.size : _LEN.size + length])
-        except ValueError:
-            return {}
-        return meta if isinstance(meta, dict) else {}
+        best: tuple[int, dict[str, Any]] | None = None
+        half = _META_BYTES // 2
+        for slot in (0, 1):
+            raw = os.pread(self._meta_fd, half, slot * half)
+            if len(raw) < self._SLOT.size:
+                continue
+            length, crc, seq = self._SLOT.unpack(raw[: self._SLOT.size])
+            body = raw[self._SLOT.size : self._SLOT.size + length]
+            if length == 0 or len(body) != length or zlib.crc32(body) != crc:
+                continue
+            try:
+                meta = json.loads(body)
+            except ValueError:
+                continue
+            if isinstance(meta, dict) and (best is None or seq > best[0]):
+                best = (seq, meta)
+        self._meta_seq = best[0] if best else 0
+        return best[1] if best else {}
 
     # ---------------------------------------------------------------- space
 
@@ -145,14 +179,27 @@ class SyncedJournal(Journal):  # type: ignore[misc]
         if offset + len(data) + _LEN.size > self._allocated:
             # No reserved room left even for this entry: stop rather than acknowledge an entry that
             # is not on disk (Raft's safety rests on it) or die of SIGBUS halfway through.
-            log.critical("the metadata journal %s is out of disk space; the voter stops", self._path)
-            os._exit(75)
-        os.pwrite(self._fd, data, offset)
-        os.fdatasync(self._fd)
+            _fail_stop("reserve room for an entry", OSError(28, "no space left on device"))
+        try:
+            os.pwrite(self._fd, data, offset)
+            os.fdatasync(self._fd)
+        except OSError as e:
+            _fail_stop("write an entry", e)
 
     # ---------------------------------------------------------------- Journal
 
     def add(self, command: bytes, idx: int, term: int) -> None:
+        if self._pending_clear:
+            self._pending_clear = False
+            at = next((i for i, e in enumerate(self._entries) if e[1] == idx and e[2] == term), None)
+            if at is not None:
+                # The snapshot's entry is here (Raft's InstallSnapshot rule): keep what follows it.
+                del self._entries[:at]
+                self._meta["first_idx"] = idx
+                self._store_meta()
+                self._pending_from = 1
+                return
+            self._clear_now()
         pos = self._pending_from
         if pos is not None:
             if pos < len(self._entries) and self._entries[pos][1] == idx:
@@ -174,19 +221,37 @@ class SyncedJournal(Journal):  # type: ignore[misc]
             self._reserve()
 
     def clear(self) -> None:
+        """pysyncobj clears the journal before adding a snapshot's last two entries, when it loads
+        one that does not start the journal: after a crash between writing a dump and compacting,
+        or when the leader sends its dump. Entries after the snapshot's that this journal holds are
+        kept (Raft's InstallSnapshot rule 6), so the clear waits for those adds (see add)."""
+        self._pending_from = None
+        self._pending_clear = True
+
+    def _clear_now(self) -> None:
+        self._pending_clear = False
         self._pending_from = None
         self._entries = []
         self._end = len(_HEADER)
         self._write(self._end, _LEN.pack(0))
+        self._meta["first_idx"] = 0
+        self._store_meta()
+
+    def _settle(self) -> None:
+        if self._pending_clear:
+            self._clear_now()
 
     def __getitem__(self, item: Any) -> Any:
+        self._settle()
         return self._entries[item]
 
     def __len__(self) -> int:
+        self._settle()
         return len(self._entries)
 
     def deleteEntriesFrom(self, entryFrom: int) -> None:  # noqa: N802 (pysyncobj's name)
         """Mark: the entries from ``entryFrom`` go only if an add conflicts with them (see above)."""
+        self._settle()
         self._pending_from = entryFrom if 0 <= entryFrom < len(self._entries) else None
 
     def _truncate(self, entryFrom: int) -> None:
@@ -196,10 +261,14 @@ class SyncedJournal(Journal):  # type: ignore[misc]
         self._write(self._end, _LEN.pack(0))
 
     def deleteEntriesTo(self, entryTo: int) -> None:  # noqa: N802
+        self._settle()
         self._pending_from = None
         if entryTo <= 0:
             return
         del self._entries[:entryTo]
+        # The dump that replaces these entries was renamed into place: make that durable before
+        # the journal forgets them.
+        fsync_dir(os.path.dirname(os.path.abspath(self._path)))
         if self._entries:
             self._meta["first_idx"] = self._entries[0][1]
             self._store_meta()
@@ -231,6 +300,7 @@ class SyncedJournal(Journal):  # type: ignore[misc]
                 pass
             return
         os.replace(tmp, self._path)
+        fsync_dir(os.path.dirname(os.path.abspath(self._path)))
         os.close(self._fd)
         self._fd = fd
         self._end = len(data)
@@ -247,19 +317,22 @@ class SyncedJournal(Journal):  # type: ignore[misc]
         os.fdatasync(self._fd)
 
     def _store_meta(self) -> None:
-        raw = json.dumps(self._meta).encode()
-        if len(raw) + _LEN.size > _META_BYTES:
+        body = json.dumps(self._meta).encode()
+        half = _META_BYTES // 2
+        if len(body) + self._SLOT.size > half:
             raise JournalError("journal meta is too large")
+        self._meta_seq += 1
+        record = self._SLOT.pack(len(body), zlib.crc32(body), self._meta_seq) + body
         try:
-            os.pwrite(self._meta_fd, _LEN.pack(len(raw)) + raw, 0)
+            os.pwrite(self._meta_fd, record, (self._meta_seq % 2) * half)
             os.fdatasync(self._meta_fd)
         except OSError as e:  # preallocated: only a failing disk gets here
-            log.critical("cannot store the Raft term and vote (%s); the voter stops", e)
-            os._exit(75)
+            _fail_stop("store the Raft term and vote", e)
 
     def setRaftCommitIndex(self, raftCommitIndex: int) -> None:  # noqa: N802
         # pysyncobj calls this at the end of every append it handles: a mark left by an append
         # whose entries all matched ends here.
+        self._settle()
         self._pending_from = None
         self._meta["commit"] = raftCommitIndex
         self._meta_dirty = True

@@ -23,13 +23,14 @@ Rules of this binding:
   read-only. ``on_applied`` and ``on_snapshot_loaded`` run on the tick thread: keep them short and
   hand work to your own thread or loop (``loop.call_soon_threadsafe``). An exception they raise is
   logged and swallowed, because pysyncobj would re-apply an entry whose callback raised.
-- **Persistence.** pysyncobj appends every entry to ``<data_dir>/raft.journal`` (an mmap, written
-  before the entry is acknowledged to the leader, not fsynced: it survives a process kill, not a
-  power loss on a majority at once) and stores term and vote in ``raft.journal.meta`` before it
-  votes. Log compaction writes ``raft.dump``: this module's own JSON (``ClusterMetadata.to_snapshot``
-  plus the two log entries pysyncobj keeps beside it), fsynced before pysyncobj deletes the journal
-  entries it covers. A restart loads the dump, then replays the journal. Followers that fall behind
-  the compacted log receive the same dump from the leader.
+- **Persistence.** Every entry goes to ``<data_dir>/raft.wal`` (``journal.SyncedJournal``: written
+  with ``pwrite`` into preallocated space and fdatasynced before the entry is acknowledged), with
+  term, vote and commit index in ``raft.wal.meta`` (two checksummed slots, synced before a vote).
+  Log compaction writes ``raft.dump``: this module's own JSON (``ClusterMetadata.to_snapshot`` plus
+  the two log entries pysyncobj keeps beside it), fsynced, and its rename made durable before the
+  journal forgets the entries it covers. A restart loads the dump, then replays the journal (the
+  entries after the dump are kept even when the process died before compacting). Followers that
+  fall behind the compacted log receive the same dump from the leader, synced before it is used.
 - **Outcomes.** ``propose`` returns the ``Result`` of the committed command (rejected commands are
   committed too; ``Result.ok`` says which). ``NotLeaderError`` means the command was not appended;
   ``QuorumTimeoutError`` and ``OutcomeUnknownError`` mean it may or may not commit later (a Jepsen
@@ -67,7 +68,7 @@ from pysyncobj.journal import MemoryJournal
 from headwater.v1 import errors_pb2
 
 from .commands import Command, decode_command, encode_command
-from .journal import SyncedJournal
+from .journal import SyncedJournal, fsync_dir
 from .metadata import ClusterMetadata, Result
 
 __all__ = [
@@ -471,7 +472,11 @@ class MetadataQuorum:
         """pysyncobj's deserializer (tick thread): at start-up, or when the leader sent its dump.
         Raises on anything but a dump ``_write_dump`` wrote (pysyncobj logs and ignores it)."""
         with open(file_name, "rb") as f:
+            # A dump the leader sent was renamed into place unsynced; make it durable before
+            # pysyncobj acknowledges it and drops the journal it replaces.
+            os.fsync(f.fileno())
             doc = json.loads(f.read())
+        fsync_dir(os.path.dirname(os.path.abspath(file_name)))
         if type(doc) is not dict or doc.get("format") != DUMP_FORMAT or doc.get("version") != DUMP_VERSION:
             raise ValueError(f"{file_name} is not a version {DUMP_VERSION} {DUMP_FORMAT}")
         last_entry = _entry_from_json(doc.get("last_entry"))

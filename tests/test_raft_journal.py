@@ -119,3 +119,56 @@ def test_an_overlapping_append_keeps_matching_entries_and_a_conflict_truncates(t
     assert entries(j) == before[:6] + [(b"other-7", 7, 2)]
     j._destroy()
     assert entries(SyncedJournal(path)) == before[:6] + [(b"other-7", 7, 2)]
+
+
+def test_loading_a_snapshot_keeps_the_entries_after_it(tmp_path: Path) -> None:
+    """A crash between writing a dump and compacting: pysyncobj finds the journal does not start at
+    the dump, clears it and adds the dump's last two entries. Entries after them stay."""
+    path = str(tmp_path / "raft.wal")
+    j = SyncedJournal(path)
+    for i in range(1, 31):
+        j.add(b"e%d" % i, i, 1)
+    before = entries(j)
+    j.clear()
+    j.add(b"e9", 9, 1)
+    j.add(b"e10", 10, 1)
+    j.setRaftCommitIndex(30)
+    assert entries(j) == before[8:]
+    j._destroy()
+    assert entries(again := SyncedJournal(path)) == before[8:]
+    # A snapshot this journal holds no entry of replaces everything.
+    again.clear()
+    again.add(b"s3", 3, 2)
+    again.add(b"s4", 4, 2)
+    again._destroy()
+    assert entries(SyncedJournal(path)) == [(b"s3", 3, 2), (b"s4", 4, 2)]
+
+
+def test_a_clear_after_compaction_forgets_the_old_first_index(tmp_path: Path) -> None:
+    path = str(tmp_path / "raft.wal")
+    j = SyncedJournal(path)
+    for i in range(1, 11):
+        j.add(b"e%d" % i, i, 1)
+    j.deleteEntriesTo(5)  # first index 6
+    j.clear()
+    for i in range(3, 8):
+        j.add(b"n%d" % i, i, 2)
+    j._destroy()
+    assert [e[1] for e in entries(SyncedJournal(path))] == [3, 4, 5, 6, 7]
+
+
+def test_a_torn_write_of_the_term_and_vote_leaves_the_previous_ones(tmp_path: Path) -> None:
+    path = str(tmp_path / "raft.wal")
+    j = SyncedJournal(path)
+    j.setCurrentTerm(4, "a")
+    j.setCurrentTerm(5, "b")
+    j._destroy()
+    meta = Path(path + ".meta")
+    raw = bytearray(meta.read_bytes())
+    half = len(raw) // 2
+    # The last store went to one slot; tear it (its CRC no longer matches).
+    slot = max((0, half), key=lambda off: int.from_bytes(raw[off + 8 : off + 16], "little"))
+    raw[slot + 20] ^= 0xFF
+    meta.write_bytes(bytes(raw))
+    again = SyncedJournal(path)
+    assert (again.getCurrentTerm(), again.getVotedForNodeId()) == (4, "a")

@@ -357,3 +357,26 @@ def test_garbage_on_the_raft_port_neither_crashes_nor_changes_anything(
     leader = c.leader()
     assert leader.propose(register(2), timeout_s=5).metadata_offset == 1
     c.converged()
+
+
+def test_a_crash_between_a_dump_and_its_compaction_loses_no_committed_entry(
+    cluster_factory: Callable[..., Cluster], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dump is written and renamed into place, then the process dies before the journal drops
+    the entries it covers: at restart the journal does not start at the dump, and every committed
+    entry after the dump must still be there."""
+    from headwater.raft.journal import SyncedJournal
+
+    c = cluster_factory(1, QuorumSettings(connection_retry_s=0.5, log_compaction_min_entries=20))
+    q = c.start(1)
+    c.leader()
+    monkeypatch.setattr(SyncedJournal, "deleteEntriesTo", lambda self, entry_to: None)  # the "crash"
+    for n in range(60):
+        q.propose(register(n), timeout_s=5)
+    assert (c.root / "voter1" / "raft.dump").exists()
+    before = q.metadata.to_snapshot()
+    c.stop(1)
+    monkeypatch.undo()
+    again = c.start(1)
+    wait_until(lambda: again.metadata_offset == 59, 10, "the committed entries after the dump")
+    assert again.metadata.to_snapshot() == before
