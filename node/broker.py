@@ -122,6 +122,10 @@ class Broker:
         self.caught_up = False
         # A replica failed to open (e.g. a full disk): apply the image again later.
         self.needs_reconcile = False
+        # Offset of the newest image applied; an older one is never served again.
+        self._applied_offset = -1
+        # Data on disk that the first caught-up image does not place here was swept.
+        self._orphans_swept = False
         self.partitions: dict[tuple[str, int], Partition] = {}
         self._parked = 0
         self._closing = False
@@ -136,7 +140,14 @@ class Broker:
     def apply_image(self, image: ClusterMetadata, *, caught_up: bool = False) -> None:
         """Serve ``image``: open the replicas it places here, set each one's role and epochs, and
         (once caught up) remove the data of replicas it no longer has (deleted topics)."""
-        first_catch_up = caught_up and not self.caught_up
+        if image.metadata_offset < self._applied_offset:
+            # An older image (a lagging voter's snapshot after a reconnect): serving it would undo
+            # what this node already saw, down to deleting data. Wait until it catches up.
+            log.debug(
+                "ignoring metadata at offset %d, behind %d", image.metadata_offset, self._applied_offset
+            )
+            return
+        self._applied_offset = image.metadata_offset
         self.caught_up = self.caught_up or caught_up
         previous = self.catalog.image
         self.catalog = TopicCatalog(image, self.catalog.cluster_id)
@@ -152,15 +163,18 @@ class Broker:
             if w is None or w[0] != p.topic_id:
                 self._drop_replica(key, p, delete_data=self.caught_up)
         self.needs_reconcile = False
+        unopened = 0
         for key, (tid, rec) in wanted.items():
             p = self.partitions.get(key)
             if p is None:
                 try:
                     plog = self.store.open_partition(tid, key[1])
                 except StorageError as e:
-                    log.warning("cannot open %s-%d yet (tried again later): %s", key[0], key[1], e)
+                    if not unopened:
+                        log.warning("cannot open %s-%d yet (tried again later): %s", key[0], key[1], e)
+                    unopened += 1
                     self.needs_reconcile = True
-                    break
+                    continue
                 p = self.partitions[key] = Partition(key[0], tid, key[1], plog, node_id=me)
             if rec.leader == me and p.leader_id != me:
                 before = previous.partition(tid, key[1])
@@ -174,7 +188,10 @@ class Broker:
                         list(before.isr),
                     )
             p.follow(rec.leader, rec.leader_epoch, rec.partition_epoch, rec.replicas, rec.isr)
-        if first_catch_up:
+        if unopened > 1:
+            log.warning("%d replicas could not be opened yet", unopened)
+        if self.caught_up and not self._orphans_swept and not unopened:
+            self._orphans_swept = True
             self._drop_orphan_partitions({(tid, key[1]) for key, (tid, _) in wanted.items()})
 
     def _drop_replica(self, key: tuple[str, int], p: Partition, *, delete_data: bool) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import random
@@ -57,6 +58,7 @@ E = errors_pb2
 cpb: Any = controller_pb2
 
 SECRET_FILE = "cluster.secret"
+VOTERS_FILE = "voters.json"
 _RPC_TIMEOUT_S = 5.0
 _RETRY_S = 0.2
 _MAX_RETRY_S = 2.0
@@ -127,6 +129,10 @@ class ClusterLink:
         self._image_moved = asyncio.Event()
         self._stopping = False
         self._shutdown_ready = asyncio.Event()
+        # The metadata watch of a node that is not a voter, and when its image began to lag.
+        self._watch_call: Any = None
+        self._rewatch = False
+        self._lagging_since: float | None = None
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -147,6 +153,7 @@ class ClusterLink:
                 lambda: cluster_id,
             )
         os.makedirs(self.raft_dir, exist_ok=True)
+        self._check_voters()
         secret = read_cluster_secret(self.config)
         if not secret:
             if len(self.voters) > 1:
@@ -184,12 +191,48 @@ class ClusterLink:
         )
         return ControllerServiceServicer(self.runtime, cfg, self.auth)
 
+    def _check_voters(self) -> None:
+        """The quorum in this data dir keeps the voters it was formed with: a voter that joined
+        another set (say a dir of a one-node cluster reused for three) could hold entries that
+        clash with theirs at the same index and term. Changing voters is refused, not guessed."""
+        path = os.path.join(self.raft_dir, VOTERS_FILE)
+        lone = not self.config.voters
+        current = {
+            "lone": lone,
+            "voters": {} if lone else {str(i): a for i, a in sorted(self.voters.items())},
+        }
+        try:
+            with open(path, encoding="utf-8") as fh:
+                recorded = json.load(fh)
+        except FileNotFoundError:
+            tmp = path + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as fh:
+                json.dump(current, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+            return
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot read {path}: {e}") from None
+        if recorded != current:
+
+            def show(d: Any) -> str:
+                voters = d.get("voters") if isinstance(d, dict) else None
+                return "this node alone" if not voters else ",".join(f"{i}@{a}" for i, a in voters.items())
+
+            raise ConfigError(
+                f"the metadata quorum in {self.raft_dir} was formed by voters {show(recorded)}, but this "
+                f"node is configured with {show(current)}. Changing the voters of a quorum is not "
+                "supported: restore the old setting, or start from an empty data dir"
+            )
+
     async def start(self) -> None:
         """Follow the metadata and keep the lease; returns at once (``ready`` tells when unfenced)."""
         follow = self._follow_local() if self.is_voter else self._follow_remote()
         self._tasks = [
             self._loop.create_task(follow, name="metadata-follow"),
             self._loop.create_task(self._lease(), name="node-lease"),
+            self._loop.create_task(self._reconcile(), name="replica-reconcile"),
         ]
 
     async def controlled_shutdown(self, timeout_s: float) -> None:
@@ -281,7 +324,7 @@ class ClusterLink:
             changed = feed.changed_event()
             image = quorum.metadata
             caught_up = self._caught_up(image)
-            if image is not last or self.broker.needs_reconcile or caught_up != was_caught_up:
+            if image is not last or caught_up != was_caught_up:
                 self._apply(image)
                 last, was_caught_up = image, caught_up
             else:
@@ -297,6 +340,7 @@ class ClusterLink:
                 stub = controller_pb2_grpc.ControllerServiceStub(self._channel(address))  # type: ignore[no-untyped-call]
                 try:
                     call = stub.WatchMetadata(cpb.WatchMetadataRequest(from_offset=from_offset))
+                    self._watch_call = call
                     async for event in call:
                         backoff = _RETRY_S
                         if event.HasField("snapshot"):
@@ -312,16 +356,48 @@ class ClusterLink:
                                 from_offset = -1
                                 call.cancel()
                                 break
+                            image = image.copy()  # the broker keeps the previous image
                             image.apply(decode_command(d.command))
                         from_offset = image.metadata_offset + 1
                         self._apply(image)
                 except grpc.aio.AioRpcError as e:
                     log.debug("metadata watch on %s ended: %s", address, e.code())
+                except asyncio.CancelledError:
+                    if not self._rewatch or self._stopping:
+                        raise
+                    log.warning("the metadata from %s lags the controller; watching another voter", address)
                 except Exception:
                     log.exception("metadata watch on %s failed", address)
                     from_offset = -1
+                self._watch_call = None
+                self._rewatch = False
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _MAX_RETRY_S)
+
+    def _check_lag(self, controller_offset: int) -> None:
+        """A node that is not a voter: when its image stays behind the offset the controller
+        reports for longer than a session, the voter it watches is cut off; watch another."""
+        if self.is_voter or controller_offset < 0:
+            return
+        now = time.monotonic()
+        if self.broker.image.metadata_offset >= controller_offset:
+            self._lagging_since = None
+            return
+        if self._lagging_since is None:
+            self._lagging_since = now
+        elif (
+            now - self._lagging_since > self.config.session_timeout_ms / 1000 and self._watch_call is not None
+        ):
+            self._lagging_since = None
+            self._rewatch = True
+            self._watch_call.cancel()
+
+    async def _reconcile(self) -> None:
+        """Apply the image again while some replica could not be opened (e.g. a full disk)."""
+        while True:
+            await asyncio.sleep(1.0)
+            if self.broker.needs_reconcile:
+                self._apply(self.broker.image)
 
     # ---------------------------------------------------------------- the controller
 
@@ -444,6 +520,7 @@ class ClusterLink:
             )
             if resp is not None:
                 if resp.error_code == E.ERROR_CODE_NONE:
+                    self._check_lag(resp.metadata_offset)
                     if self.fenced != resp.is_fenced:
                         log.info("node %d is %s", cfg.node_id, "fenced" if resp.is_fenced else "unfenced")
                     self.fenced = resp.is_fenced

@@ -34,6 +34,8 @@ __all__ = ["serve", "run_node"]
 log = logging.getLogger("headwater.node")
 SERVICE_NAME = client_pb2.DESCRIPTOR.services_by_name["HeadwaterService"].full_name
 _CLUSTER_ID_KEY = b"catalog/cluster_id"
+_NODE_ID_KEY = b"node/id"
+_LEGACY_TOPIC_KEY = b"catalog/topic/"
 
 
 def grpc_server_options(config: NodeConfig) -> list[tuple[str, int]]:
@@ -57,6 +59,25 @@ async def _retention_loop(broker: Broker, interval_s: float) -> None:
             log.exception("retention pass failed")
 
 
+def _check_store_owner(config: NodeConfig, store: LogStore) -> None:
+    """A log store belongs to one node id (like Kafka's meta.properties). A store written by
+    another node, or by a version that kept topics in the store rather than in the metadata
+    quorum, is refused: serving it would delete every partition the metadata does not place here."""
+    where = os.path.join(config.data_dir, "log")
+    raw = store.get_meta(_NODE_ID_KEY)
+    if raw is not None:
+        owner = bytes(raw).decode()
+        if owner != str(config.node_id):
+            raise ConfigError(f"{where} belongs to node {owner}, not node {config.node_id}; check node_id")
+        return
+    if any(True for _ in store.iter_meta(_LEGACY_TOPIC_KEY)):
+        raise ConfigError(
+            f"{where} was written by a version that kept topics in the node's store; its topics are "
+            "not in the metadata quorum and would be deleted. Move it away to start this node"
+        )
+    store.put_meta(_NODE_ID_KEY, str(config.node_id).encode())
+
+
 def _cluster_id(link: ClusterLink, store: LogStore) -> str:
     cluster_id = link.cluster_id()
     if cluster_id:
@@ -74,6 +95,7 @@ async def run_node(config: NodeConfig, stop: asyncio.Event) -> None:
     store = LogStore(os.path.join(config.data_dir, "log"))
     link: ClusterLink | None = None
     try:
+        _check_store_owner(config, store)
         broker = Broker(config, store)
         link = ClusterLink(config, broker, asyncio.get_running_loop())
         broker.catalog.cluster_id = _cluster_id(link, store)
@@ -123,6 +145,9 @@ async def run_node(config: NodeConfig, stop: asyncio.Event) -> None:
         await health_servicer.enter_graceful_shutdown()
         await link.controlled_shutdown(min(config.shutdown_grace_s, 2 * config.session_timeout_ms / 1000))
         broker.close()
+        # The voter and its metadata streams stop first, so the server's grace covers in-flight
+        # requests only, not watches that would never end on their own.
+        await link.close()
         await server.stop(config.shutdown_grace_s)
         retention.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -273,6 +273,13 @@ class ClusterMetadata:
 
     __hash__ = None  # type: ignore[assignment]
 
+    def copy(self) -> ClusterMetadata:
+        """A copy to apply further commands to: its containers are new, its (frozen) records shared."""
+        new = ClusterMetadata.__new__(ClusterMetadata)
+        for name, value in vars(self).items():
+            setattr(new, name, value.copy() if isinstance(value, dict | list | set) else value)
+        return new
+
     def topic(self, name: str) -> TopicRecord | None:
         tid = self.topic_ids.get(name)
         return None if tid is None else self.topics[tid]

@@ -286,14 +286,6 @@ class _Undecodable:
 _UNDECODABLE = _Undecodable()
 
 
-def _copy_metadata(md: ClusterMetadata) -> ClusterMetadata:
-    """A copy whose containers are new and whose (frozen) records are shared."""
-    new = ClusterMetadata.__new__(ClusterMetadata)
-    for name, value in vars(md).items():
-        setattr(new, name, value.copy() if isinstance(value, dict | list | set) else value)
-    return new
-
-
 def _entry_to_json(entry: Any) -> list[Any]:
     command, idx, term = entry
     return [bytes(command).hex(), int(idx), int(term)]
@@ -430,7 +422,7 @@ class MetadataQuorum:
             cmd = decode_command(raw)
         except Exception as e:  # JSON nesting too deep raises RecursionError, etc.
             reason = f"undecodable command: {type(e).__name__}: {e}"[:500]
-        new = _copy_metadata(self._metadata)
+        new = self._metadata.copy()
         try:
             result = new.apply(cmd if cmd is not None else cast(Command, _UNDECODABLE))
         except Exception:
@@ -438,7 +430,7 @@ class MetadataQuorum:
             # entry; refuse the entry the same way everywhere rather than stall the log.
             logger.exception("applying metadata command failed; refusing it")
             cmd, reason = None, "command failed to apply"
-            new = _copy_metadata(self._metadata)
+            new = self._metadata.copy()
             result = new.apply(cast(Command, _UNDECODABLE))
         if cmd is None:
             result = dataclasses.replace(result, message=reason)

@@ -149,3 +149,42 @@ def test_an_unclean_election_is_logged_loudly(broker: Broker, caplog: pytest.Log
         broker.apply_image(later, caught_up=True)
     assert broker.partitions[("risky", 0)].role is Role.LEADER
     assert any("UNCLEAN leader election" in r.getMessage() for r in caplog.records)
+
+
+def test_an_older_image_is_never_served_again(broker: Broker) -> None:
+    old = cluster()
+    md = cluster(CreateTopic("t", TID, ((1,),)))
+    broker.apply_image(md, caught_up=True)
+    assert produce(broker, "t", 0).error_code == E.ERROR_CODE_NONE
+    # A snapshot from a voter that lags (after a reconnect) must not undo what this node saw.
+    broker.apply_image(old, caught_up=True)
+    assert broker.image is md and (TID, 0) in broker.store.list_partitions()
+    assert produce(broker, "t", 0).error_code == E.ERROR_CODE_NONE
+
+
+def test_a_replica_that_cannot_open_does_not_stop_the_others_taking_their_roles(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from headwater.storage import StorageError
+
+    other = b"\x03" * 16
+    md = cluster(CreateTopic("a", TID, ((1, 2),)))
+    broker.apply_image(md, caught_up=True)
+    assert broker.partitions[("a", 0)].role is Role.LEADER
+    moved = md.copy()
+    assert moved.apply(CreateTopic("b", other, ((1,),))).ok
+    assert moved.apply(ElectLeader(TID, 0, 2, 0)).ok
+    real_open = broker.store.open_partition
+
+    def failing(topic_id: bytes, index: int) -> object:
+        if topic_id == other:
+            raise StorageError("no space left on device")
+        return real_open(topic_id, index)
+
+    monkeypatch.setattr(broker.store, "open_partition", failing)
+    broker.apply_image(moved, caught_up=True)
+    assert broker.needs_reconcile and ("b", 0) not in broker.partitions
+    assert broker.partitions[("a", 0)].role is Role.FOLLOWER  # not left acting as leader
+    monkeypatch.undo()
+    broker.apply_image(moved, caught_up=True)
+    assert not broker.needs_reconcile and broker.partitions[("b", 0)].role is Role.LEADER

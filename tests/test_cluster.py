@@ -418,3 +418,29 @@ def test_cluster_describe_and_metadata_agree_on_the_cluster_id(make_cluster: Cal
     assert len(ids) == 1 and ids != {""}
     with Admin(c.bootstrap) as admin:
         assert admin.describe_cluster().cluster_id in ids
+
+
+def test_a_data_dir_keeps_its_node_id_and_its_voters(tmp_path: Path) -> None:
+    n = NodeProcess(tmp_path / "data", free_port())
+    try:
+        n.start()
+        n.stop()
+        # Another node id on the same data: refused before anything is served or deleted.
+        n.extra_args = ["--node-id", "2"]
+        n.launch()
+        assert n.proc is not None and n.proc.wait(30) == 1
+        assert "belongs to node 1" in n.log()
+        # The dir of a node that was a quorum alone, reused as one of three voters: refused too.
+        secret = tmp_path / "secret"
+        secret.write_text(SECRET)
+        voters = f"1@127.0.0.1:{free_port()},2@127.0.0.1:{free_port()},3@127.0.0.1:{free_port()}"
+        n.extra_args = ["--voters", voters, "--cluster-secret-file", str(secret)]
+        n.launch()
+        assert n.proc.wait(30) == 1
+        assert "Changing the voters of a quorum is not supported" in n.log()
+        # With its own settings it starts again.
+        n.extra_args = []
+        n.start()
+    finally:
+        if n.alive():
+            n.stop()
