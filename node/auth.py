@@ -2,11 +2,13 @@
 
 Raft traffic is authenticated and encrypted by pysyncobj with the cluster secret. The controller's
 gRPC calls that change a node's standing (RegisterNode, NodeHeartbeat, AlterPartition) carry a
-token in the ``x-headwater-node-auth`` header: ``<unix_ms>:<hex HMAC-SHA256(key, "<node_id>:<unix_ms>")>``,
-with ``key`` derived from the secret (so the secret itself never travels). The controller accepts a
-token for the node id the request names, stamped within ``MAX_SKEW_MS`` of its own clock; anything
-else fails with UNAUTHENTICATED. Over plaintext gRPC a token seen on the wire can be replayed within
-that window; TLS on the client port is what closes that.
+token in the ``x-headwater-node-auth`` header,
+``<unix_ms>:<hex HMAC-SHA256(key, "<scope>:<node_id>:<unix_ms>")>``, with ``key`` derived from the
+secret (so the secret itself never travels) and ``scope`` naming the method and the request's
+fields that matter (``request_scope``): a token proves one request, not
+any request of that node. The controller accepts a token stamped within ``MAX_SKEW_MS`` of its own
+clock; anything else fails with UNAUTHENTICATED. Over plaintext gRPC a request seen on the wire can
+still be replayed as it is within that window; TLS on the client port is what closes that.
 """
 
 from __future__ import annotations
@@ -36,16 +38,18 @@ class NodeAuth:
             raise ValueError("a cluster secret is required")
         self._key = hmac.new(secret.encode(), _CONTEXT, hashlib.sha256).digest()
 
-    def _mac(self, node_id: int, stamp_ms: int) -> str:
-        return hmac.new(self._key, f"{node_id}:{stamp_ms}".encode(), hashlib.sha256).hexdigest()
+    def _mac(self, scope: str, node_id: int, stamp_ms: int) -> str:
+        return hmac.new(self._key, f"{scope}:{node_id}:{stamp_ms}".encode(), hashlib.sha256).hexdigest()
 
-    def metadata(self, node_id: int, now_ms: int | None = None) -> tuple[tuple[str, str], ...]:
-        """gRPC metadata that proves ``node_id`` holds the secret."""
+    def metadata(self, request: Any, now_ms: int | None = None) -> tuple[tuple[str, str], ...]:
+        """gRPC metadata that proves ``request``'s node holds the secret."""
+        scope, node_id = request_scope(request)
         stamp = _now_ms() if now_ms is None else now_ms
-        return ((AUTH_HEADER, f"{stamp}:{self._mac(node_id, stamp)}"),)
+        return ((AUTH_HEADER, f"{stamp}:{self._mac(scope, node_id, stamp)}"),)
 
-    def problem(self, metadata: Iterable[Any] | None, node_id: int, now_ms: int | None = None) -> str:
-        """Why ``metadata`` does not prove ``node_id``'s membership ("" when it does)."""
+    def problem(self, metadata: Iterable[Any] | None, request: Any, now_ms: int | None = None) -> str:
+        """Why ``metadata`` does not prove ``request`` comes from its node ("" when it does)."""
+        scope, node_id = request_scope(request)
         token = ""
         for item in metadata or ():
             key, value = item[0], item[1]
@@ -54,12 +58,38 @@ class NodeAuth:
         if not token:
             return f"the request carries no {AUTH_HEADER} token: nodes must hold the cluster secret"
         stamp_text, sep, mac = token.partition(":")
-        if not sep or not stamp_text.isdigit():
+        if (
+            not sep
+            or not stamp_text.isascii()
+            or not stamp_text.isdigit()
+            or len(stamp_text) > 16
+            or not mac.isascii()
+            or len(mac) != 64
+        ):
             return "the node token is malformed"
         stamp = int(stamp_text)
         now = _now_ms() if now_ms is None else now_ms
         if abs(now - stamp) > MAX_SKEW_MS:
             return f"the node token is stamped {now - stamp} ms from the controller's clock"
-        if not hmac.compare_digest(mac, self._mac(node_id, stamp)):
+        if not hmac.compare_digest(mac.encode(), self._mac(scope, node_id, stamp).encode()):
             return f"the node token does not prove node {node_id} holds the cluster secret"
         return ""
+
+
+def request_scope(request: Any) -> tuple[str, int]:
+    """What a token covers for a controller request, and the node it speaks for."""
+    name = type(request).__name__
+    if name == "RegisterNodeRequest":
+        scope = f"register:{request.incarnation_id.hex()}:{request.host}:{request.port}:{request.rack}"
+        return scope, int(request.node_id)
+    if name == "NodeHeartbeatRequest":
+        scope = f"heartbeat:{request.broker_epoch}:{int(request.want_fence)}:{int(request.want_shutdown)}"
+        return scope, int(request.node_id)
+    if name == "AlterPartitionRequest":
+        isr = ",".join(str(r) for r in request.new_isr)
+        scope = (
+            f"alter-partition:{request.topic_id.hex()}:{request.partition}:{request.broker_epoch}:"
+            f"{request.leader_epoch}:{request.partition_epoch}:{isr}"
+        )
+        return scope, int(request.leader_id)
+    raise ValueError(f"no node token for {name}")

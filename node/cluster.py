@@ -87,6 +87,13 @@ def _lone_secret(raft_dir: str) -> str:
     return secret
 
 
+def _report_failure(task: asyncio.Task[None]) -> None:
+    """A task of the link that ends with an error would leave the node silently out of the
+    cluster: say so loudly (the loops catch what they expect; this is a bug if it fires)."""
+    if not task.cancelled() and task.exception() is not None:
+        log.critical("%s stopped: %r", task.get_name(), task.exception(), exc_info=task.exception())
+
+
 class ClusterLink:
     """See the module docstring. ``start_voter()`` (sync, before the server starts), then
     ``await start()`` once the gRPC server serves; at the end ``await controlled_shutdown(...)``
@@ -234,6 +241,8 @@ class ClusterLink:
             self._loop.create_task(self._lease(), name="node-lease"),
             self._loop.create_task(self._reconcile(), name="replica-reconcile"),
         ]
+        for t in self._tasks:
+            t.add_done_callback(_report_failure)
 
     async def controlled_shutdown(self, timeout_s: float) -> None:
         """Ask the controller to move this node's leaderships away; wait for it up to ``timeout_s``."""
@@ -442,11 +451,7 @@ class ClusterLink:
                     return None
                 stub = controller_pb2_grpc.ControllerServiceStub(self._channel(address))  # type: ignore[no-untyped-call]
                 try:
-                    metadata = (
-                        self.auth.metadata(self.config.node_id)
-                        if authenticate and self.auth is not None
-                        else None
-                    )
+                    metadata = self.auth.metadata(request) if authenticate and self.auth is not None else None
                     resp = await getattr(stub, method)(
                         request, timeout=min(_RPC_TIMEOUT_S, remaining), metadata=metadata
                     )
@@ -501,9 +506,21 @@ class ClusterLink:
             await asyncio.sleep(_MAX_RETRY_S)
 
     async def _lease(self) -> None:
+        while True:
+            try:
+                await self._keep_lease()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("the node's lease loop failed; starting it again")
+                await asyncio.sleep(_MAX_RETRY_S)
+
+    async def _keep_lease(self) -> None:
         cfg = self.config
         interval_s = cfg.heartbeat_interval_ms / 1000
-        await self._register()
+        if self.broker_epoch < 0:
+            await self._register()
         while True:
             caught_up = self._caught_up(self.broker.image)
             if caught_up and not self.broker.caught_up:

@@ -54,12 +54,12 @@ class ControllerServiceServicer:
         # When set, RegisterNode, NodeHeartbeat and AlterPartition need a node token (auth.py).
         self.auth = auth
 
-    async def _authenticate(self, node_id: int, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    async def _authenticate(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         if self.auth is None:
             return
-        problem = self.auth.problem(context.invocation_metadata(), node_id)
+        problem = self.auth.problem(context.invocation_metadata(), request)
         if problem:
-            log.warning("refused a controller request for node %d: %s", node_id, problem)
+            log.warning("refused a controller request (%s): %s", type(request).__name__, problem)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
 
     def _hint(self) -> Any:
@@ -71,7 +71,7 @@ class ControllerServiceServicer:
 
     async def RegisterNode(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         await _refuse_malformed(request, context)
-        await self._authenticate(request.node_id, context)
+        await self._authenticate(request, context)
         o: Outcome = await self.runtime.register(
             request.node_id, request.incarnation_id, request.host, request.port, request.rack
         )
@@ -85,7 +85,7 @@ class ControllerServiceServicer:
 
     async def NodeHeartbeat(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         await _refuse_malformed(request, context)
-        await self._authenticate(request.node_id, context)
+        await self._authenticate(request, context)
         o = await self.runtime.heartbeat(
             request.node_id, request.broker_epoch, request.want_fence, request.want_shutdown
         )
@@ -100,7 +100,7 @@ class ControllerServiceServicer:
 
     async def AlterPartition(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         await _refuse_malformed(request, context)
-        await self._authenticate(request.leader_id, context)
+        await self._authenticate(request, context)
         cmd = AlterPartition(
             topic_id=request.topic_id,
             partition=request.partition,

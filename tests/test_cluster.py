@@ -293,35 +293,40 @@ def test_bad_controller_requests_change_nothing(make_cluster: Callable[..., Clus
         stub = controller_pb2_grpc.ControllerServiceStub(ch)
         before = c.describe(1).metadata_offset
         auth = NodeAuth(SECRET)
-        # Without a node token, or with one made from another secret or for another node: refused.
-        for metadata in (None, NodeAuth("another-secret").metadata(1), auth.metadata(2)):
+        register = controller_pb2.RegisterNodeRequest(node_id=1, incarnation_id=b"x" * 16, host="h", port=1)
+        heartbeat = controller_pb2.NodeHeartbeatRequest(node_id=1, broker_epoch=0)
+        # Without a node token, with one made from another secret, or with one made for another
+        # request (another node, another host, a shutdown instead of a heartbeat), or malformed.
+        other_node = controller_pb2.RegisterNodeRequest(node_id=2, incarnation_id=b"x" * 16, host="h", port=1)
+        other_host = controller_pb2.RegisterNodeRequest(
+            node_id=1, incarnation_id=b"x" * 16, host="evil", port=1
+        )
+        shutdown = controller_pb2.NodeHeartbeatRequest(node_id=1, broker_epoch=0, want_shutdown=True)
+        stranger = NodeAuth("another-secret")
+        header = "x-headwater-node-auth"
+        bad_tokens = [
+            (None, None),
+            (stranger.metadata(register), stranger.metadata(heartbeat)),
+            (auth.metadata(other_node), auth.metadata(shutdown)),
+            (auth.metadata(other_host), auth.metadata(register)),
+            (((header, "9" * 5000 + ":" + "a" * 64),), ((header, "1:" + "zz" * 40),)),
+        ]
+        for for_register, for_heartbeat in bad_tokens:
             with pytest.raises(grpc.RpcError) as e:
-                stub.RegisterNode(
-                    controller_pb2.RegisterNodeRequest(node_id=1, incarnation_id=b"x" * 16, host="h", port=1),
-                    metadata=metadata,
-                    timeout=5,
-                )
+                stub.RegisterNode(register, metadata=for_register, timeout=5)
             assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
             with pytest.raises(grpc.RpcError) as e:
-                stub.NodeHeartbeat(
-                    controller_pb2.NodeHeartbeatRequest(node_id=1, broker_epoch=0),
-                    metadata=metadata,
-                    timeout=5,
-                )
+                stub.NodeHeartbeat(heartbeat, metadata=for_heartbeat, timeout=5)
             assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        # A member's token gets to the checks behind it: unknown nodes and stale epochs.
-        hb = stub.NodeHeartbeat(
-            controller_pb2.NodeHeartbeatRequest(node_id=42, broker_epoch=0),
-            metadata=auth.metadata(42),
-            timeout=5,
+        # A member's token for the very request gets to the checks behind it.
+        unknown = controller_pb2.NodeHeartbeatRequest(node_id=42, broker_epoch=0)
+        assert stub.NodeHeartbeat(unknown, metadata=auth.metadata(unknown), timeout=5).error_code == (
+            E.ERROR_CODE_NODE_NOT_AVAILABLE
         )
-        assert hb.error_code == E.ERROR_CODE_NODE_NOT_AVAILABLE
-        hb = stub.NodeHeartbeat(
-            controller_pb2.NodeHeartbeatRequest(node_id=1, broker_epoch=12345),
-            metadata=auth.metadata(1),
-            timeout=5,
+        stale = controller_pb2.NodeHeartbeatRequest(node_id=1, broker_epoch=12345)
+        assert stub.NodeHeartbeat(stale, metadata=auth.metadata(stale), timeout=5).error_code == (
+            E.ERROR_CODE_STALE_BROKER_EPOCH
         )
-        assert hb.error_code == E.ERROR_CODE_STALE_BROKER_EPOCH
         with pytest.raises(grpc.RpcError) as e:
             ch.unary_unary("/headwater.v1.ControllerService/RegisterNode")(b"\xff\xff garbage", timeout=5)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
