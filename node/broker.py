@@ -19,7 +19,7 @@ from headwater.config import (
     effective_topic_config,
     normalize_config_name,
 )
-from headwater.node.catalog import TopicCatalog
+from headwater.node.catalog import TopicCatalog, node_infos
 from headwater.node.partition import Partition
 from headwater.raft.commands import NO_LEADER
 from headwater.raft.metadata import ClusterMetadata, PartitionRecord
@@ -237,15 +237,7 @@ class Broker:
             controller_id=self.controller_id,
             metadata_offset=image.metadata_offset,
         )
-        for n in sorted(image.nodes.values(), key=lambda n: n.node_id):
-            resp.nodes.add(
-                node_id=n.node_id,
-                host=n.host,
-                port=n.port,
-                rack=n.rack,
-                fenced=n.fenced,
-                broker_epoch=n.broker_epoch,
-            )
+        resp.nodes.extend(node_infos(image))
         names: Iterable[str] = req.topics if req.topics else sorted(image.topic_ids)
         for name in names:
             t = resp.topics.add(name=name)

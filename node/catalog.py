@@ -10,9 +10,34 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from headwater.raft.metadata import MAX_TOPIC_NAME_LENGTH, ClusterMetadata, TopicRecord, topic_name_problem
+from headwater.raft.metadata import (
+    MAX_TOPIC_NAME_LENGTH,
+    ClusterMetadata,
+    NodeRecord,
+    TopicRecord,
+    topic_name_problem,
+)
+from headwater.v1 import client_pb2
 
-__all__ = ["TopicInfo", "TopicCatalog", "validate_topic_name", "InvalidTopicName", "MAX_TOPIC_NAME_LENGTH"]
+__all__ = [
+    "TopicInfo",
+    "TopicCatalog",
+    "validate_topic_name",
+    "InvalidTopicName",
+    "MAX_TOPIC_NAME_LENGTH",
+    "node_infos",
+]
+
+
+def node_infos(image: ClusterMetadata) -> list[client_pb2.NodeInfo]:
+    """The registered nodes of an image, by id, as Metadata and DescribeCluster answer them."""
+    return [_node_info(n) for n in sorted(image.nodes.values(), key=lambda n: n.node_id)]
+
+
+def _node_info(n: NodeRecord) -> client_pb2.NodeInfo:
+    return client_pb2.NodeInfo(
+        node_id=n.node_id, host=n.host, port=n.port, rack=n.rack, fenced=n.fenced, broker_epoch=n.broker_epoch
+    )
 
 
 class InvalidTopicName(ValueError):

@@ -16,11 +16,12 @@ import grpc
 from headwater.config import NodeConfig
 from headwater.node import topic_admin
 from headwater.node.auth import NodeAuth
+from headwater.node.catalog import node_infos
 from headwater.node.controller import ControllerRuntime, FeedEntry, Outcome
 from headwater.node.rpc import Malformed, add_service
 from headwater.raft.commands import AlterPartition
 from headwater.raft.metadata import ClusterMetadata
-from headwater.v1 import client_pb2, controller_pb2, errors_pb2
+from headwater.v1 import controller_pb2, errors_pb2
 
 pb: Any = controller_pb2
 
@@ -158,21 +159,10 @@ class ControllerServiceServicer:
     async def DescribeCluster(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         await _refuse_malformed(request, context)
         d = self.runtime.describe()
-        nodes: Any = d["nodes"]
         voters: Any = d["voters"]
         return pb.DescribeClusterResponse(
             error_code=E.ERROR_CODE_NONE,
-            nodes=[
-                client_pb2.NodeInfo(
-                    node_id=n.node_id,
-                    host=n.host,
-                    port=n.port,
-                    rack=n.rack,
-                    fenced=n.fenced,
-                    broker_epoch=n.broker_epoch,
-                )
-                for n in nodes
-            ],
+            nodes=node_infos(self.runtime.quorum.metadata),
             controller_id=int(d["controller_id"]),
             answered_by=int(d["answered_by"]),
             raft_term=int(d["raft_term"]),
@@ -334,17 +324,7 @@ class BrokerControllerService:
         controller_id, _ = self._hint_of()
         return pb.DescribeClusterResponse(
             error_code=E.ERROR_CODE_NONE,
-            nodes=[
-                client_pb2.NodeInfo(
-                    node_id=n.node_id,
-                    host=n.host,
-                    port=n.port,
-                    rack=n.rack,
-                    fenced=n.fenced,
-                    broker_epoch=n.broker_epoch,
-                )
-                for n in sorted(image.nodes.values(), key=lambda n: n.node_id)
-            ],
+            nodes=node_infos(image),
             controller_id=controller_id,
             answered_by=self._node_id,
             raft_term=-1,
