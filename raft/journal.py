@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import struct
-import threading
 import zlib
 from typing import Any
 
@@ -81,7 +80,6 @@ class SyncedJournal(Journal):  # type: ignore[misc]
     def __init__(self, path: str) -> None:
         self._path = path
         self._meta_path = path + ".meta"
-        self._lock = threading.Lock()
         self.low_space = False
         self._meta_dirty = False
         # Position deleteEntriesFrom marked; entries from it stay until an add conflicts with them.
@@ -95,7 +93,7 @@ class SyncedJournal(Journal):  # type: ignore[misc]
         self._meta = self._read_meta()
         self._entries: list[tuple[bytes, int, int]] = []
         size = os.fstat(self._fd).st_size
-        if size == 0:
+        if size < len(_HEADER):  # new, or its header was being written: it holds no entry
             os.pwrite(self._fd, _HEADER, 0)
             os.fsync(self._fd)
             size = len(_HEADER)
