@@ -595,7 +595,10 @@ class ControllerRuntime:
         if assignments:
             decided = CreateTopic(decided.name, decided.topic_id, assignments, decided.configs)
         if validate_only:
-            return Outcome(E.ERROR_CODE_NONE)
+            # Dry run on a copy: the state machine's own checks (unknown or fenced nodes in the
+            # assignments, a replica named twice) answer, and nothing is proposed.
+            dry = self.quorum.metadata.copy().apply(decided)
+            return Outcome(dry.error_code, dry.message)
         return (await self._run([decided]))[0]
 
     async def delete_topic(self, name: str) -> Outcome:

@@ -449,3 +449,30 @@ def test_a_data_dir_keeps_its_node_id_and_its_voters(tmp_path: Path) -> None:
     finally:
         if n.alive():
             n.stop()
+
+
+def test_validate_only_creates_nothing_and_checks_assignments(make_cluster: Callable[..., Cluster]) -> None:
+    c = make_cluster(1)
+    c.start()
+    before = c.describe(1).metadata_offset
+
+    def create(topic: pb.CreatableTopic) -> pb.CreatableTopicResult:
+        with grpc.insecure_channel(c.nodes[1].bootstrap) as ch:
+            stub = client_pb2_grpc.HeadwaterServiceStub(ch)
+            resp = stub.CreateTopics(pb.CreateTopicsRequest(topics=[topic], validate_only=True), timeout=10)
+        return resp.topics[0]
+
+    ok_topic = create(pb.CreatableTopic(name="fine", num_partitions=2, replication_factor=1))
+    assert ok_topic.error_code == E.ERROR_CODE_NONE and ok_topic.num_partitions == 2
+    unknown_node = create(
+        pb.CreatableTopic(name="bad", num_partitions=-1, replication_factor=-1,
+                          assignments=[pb.ReplicaAssignment(partition=0, replicas=[7])])
+    )  # fmt: skip
+    assert unknown_node.error_code == E.ERROR_CODE_INVALID_REPLICA_ASSIGNMENT, unknown_node
+    twice = create(
+        pb.CreatableTopic(name="bad", num_partitions=-1, replication_factor=-1,
+                          assignments=[pb.ReplicaAssignment(partition=0, replicas=[1, 1])])
+    )  # fmt: skip
+    assert twice.error_code == E.ERROR_CODE_INVALID_REPLICATION_FACTOR, twice  # two replicas, one node
+    assert c.describe(1).metadata_offset == before
+    assert [t.name for t in c.metadata(1).topics] == []
