@@ -135,7 +135,9 @@ class ClusterLink:
         self._tasks: list[asyncio.Task[None]] = []
         self._image_moved = asyncio.Event()
         self._stopping = False
+        self._closed = False
         self._shutdown_ready = asyncio.Event()
+        self._shutdown_abandoned = False
         # The metadata watch of a node that is not a voter, and when its image began to lag.
         self._watch_call: Any = None
         self._rewatch = False
@@ -250,20 +252,32 @@ class ClusterLink:
         if self.broker_epoch >= 0 and timeout_s > 0 and self._tasks:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._shutdown_ready.wait(), timeout_s)
-            if self._shutdown_ready.is_set():
+            if self._shutdown_abandoned:
+                pass  # said where it was decided
+            elif self._shutdown_ready.is_set():
                 log.info("controlled shutdown done: node %d leads nothing", self.config.node_id)
             else:
                 log.warning("controlled shutdown did not finish in %.1fs; stopping anyway", timeout_s)
 
     async def close(self) -> None:
-        """Stop following the metadata, the lease, the controller runtime and the voter."""
+        """Stop following the metadata, the lease, the controller runtime and the voter. Idempotent."""
         self._stopping = True
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
-        self._tasks = []
+        self._closed = True
+        tasks, self._tasks = self._tasks, []
+        # Cancel until they end: on this Python a cancellation that races a wait_for finishing can
+        # be lost, and the loops also stop on their own once _closed is set.
+        for _ in range(10):
+            pending = [t for t in tasks if not t.done()]
+            if not pending:
+                break
+            for t in pending:
+                t.cancel()
+            await asyncio.wait(pending, timeout=1.0)
+        for t in tasks:
+            if t.done() and not t.cancelled() and t.exception() is not None:
+                log.warning("%s ended with %r", t.get_name(), t.exception())
+            elif not t.done():
+                log.error("%s did not stop", t.get_name())
         for ch in self._channels.values():
             await ch.close()
         self._channels.clear()
@@ -329,7 +343,7 @@ class ClusterLink:
         feed, quorum = self.feed, self.quorum
         last: ClusterMetadata | None = None
         was_caught_up = False
-        while True:
+        while not self._closed:
             changed = feed.changed_event()
             image = quorum.metadata
             caught_up = self._caught_up(image)
@@ -344,7 +358,7 @@ class ClusterLink:
         image = ClusterMetadata()
         from_offset = -1
         backoff = _RETRY_S
-        while True:
+        while not self._closed:
             for address in self._candidates():
                 stub = controller_pb2_grpc.ControllerServiceStub(self._channel(address))  # type: ignore[no-untyped-call]
                 try:
@@ -403,7 +417,7 @@ class ClusterLink:
 
     async def _reconcile(self) -> None:
         """Apply the image again while some replica could not be opened (e.g. a full disk)."""
-        while True:
+        while not self._closed:
             await asyncio.sleep(1.0)
             if self.broker.needs_reconcile:
                 self._apply(self.broker.image)
@@ -491,7 +505,7 @@ class ClusterLink:
             rack=cfg.rack,
             raft_address=self.voters.get(cfg.node_id, ""),
         )
-        while True:
+        while not self._closed:
             resp = await self.call_controller("RegisterNode", request, 30.0, authenticate=True)
             if resp is not None and resp.error_code == E.ERROR_CODE_NONE:
                 self.broker_epoch = resp.broker_epoch
@@ -506,7 +520,7 @@ class ClusterLink:
             await asyncio.sleep(_MAX_RETRY_S)
 
     async def _lease(self) -> None:
-        while True:
+        while not self._closed:
             try:
                 await self._keep_lease()
                 return
@@ -521,7 +535,7 @@ class ClusterLink:
         interval_s = cfg.heartbeat_interval_ms / 1000
         if self.broker_epoch < 0:
             await self._register()
-        while True:
+        while not self._closed:
             caught_up = self._caught_up(self.broker.image)
             if caught_up and not self.broker.caught_up:
                 self._apply(self.broker.image)
@@ -553,6 +567,13 @@ class ClusterLink:
                     continue
                 else:
                     log.warning("heartbeat failed: %s", resp.error_message)
+            elif self._stopping:
+                # No active controller answers (say the rest of the cluster is stopping too):
+                # nobody can move the leaderships, so waiting out the bound helps no one.
+                log.warning("no active controller answers; stopping without a controlled shutdown")
+                self._shutdown_abandoned = True
+                self._shutdown_ready.set()
+                return
             await asyncio.sleep(max(0.0, interval_s - (time.monotonic() - started)))
 
     # ---------------------------------------------------------------- forwarding
