@@ -1292,13 +1292,11 @@ def _voter_count(nodes: int) -> int:
 
 def _cluster_secret_file(data_dir: str) -> str:
     """The local cluster's secret, made once and readable by this user alone; never printed."""
-    import secrets
+    from headwater.config import write_secret_file
 
     path = os.path.join(data_dir, "cluster.secret")
     if not os.path.exists(path):
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(secrets.token_urlsafe(32) + "\n")
+        write_secret_file(path)
     return path
 
 

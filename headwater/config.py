@@ -30,6 +30,7 @@ __all__ = [
     "config_from_args",
     "SECRET_SETTINGS",
     "read_cluster_secret",
+    "write_secret_file",
 ]
 
 ENV_PREFIX = "HEADWATER_"
@@ -209,6 +210,17 @@ def read_cluster_secret(cfg: NodeConfig) -> str:
         ) from None
     if not secret:
         raise ConfigError(f"cluster_secret_file {cfg.cluster_secret_file} is empty")
+    return secret
+
+
+def write_secret_file(path: str) -> str:
+    """Write a new random cluster secret to ``path``, readable by its owner alone; returns it."""
+    import secrets
+
+    secret = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(secret + "\n")
     return secret
 
 

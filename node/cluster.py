@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import random
-import secrets
 import socket
 import time
 import uuid
@@ -40,7 +39,7 @@ from typing import Any
 
 import grpc
 
-from headwater.config import ConfigError, NodeConfig, read_cluster_secret
+from headwater.config import ConfigError, NodeConfig, read_cluster_secret, write_secret_file
 from headwater.node.auth import NodeAuth
 from headwater.node.broker import Broker
 from headwater.node.controller import ControllerRuntime, MetadataFeed, monotonic_ms
@@ -80,11 +79,7 @@ def _lone_secret(raft_dir: str) -> str:
             return secret
     except FileNotFoundError:
         pass
-    secret = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(secret + "\n")
-    return secret
+    return write_secret_file(path)
 
 
 def _report_failure(task: asyncio.Task[None]) -> None:
@@ -322,10 +317,7 @@ class ClusterLink:
         return self._hinted_controller_id, address
 
     def controller_id(self) -> int:
-        if self.quorum is not None:
-            leader = self.quorum.leader_id
-            return NO_LEADER if leader is None else int(leader)
-        return int(self.controller_hint()[0])
+        return self.controller_hint()[0]
 
     async def wait_for_offset(self, offset: int, timeout_s: float) -> bool:
         """Wait until this node's image has applied ``offset``; False on timeout."""

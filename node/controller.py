@@ -623,11 +623,9 @@ class ControllerRuntime:
     def describe(self) -> dict[str, object]:
         """Facts for DescribeCluster from this voter's applied metadata. Never the secret."""
         status = self.quorum.status()
-        controller_id, controller_address = self.controller_hint()
+        controller_id, _ = self.controller_hint()
         return {
-            "nodes": sorted(self.quorum.metadata.nodes.values(), key=lambda n: n.node_id),
             "controller_id": controller_id,
-            "controller_address": controller_address,
             "answered_by": status["node_id"],
             "raft_term": status["raft_term"],
             "commit_index": status["commit_index"],

@@ -8,7 +8,7 @@ INVALID_ARGUMENT); everything else is an ``ErrorCode`` in the response.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 import grpc
@@ -196,44 +196,52 @@ class ControllerServiceServicer:
 
     # ---------------------------------------------------------------- forwarded topic changes
 
-    def _not_controller(self, response_type: Any) -> Any | None:
-        if self.runtime.active or self.runtime.quorum.is_leader:
-            return None
-        return response_type(
-            error_code=E.ERROR_CODE_NOT_CONTROLLER,
-            error_message="this voter is not the active controller",
-            controller=self._hint(),
-            metadata_offset=-1,
-        )
+    async def _forwarded(
+        self,
+        request: Any,
+        context: grpc.aio.ServicerContext[Any, Any],
+        response_type: Any,
+        handle: Callable[[Any], Awaitable[tuple[Any, int]]],
+        results: Callable[[Any], Iterable[Any]],
+    ) -> Any:
+        """A topic change another node forwarded: NOT_CONTROLLER with a hint off the Raft leader,
+        else ``handle``'s per-topic answer (see ``_answer``)."""
+        await _refuse_malformed(request, context)
+        if not (self.runtime.active or self.runtime.quorum.is_leader):
+            return response_type(
+                error_code=E.ERROR_CODE_NOT_CONTROLLER,
+                error_message="this voter is not the active controller",
+                controller=self._hint(),
+                metadata_offset=-1,
+            )
+        resp, offset = await handle(request.request)
+        return self._answer(response_type, resp, [r.error_code for r in results(resp)], offset)
 
     async def CreateTopics(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await _refuse_malformed(request, context)
-        refused = self._not_controller(pb.ControllerServiceCreateTopicsResponse)
-        if refused is not None:
-            return refused
-        resp, offset = await topic_admin.create_topics(self.runtime, self.config, request.request)
-        return self._answer(
-            pb.ControllerServiceCreateTopicsResponse, resp, [t.error_code for t in resp.topics], offset
+        return await self._forwarded(
+            request,
+            context,
+            pb.ControllerServiceCreateTopicsResponse,
+            lambda req: topic_admin.create_topics(self.runtime, self.config, req),
+            lambda resp: resp.topics,
         )
 
     async def DeleteTopics(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await _refuse_malformed(request, context)
-        refused = self._not_controller(pb.ControllerServiceDeleteTopicsResponse)
-        if refused is not None:
-            return refused
-        resp, offset = await topic_admin.delete_topics(self.runtime, request.request)
-        return self._answer(
-            pb.ControllerServiceDeleteTopicsResponse, resp, [t.error_code for t in resp.topics], offset
+        return await self._forwarded(
+            request,
+            context,
+            pb.ControllerServiceDeleteTopicsResponse,
+            lambda req: topic_admin.delete_topics(self.runtime, req),
+            lambda resp: resp.topics,
         )
 
     async def AlterConfigs(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await _refuse_malformed(request, context)
-        refused = self._not_controller(pb.ControllerServiceAlterConfigsResponse)
-        if refused is not None:
-            return refused
-        resp, offset = await topic_admin.alter_configs(self.runtime, self.config, request.request)
-        return self._answer(
-            pb.ControllerServiceAlterConfigsResponse, resp, [r.error_code for r in resp.results], offset
+        return await self._forwarded(
+            request,
+            context,
+            pb.ControllerServiceAlterConfigsResponse,
+            lambda req: topic_admin.alter_configs(self.runtime, self.config, req),
+            lambda resp: resp.results,
         )
 
     def _answer(self, response_type: Any, resp: Any, codes: list[int], offset: int) -> Any:
