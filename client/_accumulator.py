@@ -106,6 +106,10 @@ class RecordFuture(Future[RecordMetadata]):
                 f._invoke_callbacks()  # type: ignore[attr-defined]
 
 
+def _by_seq(batch: ProducerBatch) -> tuple[int, ...]:
+    return batch.seq
+
+
 class ProducerBatch:
     """The records bound for one partition that travel together; built into a RecordBatch once."""
 
@@ -122,9 +126,10 @@ class ProducerBatch:
         "built",
         "last_error",
         "done",
+        "seq",
     )
 
-    def __init__(self, topic: str, partition: int, created_ms: int) -> None:
+    def __init__(self, topic: str, partition: int, created_ms: int, seq: tuple[int, ...] = (0,)) -> None:
         self.topic = topic
         self.partition = partition
         self.records: list[RecordTuple] = []
@@ -137,6 +142,8 @@ class ProducerBatch:
         self.built: records_pb2.RecordBatch | None = None
         self.last_error: HeadwaterError | None = None
         self.done = False
+        # Creation order: a partition's batches reach the node in this order, retries included.
+        self.seq = seq
 
     def __repr__(self) -> str:
         where = f"{self.topic}-{self.partition}"
@@ -176,10 +183,11 @@ class Drained:
 class RecordAccumulator:
     """Open batches per partition, closed batches awaiting send, and the buffer-memory account.
 
-    Invariants: a partition has at most one open batch and at most one request in flight; ``ready``
-    holds closed batches oldest first, retries put back at the front, so batches of one partition
-    reach the node in the order they were made;
-    ``buffer_used_bytes`` is the sum of ``size_bytes`` over ``incomplete``.
+    Invariants: a partition has at most one open batch; ``ready`` holds each partition's closed
+    batches in creation order (``seq``), retries put back in their place, so batches of one
+    partition reach the node in the order they were made; a partition's requests in flight all go
+    to one node, over one ordered stream (see ``drain``); ``buffer_used_bytes`` is the sum of
+    ``size_bytes`` over ``incomplete``.
     """
 
     def __init__(
@@ -197,9 +205,10 @@ class RecordAccumulator:
         self.open: dict[tuple[str, int], ProducerBatch] = {}
         self.ready: deque[ProducerBatch] = deque()
         self.incomplete: set[ProducerBatch] = set()
-        # Partitions with a request in flight (see drain).
-        self.in_flight: set[tuple[str, int]] = set()
+        # Partitions with requests in flight: (node, how many requests) (see drain).
+        self.in_flight: dict[tuple[str, int], tuple[int, int]] = {}
         self.sticky = StickyPartitioner(rng)
+        self._next_seq = 0
 
     # ------------------------------------------------------------------ the send path
 
@@ -217,7 +226,8 @@ class RecordAccumulator:
             self._close(batch)
             batch = None
         if batch is None:
-            batch = self.open[key] = ProducerBatch(topic, partition, now_ms)
+            self._next_seq += 1
+            batch = self.open[key] = ProducerBatch(topic, partition, now_ms, (self._next_seq,))
             self.incomplete.add(batch)
             changed = True
         batch.records.append(record)
@@ -249,11 +259,12 @@ class RecordAccumulator:
         """Take the batches that can go now: per leader node, one request of at most ``max_request_bytes``.
 
         A batch can go when it is closed, its linger has run out, or a flush is under way; its retry
-        backoff has passed; its leader is known; its partition has no request in flight; and its
-        node has an in-flight slot for one more request. A partition whose oldest batch cannot go
-        sends nothing newer either. The drained partitions stay muted until ``unmute``: gRPC does not
-        order concurrent calls, so one request per partition at a time is what keeps its batches in
-        order (until idempotent producers can let the node reorder them by sequence number).
+        backoff has passed; its leader is known; its node has an in-flight slot for one more request;
+        and its partition has no request in flight to another node. A partition whose oldest batch
+        cannot go sends nothing newer either. A node's requests travel one ordered stream, so several
+        of one partition may be in flight to its leader at once; but a partition whose leader moved
+        waits until its requests to the old leader are answered, or a retry could land after newer
+        batches sent to the new one. ``unmute`` ends a request.
         """
         out = Drained()
         blocked: set[tuple[str, int]] = set()
@@ -263,12 +274,16 @@ class RecordAccumulator:
             tp = (batch.topic, batch.partition)
             if tp in blocked:
                 return False
-            if tp in self.in_flight or batch.retry_at_ms > now_ms:
+            if batch.retry_at_ms > now_ms:
                 blocked.add(tp)
                 return False
             node = leader_of(batch.topic, batch.partition)
             if node is None:
                 out.leader_missing = True
+                blocked.add(tp)
+                return False
+            flying = self.in_flight.get(tp)
+            if flying is not None and flying[0] != node:
                 blocked.add(tp)
                 return False
             used = request_bytes.get(node)
@@ -296,15 +311,28 @@ class RecordAccumulator:
                 if (flush or batch.created_ms <= deadline) and take(batch):
                     del self.open[key]
                     self.sticky.on_batch_done(batch.topic, batch.partition)
-        for batches in out.by_node.values():
-            for batch in batches:
-                self.in_flight.add((batch.topic, batch.partition))
+        for node, batches in out.by_node.items():
+            for tp in {(b.topic, b.partition) for b in batches}:
+                self.in_flight[tp] = (node, self.in_flight.get(tp, (node, 0))[1] + 1)
         return out
 
+    def next_unbuilt(self) -> ProducerBatch | None:
+        """The oldest closed batch not built into a RecordBatch yet (the sender builds it ahead)."""
+        for batch in self.ready:
+            if batch.built is None:
+                return batch
+        return None
+
     def unmute(self, batches: Iterable[ProducerBatch]) -> None:
-        """The request carrying these batches is over: their partitions may send again."""
-        for batch in batches:
-            self.in_flight.discard((batch.topic, batch.partition))
+        """The request carrying these batches (as ``drain`` gave them) is over."""
+        for tp in {(b.topic, b.partition) for b in batches}:
+            flying = self.in_flight.get(tp)
+            if flying is None:
+                continue
+            if flying[1] <= 1:
+                del self.in_flight[tp]
+            else:
+                self.in_flight[tp] = (flying[0], flying[1] - 1)
 
     def next_deadline_ms(self) -> int | None:
         """The earliest time something may become sendable by itself (linger or backoff ending)."""
@@ -320,10 +348,11 @@ class RecordAccumulator:
         return deadline
 
     def reenqueue(self, batches: list[ProducerBatch], retry_at_ms: int) -> None:
-        """Put batches (in their original order) back for a retry, ahead of their partitions' newer ones."""
-        for batch in reversed(batches):
+        """Put batches back for a retry, each in its place: after its partition's older batches (some
+        may have come back first, from a later answer) and before the newer ones."""
+        for batch in batches:
             batch.retry_at_ms = retry_at_ms
-            self.ready.appendleft(batch)
+        self.ready = deque(sorted([*self.ready, *batches], key=_by_seq))
 
     def expired(self, now_ms: int, delivery_timeout_ms: int) -> list[ProducerBatch]:
         """Remove and return the waiting batches older than ``delivery_timeout_ms`` (in-flight ones stay)."""
@@ -346,12 +375,12 @@ class RecordAccumulator:
         """
         assert len(batch.records) > 1 and not batch.done and batch in self.incomplete
         mid = len(batch.records) // 2
-        halves = []
+        halves: list[ProducerBatch] = []
         for records, futures in (
             (batch.records[:mid], batch.futures[:mid]),
             (batch.records[mid:], batch.futures[mid:]),
         ):
-            half = ProducerBatch(batch.topic, batch.partition, batch.created_ms)
+            half = ProducerBatch(batch.topic, batch.partition, batch.created_ms, (*batch.seq, len(halves)))
             half.records, half.futures = records, futures
             half.condition = batch.condition  # the futures wait on their first batch's condition
             half.size_bytes = sum(record_size(k, v, h) for k, v, h, _ in records)

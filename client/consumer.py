@@ -1,7 +1,9 @@
 """The consumer: assigned partitions, positions, and a background fetcher feeding ``poll``.
 
 A fetcher thread keeps one long-poll ``Fetch`` in flight per leader node, covering every assigned
-partition that node leads, decodes the batches it gets back and queues the records for ``poll``.
+partition that node leads, and queues the batches it gets back for ``poll``, which decodes them a
+batch at a time as it hands out records (as Kafka's consumer does): the fetcher asks for the next
+data as soon as an answer is queued, so the node reads it while ``poll`` decodes the last.
 The queue is bounded by ``max_prefetch_bytes``: past it the fetcher waits for ``poll`` to catch up.
 Every partition carries a seek epoch, bumped by ``seek`` and resets, so records fetched for an old
 position are dropped instead of returned.
@@ -33,7 +35,7 @@ from headwater.client.errors import (
     error_for_rpc,
 )
 from headwater.client.types import ConsumerRecord, OffsetAndTimestamp, TopicPartition
-from headwater.v1 import client_pb2, errors_pb2
+from headwater.v1 import client_pb2, errors_pb2, records_pb2
 from headwater.v1.batch import record_tuples
 
 __all__ = ["Consumer", "EARLIEST", "LATEST"]
@@ -80,18 +82,57 @@ class _PartitionState:
 
 
 class _Chunk:
-    """Decoded records of one partition from one fetch, handed from the fetcher to poll."""
+    """The batches of one partition from one fetch, handed from the fetcher to poll.
 
-    __slots__ = ("tp", "epoch", "records", "index", "size_bytes")
+    ``poll`` decodes them one batch at a time into ``records`` (dropping those below ``min_offset``:
+    a batch may start before the fetch offset) and hands those out from ``index`` on.
+    """
+
+    __slots__ = ("tp", "epoch", "batches", "next_batch", "min_offset", "records", "index", "size_bytes")
 
     def __init__(
-        self, tp: TopicPartition, epoch: int, records: list[ConsumerRecord], size_bytes: int
+        self,
+        tp: TopicPartition,
+        epoch: int,
+        batches: list[records_pb2.RecordBatch],
+        min_offset: int,
+        size_bytes: int,
     ) -> None:
         self.tp = tp
         self.epoch = epoch
-        self.records = records
+        self.batches = batches
+        self.next_batch = 0
+        self.min_offset = min_offset
+        self.records: list[ConsumerRecord] = []
         self.index = 0
         self.size_bytes = size_bytes
+
+    def fill(self) -> bool:
+        """Decode the next batch when every decoded record is handed out; False when none is left.
+
+        Raises ``CorruptMessageError`` for a batch this client cannot read (and stays on it).
+        """
+        while self.index >= len(self.records):
+            if self.next_batch >= len(self.batches):
+                return False
+            batch = self.batches[self.next_batch]
+            try:
+                fields = record_tuples(batch, _MAX_INFLATED_BATCH_BYTES)
+            except Exception as exc:  # a batch this client cannot read stops here, loudly
+                raise CorruptMessageError(
+                    f"cannot decode the batch at offset {batch.base_offset} of "
+                    f"{self.tp.topic}-{self.tp.partition}: {exc}; seek past it to go on"
+                ) from exc
+            self.next_batch += 1
+            topic, partition = self.tp
+            low = self.min_offset
+            self.records = [
+                ConsumerRecord(topic, partition, r_offset, r_key, r_value, r_headers, r_ts)
+                for r_offset, r_ts, r_key, r_value, r_headers in fields
+                if r_offset >= low
+            ]
+            self.index = 0
+        return True
 
 
 class Consumer:
@@ -365,12 +406,30 @@ class Consumer:
         self._chunks = keep
 
     def _take(self, limit: int) -> list[ConsumerRecord]:
-        """Lock held: up to ``limit`` queued records for current positions, advancing positions."""
+        """Lock held: up to ``limit`` queued records for current positions, advancing positions.
+
+        A batch that cannot be decoded ends its partition's run here: the records before it are
+        returned, the next ``poll`` raises its error, and fetching starts again at it.
+        """
         out: list[ConsumerRecord] = []
         while self._chunks and len(out) < limit:
             chunk = self._chunks[0]
             st = self._states.get(chunk.tp)
             if st is None or st.epoch != chunk.epoch or st.position is None:
+                self._chunks.popleft()
+                self._queued_bytes -= chunk.size_bytes
+                continue
+            try:
+                more = chunk.fill()
+            except CorruptMessageError as exc:
+                st.error = exc
+                # Drop what was fetched past the bad batch; fetching resumes at it after the error.
+                st.fetch_offset = st.position
+                st.epoch += 1
+                self._drop_chunks(lambda c, bad=chunk.tp: c.tp == bad)
+                self._changed.notify()
+                break
+            if not more:
                 self._chunks.popleft()
                 self._queued_bytes -= chunk.size_bytes
                 continue
@@ -384,9 +443,6 @@ class Consumer:
                 out.extend(records[start:end])
             chunk.index = end
             st.position = records[end - 1].offset + 1
-            if end == len(records):
-                self._chunks.popleft()
-                self._queued_bytes -= chunk.size_bytes
         return out
 
     def _list_offsets(
@@ -586,49 +642,32 @@ class Consumer:
             self._finish_fetch(node, parts, error_for_rpc(exc, f"Fetch from node {node}"))
             return
         asked = {tp: (offset, epoch) for tp, offset, epoch in parts}
-        results: list[
-            tuple[TopicPartition, int, Any, list[ConsumerRecord], int, int, HeadwaterError | None]
-        ] = []
+        # (partition, seek epoch, its answer, fetch offset, batches at or past it, next offset, bytes)
+        results: list[tuple[TopicPartition, int, Any, int, list[records_pb2.RecordBatch], int, int]] = []
         for t in response.topics:
             for p in t.partitions:
                 tp = TopicPartition(t.topic, p.partition)
                 if tp not in asked:
                     continue
                 offset, epoch = asked[tp]
-                records: list[ConsumerRecord] = []
+                batches: list[records_pb2.RecordBatch] = []
                 next_offset = offset
                 size = 0
-                broken: HeadwaterError | None = None
                 if p.error_code == errors_pb2.ERROR_CODE_NONE:
-                    topic, partition = tp
+                    # Only the headers are read here; poll decodes the records (see _Chunk).
                     for batch in p.batches:
                         last = batch.base_offset + batch.last_offset_delta
                         if last < offset:
                             continue
-                        try:
-                            fields = record_tuples(batch, _MAX_INFLATED_BATCH_BYTES)
-                        except Exception as exc:  # a batch this client cannot read stops here, loudly
-                            broken = CorruptMessageError(
-                                f"cannot decode the batch at offset {batch.base_offset} of "
-                                f"{tp.topic}-{tp.partition}: {exc}; seek past it to go on"
-                            )
-                            break
-                        size += len(batch.records)
-                        append = records.append
-                        for r_offset, r_ts, r_key, r_value, r_headers in fields:
-                            if r_offset >= offset:  # a batch may start before the fetch offset
-                                append(
-                                    ConsumerRecord(
-                                        topic, partition, r_offset, r_key, r_value, r_headers, r_ts
-                                    )
-                                )
+                        batches.append(batch)
+                        size += batch.ByteSize()
                         next_offset = max(next_offset, last + 1)
-                results.append((tp, epoch, p, records, next_offset, size, broken))
+                results.append((tp, epoch, p, offset, batches, next_offset, size))
         with self._lock:
             self._node_busy.discard(node)
             answered = set()
             refresh = False
-            for tp, epoch, p, records, next_offset, size, broken in results:
+            for tp, epoch, p, offset, batches, next_offset, size in results:
                 answered.add(tp)
                 st = self._states.get(tp)
                 if st is None:
@@ -638,12 +677,10 @@ class Consumer:
                     continue  # sought elsewhere while this fetch was out
                 if p.error_code == errors_pb2.ERROR_CODE_NONE:
                     st.high_watermark = p.high_watermark
-                    st.fetch_offset = next_offset
-                    if records:
-                        self._chunks.append(_Chunk(tp, epoch, records, size))
+                    if batches:
+                        self._chunks.append(_Chunk(tp, epoch, batches, offset, size))
                         self._queued_bytes += size
-                    if broken is not None:
-                        st.error = broken  # raised by poll; fetching resumes at the bad batch
+                    st.fetch_offset = next_offset
                 elif p.error_code == errors_pb2.ERROR_CODE_OFFSET_OUT_OF_RANGE:
                     if self._reset_default is None:
                         st.error = OffsetOutOfRangeError(

@@ -2,13 +2,15 @@
 
 ``send`` does the least it can per record (partition choice, one lock, a tuple and a future) and
 returns. The sender thread wakes when a batch fills, a linger runs out, a flush starts or a retry is
-due; it builds each batch once (``headwater.v1.batch.build_batch``), groups batches by leader node,
-and sends one ``ProduceRequest`` per node, up to ``max_in_flight_requests_per_node`` at a time,
-each on an I/O thread that completes the record futures or queues retries when the answer comes.
+due; it builds each batch once (``headwater.v1.batch.build_batch``, ahead of time while the batch
+waits), groups batches by leader node, and writes one ``ProduceRequest`` per node on that node's
+``ProduceStream`` (``_stream.py``), up to ``max_in_flight_requests_per_node`` unanswered at a time.
+The stream's reader thread completes the record futures or queues retries as the answers come.
 
-A partition has one request in flight at a time (which may carry several of its batches): gRPC does
-not order concurrent calls, so this is what keeps a partition's records in send order, across
-retries too.
+The stream is what keeps a partition's records in send order with several requests in flight: the
+node appends a stream's requests in the order they were written, and once it refuses a partition's
+batches it refuses that partition's later ones in the stream too, so a retry never lands behind a
+newer batch. The producer then ends that stream and resends, in order, on a new one.
 """
 
 from __future__ import annotations
@@ -17,17 +19,16 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Container, Iterable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Container, Iterable, Mapping
+from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from types import TracebackType
 from typing import Any
 
-import grpc
-
 from headwater.client._accumulator import ProducerBatch, RecordAccumulator, RecordTuple
 from headwater.client._checks import require_not_negative, require_positive
 from headwater.client._cluster import STALE_METADATA_CODES, Cluster, TopicMeta
+from headwater.client._stream import Pending, ProduceStream
 from headwater.client.errors import (
     BufferFullError,
     ClientClosedError,
@@ -38,7 +39,6 @@ from headwater.client.errors import (
     UnknownServerError,
     UnknownTopicOrPartitionError,
     error_for_code,
-    error_for_rpc,
 )
 from headwater.client.partitioner import partition_for_key
 from headwater.client.types import Header, RecordMetadata
@@ -159,10 +159,8 @@ class Producer:
         self._closing = False
         self._force_close = False
         self._closed = False
-        # Up to max_in_flight blocking Produce calls per node; threads start only as calls need them.
-        self._io = ThreadPoolExecutor(
-            max_workers=max_in_flight_requests_per_node * 4, thread_name_prefix="headwater-producer-io"
-        )
+        # One ProduceStream per node, made on first use; only the sender thread adds or ends them.
+        self._streams: dict[int, ProduceStream] = {}
         self._sender = threading.Thread(
             target=self._run_sender, name="headwater-producer-sender", daemon=True
         )
@@ -269,8 +267,14 @@ class Producer:
                 self._wake_sender.notify()
             self._cluster.close()  # cancels in-flight calls; their batches fail
             self._sender.join()
-        self._io.shutdown(wait=True)
-        self._cluster.close()
+        with self._lock:
+            streams = list(self._streams.values())
+            self._streams.clear()
+        for stream in streams:
+            stream.end()
+        for stream in streams:
+            stream.join(self._request_timeout_ms / 1000)
+        self._cluster.close()  # breaks any stream still open: its requests fail
 
     def partitions_for(self, topic: str) -> list[int]:
         """The partition numbers of a topic (waits for its metadata up to ``max_block_ms``)."""
@@ -350,8 +354,14 @@ class Producer:
     def _sender_step(self) -> bool:
         """One round: wait for work, then expire, refresh metadata and send. False when done."""
         backoff_s = self._retry_backoff_ms / 1000
+        request_timeout_s = self._request_timeout_ms / 1000
+        unbuilt: ProducerBatch | None = None
+        to_end: list[ProduceStream] = []
+        overdue: list[ProduceStream] = []
+        requests: list[tuple[int, ProduceStream | None, Pending | HeadwaterError]] = []
         with self._lock:
             while True:
+                to_end, overdue = self._tend_streams(time.monotonic() - request_timeout_s)
                 if self._force_close:
                     doomed = self._acc.take_all()
                     for b in doomed:
@@ -377,18 +387,29 @@ class Producer:
                     self._in_flight[node] = self._in_flight.get(node, 0) + 1
                     for b in batches:
                         b.attempts += 1
+                    requests.append(self._register(node, batches))
                 since_refresh = time.monotonic() - self._cluster.last_refresh_s
                 want_metadata = (
                     drained.leader_missing or self._cluster.refresh_requested
                 ) and since_refresh >= backoff_s
                 if self._acc.incomplete and since_refresh >= self._metadata_max_age_s:
                     want_metadata = True
-                if doomed or drained.by_node or want_metadata:
+                if doomed or drained.by_node or want_metadata or to_end or overdue:
+                    break
+                # Nothing can go yet: build a closed batch now, while its partition's request is in
+                # flight, so the next request is ready the moment the answer comes back.
+                unbuilt = self._acc.next_unbuilt()
+                if unbuilt is not None:
                     break
                 if self._closing and not self._acc.pending:
                     return False
                 deadline = self._acc.next_deadline_ms()
                 timeout = None if deadline is None else (deadline - now_ms) / 1000
+                for stream in self._streams.values():  # an unanswered request's timeout
+                    sent_at = stream.oldest_sent_at()
+                    if sent_at is not None:
+                        due = sent_at + request_timeout_s - time.monotonic()
+                        timeout = due if timeout is None else min(timeout, due)
                 if timeout is None and self._acc.pending:
                     timeout = backoff_s
                 if timeout is not None and timeout <= 0:
@@ -410,29 +431,89 @@ class Producer:
                         + (f"; last error: {b.last_error}" if b.last_error else "")
                     )
                 )
+        for stream in to_end:
+            stream.end()
+        for stream in overdue:
+            _log.warning(
+                "no answer from node %d within request_timeout_ms=%d: resending its requests",
+                stream.node,
+                self._request_timeout_ms,
+            )
+            stream.cancel(timed_out=True)
         if self._force_close:
             return False
+        if unbuilt is not None:
+            # Only this thread builds batches, and a closed batch's records no longer change.
+            unbuilt.built = build_batch(unbuilt.records, self._compression)
+            return True
         if want_metadata:
             try:
                 self._cluster.refresh(topics)
             except HeadwaterError as exc:
                 _log.warning("metadata refresh failed: %s", exc)
                 self._cluster.last_refresh_s = time.monotonic()
-        for node, batches in drained.by_node.items():
-            self._send_to_node(node, batches)
+        for node, stream, entry in requests:
+            if isinstance(entry, HeadwaterError):
+                self._on_request_error(node, drained.by_node[node], entry)
+            else:
+                assert stream is not None
+                self._send_to_node(stream, entry)
         return True
 
     def _node_has_room(self, node: int) -> bool:
-        return self._in_flight.get(node, 0) < self._max_in_flight
+        stream = self._streams.get(node)
+        if stream is None:
+            # A new stream starts only once every request of the last one is settled (its retries
+            # queued), or a newer batch could overtake one of them.
+            return self._in_flight.get(node, 0) == 0
+        return not stream.retiring and self._in_flight.get(node, 0) < self._max_in_flight
 
-    def _send_to_node(self, node: int, batches: list[ProducerBatch]) -> None:
-        """Build the batches (once) and send one ProduceRequest for all of them; called without the lock."""
-        request = client_pb2.ProduceRequest(acks=self.acks, timeout_ms=self._request_timeout_ms)
+    def _tend_streams(self, overdue_before: float) -> tuple[list[ProduceStream], list[ProduceStream]]:
+        """Lock held: drop the streams that are over, returning those to end, and find the overdue ones."""
+        to_end: list[ProduceStream] = []
+        overdue: list[ProduceStream] = []
+        for node, stream in list(self._streams.items()):
+            if stream.ended or (stream.retiring and not stream.pending):
+                del self._streams[node]
+                if not stream.ended:
+                    to_end.append(stream)
+                continue
+            sent_at = stream.oldest_sent_at()
+            if sent_at is not None and sent_at <= overdue_before and not stream.retiring:
+                stream.retiring = True  # cancelled below; its requests come back as timed out
+                overdue.append(stream)
+        return to_end, overdue
+
+    def _register(
+        self, node: int, batches: list[ProducerBatch]
+    ) -> tuple[int, ProduceStream | None, Pending | HeadwaterError]:
+        """Lock held: reserve the next answer of ``node``'s stream (made if needed) for ``batches``."""
+        stream = self._streams.get(node)
+        if stream is None:
+            try:
+                stub = self._cluster.stub_for_node(node)
+            except HeadwaterError as exc:
+                return node, None, exc
+            stream = self._streams[node] = ProduceStream(
+                node, stub, self._lock, self._on_answer, self._on_stream_failure
+            )
+        return node, stream, stream.register(batches)
+
+    def _send_to_node(self, stream: ProduceStream, entry: Pending) -> None:
+        """Build the entry's batches (once) into one request and write it; called without the lock.
+
+        The request is written even when every batch proved too large (then empty): the stream's
+        answers are matched to its requests by order.
+        """
+        wrapper = client_pb2.ProduceStreamRequest()
+        request = wrapper.request
+        request.acks = self.acks
+        request.timeout_ms = self._request_timeout_ms
         by_topic: dict[str, client_pb2.ProduceTopicData] = {}
         by_tp: dict[tuple[str, int], client_pb2.ProducePartitionData] = {}
         sendable: list[ProducerBatch] = []
         too_large: list[ProducerBatch] = []
-        for b in batches:
+        for b in entry.batches:
             if b.built is None:
                 b.built = build_batch(b.records, self._compression)
             if len(b.built.records) > self._max_request_size:
@@ -446,6 +527,10 @@ class Producer:
                 part_data = by_tp[(b.topic, b.partition)] = topic_data.partitions.add(partition=b.partition)
             part_data.batches.append(b.built)
             sendable.append(b)
+        with self._lock:
+            if entry.taken:  # the stream failed first: its failure path owns these batches now
+                return
+            entry.sendable = sendable
         for b in too_large:
             b.fail(
                 RecordTooLargeError(
@@ -455,42 +540,27 @@ class Producer:
             )
         if too_large:
             with self._lock:
-                self._acc.unmute(too_large)
-                for b in too_large:
-                    self._acc.release(b)
-                self._room.notify_all()
-        if not sendable:
-            self._finish_request(node, batches, [], [])
-            return
-        try:
-            stub = self._cluster.stub_for_node(node)
-        except HeadwaterError as exc:
-            self._on_request_error(node, sendable, exc)
-            return
+                self._release(too_large)
         if self.acks == 0:
             for b in sendable:
                 b.complete(-1)
-        self._io.submit(self._produce, node, stub, request, sendable)
+        stream.write(wrapper)
 
-    def _produce(
-        self, node: int, stub: Any, request: client_pb2.ProduceRequest, batches: list[ProducerBatch]
+    def _on_stream_failure(
+        self, stream: ProduceStream, entries: list[Pending], error: HeadwaterError
     ) -> None:
-        """Runs on an I/O thread: one blocking Produce call, then its outcome.
+        """The stream broke or ended with these requests unanswered: retry or fail their batches."""
+        for entry in entries:
+            self._on_request_error(stream.node, entry.carried, error, sent=entry.batches, stream=stream)
 
-        A blocking call on a pool thread rather than ``Produce.future``: with one call in flight at a
-        time, the future API starts and stops a gRPC channel thread for every request.
-        """
+    def _on_answer(self, stream: ProduceStream, entry: Pending, response: client_pb2.ProduceResponse) -> None:
+        """Runs on the stream's reader thread: the outcome of one request."""
+        node = stream.node
+        batches = entry.carried
         try:
-            try:
-                response = stub.Produce(request, timeout=self._request_timeout_ms / 1000)
-            except grpc.RpcError as exc:
-                self._on_request_error(node, batches, error_for_rpc(exc, f"Produce to node {node}"))
-                return
-            except ValueError as exc:  # the channel was closed under the call
-                self._on_request_error(node, batches, ClientClosedError(f"the producer was closed: {exc}"))
-                return
             by_tp = {(t.topic, p.partition): p for t in response.topics for p in t.partitions}
             done: list[ProducerBatch] = []
+            placed: list[tuple[ProducerBatch, int, int]] = []
             retry: list[ProducerBatch] = []
             failed: list[ProducerBatch] = []
             refresh = False
@@ -509,13 +579,23 @@ class Producer:
                 elif p.error_code == errors_pb2.ERROR_CODE_NONE:
                     # Batches of one partition were appended in request order, offsets follow on.
                     base = next_offset.get(tp, p.base_offset)
-                    b.complete(base, p.log_append_time_ms)
+                    placed.append((b, base, p.log_append_time_ms))
                     next_offset[tp] = base + len(b.records)
                     done.append(b)
                 elif p.HasField("error_batch_index") and p.error_batch_index != index:
                     # Another batch of this partition was refused, and this one only with it.
                     b.last_error = error_for_code(p.error_code, p.error_message)
                     retry.append(b)
+                elif p.error_code == errors_pb2.ERROR_CODE_OUT_OF_ORDER_SEQUENCE:
+                    # Refused only because an earlier batch of its partition was, in this stream:
+                    # it goes again behind that one, whatever its own error count.
+                    b.last_error = error_for_code(p.error_code, p.error_message)
+                    expired = self._expired_error(b)
+                    if expired is None:
+                        retry.append(b)
+                    else:
+                        b.last_error = expired
+                        failed.append(b)
                 elif p.error_code == errors_pb2.ERROR_CODE_RECORD_TOO_LARGE and len(b.records) > 1:
                     # The batch is too large, not its records: halve it and send the halves.
                     b.last_error = error_for_code(p.error_code, p.error_message)
@@ -532,16 +612,47 @@ class Producer:
                         failed.append(b)
             if refresh:
                 self._cluster.request_refresh()
-            for b in failed:
-                assert b.last_error is not None
-                b.fail(b.last_error)
-            self._finish_request(node, batches, done + failed, retry, too_large)
+
+            def settle() -> None:
+                for b, base, append_time_ms in placed:
+                    b.complete(base, append_time_ms)
+                for b in failed:
+                    assert b.last_error is not None
+                    b.fail(b.last_error)
+
+            self._finish_request(
+                node,
+                entry.batches,
+                done + failed,
+                retry,
+                too_large,
+                settle=settle,
+                refused_on=stream if retry or failed else None,
+            )
         except Exception:
             _log.exception("handling a Produce response failed")
-            self._on_request_error(node, batches, UnknownServerError("could not handle the Produce response"))
+            self._on_request_error(
+                node,
+                batches,
+                UnknownServerError("could not handle the Produce response"),
+                sent=entry.batches,
+                stream=stream,
+            )
 
-    def _on_request_error(self, node: int, batches: list[ProducerBatch], error: HeadwaterError) -> None:
-        """The whole request failed: retry every batch that may be retried, fail the rest."""
+    def _on_request_error(
+        self,
+        node: int,
+        batches: list[ProducerBatch],
+        error: HeadwaterError,
+        *,
+        sent: list[ProducerBatch] | None = None,
+        stream: ProduceStream | None = None,
+    ) -> None:
+        """The whole request failed: retry every batch that may be retried, fail the rest.
+
+        ``sent``: the batches the request was drained with, when more than ``batches``; ``stream``:
+        the stream it went on, if it went.
+        """
         retry: list[ProducerBatch] = []
         failed: list[ProducerBatch] = []
         if isinstance(error, NodeNotAvailableError):
@@ -556,9 +667,8 @@ class Producer:
                 failed.append(b)
         for b in failed:
             assert b.last_error is not None
-            if self.acks != 0:
-                b.fail(b.last_error)
-        self._finish_request(node, batches, failed, retry)
+            b.fail(b.last_error)  # with acks=0, only the records never written: the rest are done
+        self._finish_request(node, batches if sent is None else sent, failed, retry, refused_on=stream)
 
     def _final_error(self, b: ProducerBatch) -> HeadwaterError | None:
         """None when the batch's last error may be retried; else the error to fail its records with."""
@@ -566,6 +676,11 @@ class Producer:
         assert err is not None
         if not err.retriable or b.attempts > self._retries:
             return err
+        return self._expired_error(b)
+
+    def _expired_error(self, b: ProducerBatch) -> HeadwaterError | None:
+        """The error to fail a batch with when it may not wait for another try (closed, or out of time)."""
+        err = b.last_error
         if self._force_close:
             return ClientClosedError(f"the producer was closed; last error: {err}")
         if int(time.monotonic() * 1000) + self._backoff_ms(b) >= b.created_ms + self._delivery_timeout_ms:
@@ -587,20 +702,41 @@ class Producer:
         finished: list[ProducerBatch],
         retry: list[ProducerBatch],
         split: Container[int] = (),
+        *,
+        settle: Callable[[], None] | None = None,
+        refused_on: ProduceStream | None = None,
     ) -> None:
         """A request is over: free its in-flight slot, partitions and buffer bytes, queue its retries
-        (the batches in ``split``, by id, halved first)."""
+        (the batches in ``split``, by id, halved first). ``refused_on``: the stream of a request that
+        something in failed, which then takes no new requests (see ``ProduceStream.retiring``).
+
+        ``settle`` completes the finished batches' futures. It runs after the partitions are unmuted
+        and the sender woken, so the next request is on its way while the futures complete (and their
+        callbacks run); the buffer bytes come back after it, so ``flush`` never sees a batch gone
+        whose futures are not done yet.
+        """
         now_ms = int(time.monotonic() * 1000)
         with self._lock:
             self._in_flight[node] = self._in_flight.get(node, 1) - 1
             self._acc.unmute(sent)
-            for b in finished:
-                self._acc.release(b)
+            if refused_on is not None:
+                refused_on.retiring = True
             if split:
                 retry = [h for b in retry for h in (self._acc.split(b) if id(b) in split else (b,))]
             if retry:
                 _log.debug("retrying %d batches after %s", len(retry), retry[0].last_error)
                 self._acc.reenqueue(retry, now_ms + max(self._backoff_ms(b) for b in retry))
             self._wake_sender.notify()
-            if finished:
-                self._room.notify_all()
+            if settle is None:
+                self._release(finished)
+                return
+        settle()
+        with self._lock:
+            self._release(finished)
+
+    def _release(self, finished: list[ProducerBatch]) -> None:
+        """Called with the lock held: give finished batches' bytes back and wake blocked senders."""
+        for b in finished:
+            self._acc.release(b)
+        if finished:
+            self._room.notify_all()

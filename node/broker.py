@@ -288,7 +288,15 @@ class Broker:
         rec = record.partitions[index]
         return rec.leader, rec.leader_epoch
 
-    async def produce(self, req: pb.ProduceRequest) -> pb.ProduceResponse:
+    async def produce(
+        self, req: pb.ProduceRequest, refused: set[tuple[str, int]] | None = None
+    ) -> pb.ProduceResponse:
+        """Append a request's batches, partition by partition.
+
+        ``refused`` is a ProduceStream's memory: partitions refused earlier in the stream, whose later
+        batches are refused too (OUT_OF_ORDER_SEQUENCE) so that the stream never stores a batch after
+        one it refused. Every partition refused here joins it.
+        """
         resp = pb.ProduceResponse()
         now_ms = self.clock_ms()
         for t in req.topics:
@@ -300,9 +308,20 @@ class Broker:
                     log_append_time_ms=-1,
                     leader_id=-1,
                 )
-                code, msg = await self._produce_partition(req.acks, t.topic, pd, pr, now_ms)
+                key = (t.topic, pd.partition)
+                code: int
+                if refused is not None and key in refused:
+                    code, msg = (
+                        E.ERROR_CODE_OUT_OF_ORDER_SEQUENCE,
+                        f"an earlier batch of {t.topic}-{pd.partition} was refused in this stream; "
+                        "nothing was stored: resend on a new stream",
+                    )
+                else:
+                    code, msg = await self._produce_partition(req.acks, t.topic, pd, pr, now_ms)
                 if code != E.ERROR_CODE_NONE:
                     pr.error_code, pr.error_message = code, msg
+                    if refused is not None:
+                        refused.add(key)
         return resp
 
     async def _produce_partition(

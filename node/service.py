@@ -118,9 +118,30 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
     async def Produce(
         self, request: pb.ProduceRequest, context: grpc.aio.ServicerContext
     ) -> pb.ProduceResponse:  # noqa: N802,E501
+        return await self._produce("Produce", request, context)
+
+    async def ProduceStream(  # noqa: N802
+        self, requests: AsyncIterator[pb.ProduceStreamRequest | Malformed], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ProduceStreamResponse]:
+        # One request at a time, in arrival order: that order is the stream's promise. The partitions
+        # refused so far in this stream refuse their later batches too (see client.proto).
+        refused: set[tuple[str, int]] = set()
+        async for message in requests:
+            request = message if isinstance(message, Malformed) else message.request
+            response = await self._produce("ProduceStream", request, context, refused)
+            yield pb.ProduceStreamResponse(response=response)
+
+    async def _produce(
+        self,
+        rpc: str,
+        request: pb.ProduceRequest | Malformed,
+        context: grpc.aio.ServicerContext,
+        refused: set[tuple[str, int]] | None = None,
+    ) -> pb.ProduceResponse:
         resp: pb.ProduceResponse = await self._handle(
-            "Produce", request, context, lambda: self.broker.produce(request)
+            rpc, request, context, lambda: self.broker.produce(request, refused)
         )
+        assert not isinstance(request, Malformed)  # _handle aborted the call
         appended = 0
         records = 0
         for t, tr in zip(request.topics, resp.topics, strict=True):

@@ -34,6 +34,7 @@ from headwater import (
     partition_for_key,
 )
 from headwater.v1 import errors_pb2
+from headwater.v1.batch import decode_records
 
 
 @pytest.fixture(autouse=True)
@@ -113,6 +114,33 @@ def test_a_retriable_error_is_retried_after_a_metadata_refresh(fake_node: FakeNo
     assert fake_node.calls["Produce"] == 3
     assert fake_node.calls["Metadata"] >= 2  # the first send's lookup, then a refresh per NOT_LEADER
     assert len(fake_node.topics["t"].partitions[0].batches) == 1  # sent once it was accepted
+
+
+def test_pipelined_requests_of_one_partition_keep_their_order_across_a_refusal(fake_node: FakeNode) -> None:
+    """Several requests of one partition in flight on the node's stream; the first is refused (a
+    retriable error) and the node refuses the ones behind it: every record still lands once, in send
+    order, and the next requests go on a new stream."""
+    fake_node.add_topic("t")
+    fake_node.produce_gate.clear()  # the node holds the first request while the others queue up
+    producer = Producer(
+        bootstrap(fake_node), linger_ms=0, batch_size_bytes=50, max_request_size=100, retry_backoff_ms=10
+    )
+    try:
+        values = [b"v%02d" % i + b"." * 30 for i in range(8)]  # each fills a batch of its own
+        futures = [producer.send("t", v) for v in values]
+        time.sleep(0.5)
+        fake_node.produce_errors.append(errors_pb2.ERROR_CODE_NOT_LEADER_OR_FOLLOWER)
+        fake_node.produce_gate.set()
+        producer.flush(10)
+        assert [f.result(0).offset for f in futures] == list(range(8))
+    finally:
+        fake_node.produce_gate.set()
+        producer.close()
+    stored = [r.value for b in fake_node.topics["t"].partitions[0].batches for r in decode_records(b)]
+    assert stored == values
+    # 8 accepted, the refused one, and at least one refused behind it: requests were in flight together.
+    assert fake_node.calls["Produce"] >= 10
+    assert fake_node.streams >= 2
 
 
 def test_a_non_retriable_error_fails_the_futures_without_a_retry(fake_node: FakeNode) -> None:

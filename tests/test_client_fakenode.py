@@ -53,6 +53,7 @@ class FakeNode(client_pb2_grpc.HeadwaterServiceServicer):
         self.produce_gate.set()
         self.abort_with: grpc.StatusCode | None = None
         self.leader_id = 1
+        self.streams = 0  # ProduceStream calls opened
 
     def _count(self, name: str, context: grpc.ServicerContext) -> None:
         with self.lock:
@@ -86,6 +87,18 @@ class FakeNode(client_pb2_grpc.HeadwaterServiceServicer):
 
     def Produce(self, request, context):  # noqa: N802
         self._count("Produce", context)
+        return self._produce(request, None)
+
+    def ProduceStream(self, requests, context):  # noqa: N802
+        """As the real node: in order, and a partition refused once stays refused in the stream."""
+        refused: set[tuple[str, int]] = set()
+        with self.lock:
+            self.streams += 1
+        for message in requests:
+            self._count("Produce", context)
+            yield client_pb2.ProduceStreamResponse(response=self._produce(message.request, refused))
+
+    def _produce(self, request, refused):
         self.produce_gate.wait()
         resp = client_pb2.ProduceResponse()
         with self.lock:
@@ -93,15 +106,25 @@ class FakeNode(client_pb2_grpc.HeadwaterServiceServicer):
                 tr = resp.topics.add(topic=td.topic)
                 for pd in td.partitions:
                     pr = tr.partitions.add(partition=pd.partition, leader_id=-1)
+                    key = (td.topic, pd.partition)
+                    if refused is not None and key in refused:
+                        pr.error_code = errors_pb2.ERROR_CODE_OUT_OF_ORDER_SEQUENCE
+                        continue
                     if self.produce_errors:
                         pr.error_code = self.produce_errors.popleft()
+                        if refused is not None and pr.error_code != errors_pb2.ERROR_CODE_NONE:
+                            refused.add(key)
                         continue
                     t = self.topics.get(td.topic)
                     if t is None or pd.partition >= len(t.partitions):
                         pr.error_code = errors_pb2.ERROR_CODE_UNKNOWN_TOPIC_OR_PARTITION
+                        if refused is not None:
+                            refused.add(key)
                         continue
                     if not all(crc_is_valid(b) for b in pd.batches):
                         pr.error_code = errors_pb2.ERROR_CODE_CORRUPT_MESSAGE
+                        if refused is not None:
+                            refused.add(key)
                         continue
                     part = t.partitions[pd.partition]
                     pr.base_offset = part.log_end_offset

@@ -206,11 +206,11 @@ def _drain(
     return {n: [(b.partition, len(b.records)) for b in bs] for n, bs in d.by_node.items()}
 
 
-def test_drain_groups_by_leader_and_mutes_a_partition_while_its_request_is_in_flight() -> None:
+def test_drain_groups_by_leader_and_pipelines_a_partition_only_to_the_node_it_is_in_flight_to() -> None:
     acc = _acc(batch=100)
     for p in (0, 0, 0, 1, 2):
         acc.append("t", p, _rec(), 100, now_ms=0)  # each record fills its batch
-    d = acc.drain(
+    first = acc.drain(
         0,
         flush=False,
         leader_of=lambda t, p: {0: 1, 1: 2, 2: None}[p],
@@ -218,12 +218,23 @@ def test_drain_groups_by_leader_and_mutes_a_partition_while_its_request_is_in_fl
         max_request_bytes=250,
     )
     # node 1 gets partition 0's batches up to the request cap; node 2 has no slot; 2 has no leader
-    assert {n: [b.partition for b in bs] for n, bs in d.by_node.items()} == {1: [0, 0]}
-    assert d.leader_missing
+    assert {n: [b.partition for b in bs] for n, bs in first.by_node.items()} == {1: [0, 0]}
+    assert first.leader_missing
     assert [b.partition for b in acc.ready] == [0, 1, 2]
-    assert _drain(acc, 0, {2: 3}) == {1: [(1, 1)], 3: [(2, 1)]}  # partition 0 is still in flight
-    acc.unmute(d.by_node[1])
-    assert _drain(acc, 0) == {1: [(0, 1)]}
+    # A second request of partition 0 may follow the first one on node 1's ordered stream.
+    second = acc.drain(
+        0, flush=False, leader_of=lambda t, p: 1, node_has_room=lambda n: True, max_request_bytes=150
+    )
+    assert [b.partition for b in second.by_node[1]] == [0]
+    assert acc.in_flight[("t", 0)] == (1, 2)
+    # Its leader moves while both are in flight: nothing of it goes to the new leader until both
+    # requests are over, or a retry of theirs could land behind a newer batch.
+    acc.append("t", 0, _rec(), 100, now_ms=0)
+    assert _drain(acc, 0, {0: 4, 2: 3}) == {1: [(1, 1)], 3: [(2, 1)]}
+    acc.unmute(first.by_node[1])
+    assert _drain(acc, 0, {0: 4}) == {}
+    acc.unmute(second.by_node[1])
+    assert _drain(acc, 0, {0: 4}) == {4: [(0, 1)]}
 
 
 def test_a_retried_batch_goes_before_newer_batches_of_its_partition() -> None:
@@ -242,6 +253,33 @@ def test_a_retried_batch_goes_before_newer_batches_of_its_partition() -> None:
         50, flush=False, leader_of=lambda t, p: 1, node_has_room=lambda n: True, max_request_bytes=10**6
     )
     assert d.by_node[1] == ready
+
+
+def test_retries_answered_out_of_order_go_back_in_creation_order() -> None:
+    """With requests pipelined, a later request's batch can come back for a retry before an earlier
+    one's (refused behind it in the same stream): each goes back to its place all the same."""
+    acc = _acc(batch=100)
+    for p in (0, 1, 0, 1):
+        acc.append("t", p, _rec(), 100, now_ms=0)
+    for _ in range(2):
+        acc.append("t", 0, _rec(50), 50, now_ms=0)
+    made = list(acc.ready)
+    one = acc.drain(
+        0, flush=False, leader_of=lambda t, p: 1, node_has_room=lambda n: True, max_request_bytes=250
+    )
+    two = acc.drain(
+        0, flush=False, leader_of=lambda t, p: 1, node_has_room=lambda n: True, max_request_bytes=250
+    )
+    assert one.by_node[1] == made[:2] and two.by_node[1] == made[2:4]
+    acc.unmute(two.by_node[1])
+    acc.reenqueue(two.by_node[1], retry_at_ms=0)  # the second request's answer came first
+    acc.unmute(one.by_node[1])
+    acc.reenqueue(one.by_node[1], retry_at_ms=0)
+    assert list(acc.ready) == made
+    halves = acc.split(made[4])  # halves keep their place too, ahead of anything newer
+    acc.ready.remove(made[4])
+    acc.reenqueue(halves, retry_at_ms=0)
+    assert list(acc.ready) == [*made[:4], *halves]
 
 
 def test_request_bytes_cap_leaves_the_rest_for_the_next_request() -> None:

@@ -487,6 +487,77 @@ def test_corrupt_batch_is_refused_and_nothing_stored(stub: client_pb2_grpc.Headw
     assert fetch(stub, "crc", 0).high_watermark == 0
 
 
+def _stream_request(topic: str, *parts: tuple[int, pb.RecordBatch]) -> pb.ProduceStreamRequest:
+    req = pb.ProduceStreamRequest()
+    req.request.acks, req.request.timeout_ms = 1, 10_000
+    t = req.request.topics.add(topic=topic)
+    for partition, b in parts:
+        t.partitions.add(partition=partition, batches=[b])
+    return req
+
+
+def test_produce_stream_appends_in_order_and_refuses_a_refused_partitions_later_batches(
+    stub: client_pb2_grpc.HeadwaterServiceStub,
+) -> None:
+    """A stream's requests are appended in the order sent; once a partition's batch is refused, its
+    later batches in the same stream are refused too (OUT_OF_ORDER_SEQUENCE) and nothing of them is
+    stored, so a retry can never land behind them. Other partitions, and a new stream, go on."""
+    create(stub, "ordered", partitions=2)
+
+    def good(v: bytes) -> pb.RecordBatch:
+        return codec.build_batch([(None, v, None, 1)])
+
+    bad = good(b"bad")
+    bad.records = bad.records[:-1] + bytes([bad.records[-1] ^ 0xFF])
+    answers = list(
+        stub.ProduceStream(
+            iter(
+                [
+                    _stream_request("ordered", (0, good(b"a0")), (1, good(b"b0"))),
+                    _stream_request("ordered", (0, good(b"a1"))),
+                    _stream_request("ordered", (0, bad), (1, good(b"b1"))),
+                    _stream_request("ordered", (0, good(b"a2")), (1, good(b"b2"))),
+                ]
+            ),
+            timeout=10,
+        )
+    )
+    codes = [[p.error_code for p in a.response.topics[0].partitions] for a in answers]
+    assert codes == [
+        [E.ERROR_CODE_NONE, E.ERROR_CODE_NONE],
+        [E.ERROR_CODE_NONE],
+        [E.ERROR_CODE_CORRUPT_MESSAGE, E.ERROR_CODE_NONE],
+        [E.ERROR_CODE_OUT_OF_ORDER_SEQUENCE, E.ERROR_CODE_NONE],
+    ]
+    assert [a.response.topics[0].partitions[0].base_offset for a in answers[:2]] == [0, 1]
+    assert "refused in this stream" in answers[3].response.topics[0].partitions[0].error_message
+    assert values_of(fetch(stub, "ordered", 0, partition=0)) == [b"a0", b"a1"]
+    assert values_of(fetch(stub, "ordered", 0, partition=1)) == [b"b0", b"b1", b"b2"]
+    # The resend, on a new stream, lands right after what was stored.
+    again = list(stub.ProduceStream(iter([_stream_request("ordered", (0, good(b"a2")))]), timeout=10))
+    assert again[0].response.topics[0].partitions[0].base_offset == 2
+    assert values_of(fetch(stub, "ordered", 0, partition=0)) == [b"a0", b"a1", b"a2"]
+
+
+def test_a_malformed_message_ends_a_produce_stream_with_invalid_argument(
+    node: NodeProcess, stub: client_pb2_grpc.HeadwaterServiceStub
+) -> None:
+    create(stub, "stream-garbage")
+    ok = _stream_request("stream-garbage", (0, codec.build_batch([(None, b"kept", None, 1)])))
+    with grpc.insecure_channel(node.bootstrap) as ch:
+        method = "/headwater.v1.HeadwaterService/ProduceStream"
+        raw = ch.stream_stream(method, request_serializer=None, response_deserializer=None)
+        answers = raw(iter([ok.SerializeToString(), b"\xff\xff\xff\xff\x0f garbage"]), timeout=5)
+        first = pb.ProduceStreamResponse.FromString(next(answers))
+        assert first.response.topics[0].partitions[0].error_code == E.ERROR_CODE_NONE
+        with pytest.raises(grpc.RpcError) as err:
+            next(answers)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "malformed" in (err.value.details() or "")
+    assert values_of(fetch(stub, "stream-garbage", 0)) == [b"kept"]
+    assert produce(stub, "stream-garbage", [b"after"]).error_code == E.ERROR_CODE_NONE
+
+
 def _recrc(b: pb.RecordBatch) -> pb.RecordBatch:
     b.crc = codec.batch_crc(b)  # a producer that lies consistently: the CRC matches its lie
     return b

@@ -58,6 +58,11 @@ class HeadwaterServiceStub:
                 request_serializer=headwater_dot_v1_dot_client__pb2.ProduceRequest.SerializeToString,
                 response_deserializer=headwater_dot_v1_dot_client__pb2.ProduceResponse.FromString,
                 _registered_method=True)
+        self.ProduceStream = channel.stream_stream(
+                '/headwater.v1.HeadwaterService/ProduceStream',
+                request_serializer=headwater_dot_v1_dot_client__pb2.ProduceStreamRequest.SerializeToString,
+                response_deserializer=headwater_dot_v1_dot_client__pb2.ProduceStreamResponse.FromString,
+                _registered_method=True)
         self.Fetch = channel.unary_unary(
                 '/headwater.v1.HeadwaterService/Fetch',
                 request_serializer=headwater_dot_v1_dot_client__pb2.FetchRequest.SerializeToString,
@@ -113,6 +118,18 @@ class HeadwaterServiceServicer:
 
     def Produce(self, request, context):
         """Append batches to many partitions; one request per leader node.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ProduceStream(self, request_iterator, context):
+        """Produce over one long-lived stream: requests are appended in the order they were sent and
+        answered in that order, so a producer can keep several requests in flight, for the same
+        partitions, without reordering their batches. Once a partition's batches are refused in a
+        stream, every later batch of that partition in the same stream is refused too, with
+        OUT_OF_ORDER_SEQUENCE, and none of it is stored: the producer resends them, in order, on a new
+        stream. A malformed request ends the stream with INVALID_ARGUMENT.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -174,6 +191,11 @@ def add_HeadwaterServiceServicer_to_server(servicer, server):
                     servicer.Produce,
                     request_deserializer=headwater_dot_v1_dot_client__pb2.ProduceRequest.FromString,
                     response_serializer=headwater_dot_v1_dot_client__pb2.ProduceResponse.SerializeToString,
+            ),
+            'ProduceStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ProduceStream,
+                    request_deserializer=headwater_dot_v1_dot_client__pb2.ProduceStreamRequest.FromString,
+                    response_serializer=headwater_dot_v1_dot_client__pb2.ProduceStreamResponse.SerializeToString,
             ),
             'Fetch': grpc.unary_unary_rpc_method_handler(
                     servicer.Fetch,
@@ -313,6 +335,33 @@ class HeadwaterService:
             '/headwater.v1.HeadwaterService/Produce',
             headwater_dot_v1_dot_client__pb2.ProduceRequest.SerializeToString,
             headwater_dot_v1_dot_client__pb2.ProduceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ProduceStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/headwater.v1.HeadwaterService/ProduceStream',
+            headwater_dot_v1_dot_client__pb2.ProduceStreamRequest.SerializeToString,
+            headwater_dot_v1_dot_client__pb2.ProduceStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,
