@@ -18,7 +18,6 @@ from typing import Any
 from headwater.client.errors import HeadwaterError
 from headwater.client.partitioner import StickyPartitioner
 from headwater.client.types import Header, RecordMetadata
-from headwater.v1 import records_pb2
 
 __all__ = ["RecordFuture", "ProducerBatch", "RecordAccumulator", "Drained", "record_size"]
 
@@ -111,7 +110,7 @@ def _by_seq(batch: ProducerBatch) -> tuple[int, ...]:
 
 
 class ProducerBatch:
-    """The records bound for one partition that travel together; built into a RecordBatch once."""
+    """The records bound for one partition that travel together; encoded into a RecordBatch once."""
 
     __slots__ = (
         "topic",
@@ -139,7 +138,7 @@ class ProducerBatch:
         self.condition = Condition()
         self.attempts = 0
         self.retry_at_ms = 0
-        self.built: records_pb2.RecordBatch | None = None
+        self.built: bytes | None = None  # the serialized RecordBatch, made once (encode_batch)
         self.last_error: HeadwaterError | None = None
         self.done = False
         # Creation order: a partition's batches reach the node in this order, retries included.

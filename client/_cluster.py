@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -148,6 +148,22 @@ class Cluster:
                 self._channels[address] = channel
                 stub = self._stubs[address] = client_pb2_grpc.HeadwaterServiceStub(channel)  # type: ignore[no-untyped-call]
             return stub
+
+    def produce_stream_for_node(self, node_id: int) -> Callable[[Iterator[bytes]], Iterator[Any]]:
+        """``ProduceStream`` on a node's channel, taking requests already serialized (``_wire.py``)."""
+        address = self.nodes.get(node_id)
+        if address is None:
+            raise NodeNotAvailableError(f"node {node_id} is not in the cluster metadata")
+        self.stub_for_address(address)  # opens the channel, or raises like any call would
+        channel = self._channels.get(address)
+        if channel is None:
+            raise ClientClosedError("the client is closed")
+        call: Callable[[Iterator[bytes]], Iterator[Any]] = channel.stream_stream(
+            "/headwater.v1.HeadwaterService/ProduceStream",
+            request_serializer=None,
+            response_deserializer=client_pb2.ProduceStreamResponse.FromString,
+        )
+        return call
 
     def stub_for_node(self, node_id: int) -> client_pb2_grpc.HeadwaterServiceStub:
         address = self.nodes.get(node_id)

@@ -17,7 +17,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -58,7 +58,7 @@ class ProduceStream:
     def __init__(
         self,
         node: int,
-        stub: Any,
+        open_call: Callable[[Iterator[bytes]], Any],
         lock: threading.Lock,
         on_answer: Callable[[ProduceStream, Pending, client_pb2.ProduceResponse], None],
         on_failure: Callable[[ProduceStream, list[Pending], HeadwaterError], None],
@@ -73,8 +73,8 @@ class ProduceStream:
         self._on_answer = on_answer
         self._on_failure = on_failure
         self._timed_out = False
-        self._requests: queue.SimpleQueue[client_pb2.ProduceStreamRequest | None] = queue.SimpleQueue()
-        self._call = stub.ProduceStream(iter(self._requests.get, None))
+        self._requests: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._call = open_call(iter(self._requests.get, None))
         self._reader = threading.Thread(
             target=self._read, name=f"headwater-producer-stream-{node}", daemon=True
         )
@@ -88,7 +88,8 @@ class ProduceStream:
         self.pending.append(entry)
         return entry
 
-    def write(self, request: client_pb2.ProduceStreamRequest) -> None:
+    def write(self, request: bytes) -> None:
+        """Send a serialized ProduceStreamRequest (``_wire.produce_stream_request``)."""
         self._requests.put(request)
 
     def end(self) -> None:

@@ -29,6 +29,7 @@ from headwater.client._accumulator import ProducerBatch, RecordAccumulator, Reco
 from headwater.client._checks import require_not_negative, require_positive
 from headwater.client._cluster import STALE_METADATA_CODES, Cluster, TopicMeta
 from headwater.client._stream import Pending, ProduceStream
+from headwater.client._wire import produce_stream_request
 from headwater.client.errors import (
     BufferFullError,
     ClientClosedError,
@@ -43,7 +44,7 @@ from headwater.client.errors import (
 from headwater.client.partitioner import partition_for_key
 from headwater.client.types import Header, RecordMetadata
 from headwater.v1 import client_pb2, errors_pb2
-from headwater.v1.batch import COMPRESSION_BY_NAME, build_batch
+from headwater.v1.batch import COMPRESSION_BY_NAME, encode_batch
 
 __all__ = ["Producer", "parse_acks"]
 
@@ -444,7 +445,7 @@ class Producer:
             return False
         if unbuilt is not None:
             # Only this thread builds batches, and a closed batch's records no longer change.
-            unbuilt.built = build_batch(unbuilt.records, self._compression)
+            unbuilt.built = encode_batch(unbuilt.records, self._compression)
             return True
         if want_metadata:
             try:
@@ -491,11 +492,11 @@ class Producer:
         stream = self._streams.get(node)
         if stream is None:
             try:
-                stub = self._cluster.stub_for_node(node)
+                open_call = self._cluster.produce_stream_for_node(node)
             except HeadwaterError as exc:
                 return node, None, exc
             stream = self._streams[node] = ProduceStream(
-                node, stub, self._lock, self._on_answer, self._on_stream_failure
+                node, open_call, self._lock, self._on_answer, self._on_stream_failure
             )
         return node, stream, stream.register(batches)
 
@@ -505,28 +506,21 @@ class Producer:
         The request is written even when every batch proved too large (then empty): the stream's
         answers are matched to its requests by order.
         """
-        wrapper = client_pb2.ProduceStreamRequest()
-        request = wrapper.request
-        request.acks = self.acks
-        request.timeout_ms = self._request_timeout_ms
-        by_topic: dict[str, client_pb2.ProduceTopicData] = {}
-        by_tp: dict[tuple[str, int], client_pb2.ProducePartitionData] = {}
+        by_tp: dict[tuple[str, int], list[bytes]] = {}
         sendable: list[ProducerBatch] = []
         too_large: list[ProducerBatch] = []
         for b in entry.batches:
             if b.built is None:
-                b.built = build_batch(b.records, self._compression)
-            if len(b.built.records) > self._max_request_size:
+                b.built = encode_batch(b.records, self._compression)
+            if len(b.built) > self._max_request_size:
                 too_large.append(b)
                 continue
-            topic_data = by_topic.get(b.topic)
-            if topic_data is None:
-                topic_data = by_topic[b.topic] = request.topics.add(topic=b.topic)
-            part_data = by_tp.get((b.topic, b.partition))
-            if part_data is None:
-                part_data = by_tp[(b.topic, b.partition)] = topic_data.partitions.add(partition=b.partition)
-            part_data.batches.append(b.built)
+            by_tp.setdefault((b.topic, b.partition), []).append(b.built)
             sendable.append(b)
+        by_topic: dict[str, list[tuple[int, list[bytes]]]] = {}
+        for (topic, partition), built in by_tp.items():
+            by_topic.setdefault(topic, []).append((partition, built))
+        request = produce_stream_request(self.acks, self._request_timeout_ms, by_topic.items())
         with self._lock:
             if entry.taken:  # the stream failed first: its failure path owns these batches now
                 return
@@ -534,7 +528,7 @@ class Producer:
         for b in too_large:
             b.fail(
                 RecordTooLargeError(
-                    f"batch of {len(b.built.records) if b.built else 0} bytes for {b.topic}-{b.partition} "
+                    f"batch of {len(b.built) if b.built else 0} bytes for {b.topic}-{b.partition} "
                     f"exceeds max_request_size={self._max_request_size}"
                 )
             )
@@ -544,7 +538,7 @@ class Producer:
         if self.acks == 0:
             for b in sendable:
                 b.complete(-1)
-        stream.write(wrapper)
+        stream.write(request)
 
     def _on_stream_failure(
         self, stream: ProduceStream, entries: list[Pending], error: HeadwaterError

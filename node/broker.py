@@ -351,15 +351,16 @@ class Broker:
                     E.ERROR_CODE_RECORD_TOO_LARGE,
                     f"batch of {size} bytes exceeds max_message_bytes={max_message_bytes}",
                 )
+            records = b.records  # read once: each read of the field copies it
             if (
                 b.record_count < 1
                 or b.last_offset_delta != b.record_count - 1
-                or not batch_codec.crc_is_valid(b)
+                or not batch_codec.crc_is_valid(b, records)
             ):
                 return E.ERROR_CODE_CORRUPT_MESSAGE, "batch CRC or header is invalid; nothing was stored"
             # The leader stores what consumers will decode: records that disagree with their header
             # (or a payload that inflates past the bound) are refused, never stored.
-            problem = batch_codec.records_problem(b, self.config.max_decompressed_bytes)
+            problem = batch_codec.records_problem(b, self.config.max_decompressed_bytes, records)
             if problem:
                 return E.ERROR_CODE_CORRUPT_MESSAGE, f"{problem}; nothing was stored"
         pr.ClearField("error_batch_index")

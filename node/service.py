@@ -147,7 +147,7 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
         for t, tr in zip(request.topics, resp.topics, strict=True):
             for pd, pr in zip(t.partitions, tr.partitions, strict=True):
                 if pr.error_code == E.ERROR_CODE_NONE:
-                    appended += sum(len(b.records) for b in pd.batches)
+                    appended += sum(b.ByteSize() for b in pd.batches)
                     records += sum(b.record_count for b in pd.batches)
         self.metrics.bytes_in.inc(appended)
         self.metrics.records_in.inc(records)

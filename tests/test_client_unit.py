@@ -7,6 +7,8 @@ import threading
 from concurrent.futures import FIRST_COMPLETED, wait
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from headwater import (
     ERROR_BY_CODE,
@@ -388,3 +390,49 @@ def test_split_halves_a_batch_keeping_order_futures_and_buffer_bytes() -> None:
     acc.release(first)
     acc.release(second)
     assert acc.buffer_used_bytes == 0 and not acc.pending
+
+
+@settings(max_examples=150)
+@given(
+    st.sampled_from([-1, 0, 1]),
+    st.integers(min_value=0, max_value=2**31 - 1),
+    st.lists(
+        st.tuples(
+            st.text(max_size=12),
+            st.lists(
+                st.tuples(
+                    st.integers(min_value=0, max_value=2**31 - 1),
+                    st.lists(st.binary(min_size=1, max_size=3) | st.binary(max_size=70_000), max_size=3),
+                ),
+                max_size=3,
+            ),
+        ),
+        max_size=3,
+    ),
+)
+def test_the_produce_stream_request_is_written_as_protobuf_would(
+    acks: int, timeout_ms: int, topics: list[tuple[str, list[tuple[int, list[bytes]]]]]
+) -> None:
+    """The producer writes its requests straight to the wire (``_wire.py``): the same bytes as the
+    message built field by field, whatever the batches hold, so that a node parses them as sent."""
+    from headwater.client._wire import produce_stream_request
+    from headwater.v1 import client_pb2, records_pb2
+    from headwater.v1.batch import encode_batch
+
+    def batch(payload: bytes) -> bytes:
+        return encode_batch([(None, payload, None, 1)])
+
+    reference = client_pb2.ProduceStreamRequest()
+    reference.request.acks, reference.request.timeout_ms = acks, timeout_ms
+    wire_topics = []
+    for topic, partitions in topics:
+        t = reference.request.topics.add(topic=topic)
+        wire_partitions = []
+        for partition, payloads in partitions:
+            p = t.partitions.add(partition=partition)
+            encoded = [batch(v) for v in payloads]
+            for e in encoded:
+                p.batches.append(records_pb2.RecordBatch.FromString(e))
+            wire_partitions.append((partition, encoded))
+        wire_topics.append((topic, wire_partitions))
+    assert produce_stream_request(acks, timeout_ms, wire_topics) == reference.SerializeToString()

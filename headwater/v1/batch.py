@@ -27,6 +27,7 @@ __all__ = [
     "UnknownCompressionError",
     "batch_crc",
     "build_batch",
+    "encode_batch",
     "compress",
     "decompress",
     "decode_records",
@@ -70,8 +71,12 @@ class DecodedRecord:
     headers: tuple[tuple[str, bytes | None], ...]
 
 
-def batch_crc(batch: records_pb2.RecordBatch) -> int:
-    """CRC32C over the producer-set header fields and the records bytes (see records.proto)."""
+def batch_crc(batch: records_pb2.RecordBatch, records: bytes | None = None) -> int:
+    """CRC32C over the producer-set header fields and the records bytes (see records.proto).
+
+    ``records``: the batch's records bytes when the caller holds them already (reading the field
+    copies it: a quarter of a megabyte for a full batch).
+    """
     header = _CRC_HEADER.pack(
         batch.last_offset_delta,
         batch.first_timestamp_ms,
@@ -82,12 +87,12 @@ def batch_crc(batch: records_pb2.RecordBatch) -> int:
         batch.compression,
         batch.record_count,
     )
-    return _crc32c.crc32c(batch.records, _crc32c.crc32c(header))
+    return _crc32c.crc32c(batch.records if records is None else records, _crc32c.crc32c(header))
 
 
-def crc_is_valid(batch: records_pb2.RecordBatch) -> bool:
+def crc_is_valid(batch: records_pb2.RecordBatch, records: bytes | None = None) -> bool:
     try:
-        return batch_crc(batch) == batch.crc
+        return batch_crc(batch, records) == batch.crc
     except struct.error:  # a header field out of its fixed-width range cannot have a valid CRC
         return False
 
@@ -150,15 +155,16 @@ def decompress(compression: int, data: bytes, max_size: int = 1 << 30) -> bytes:
     return out
 
 
-def records_problem(batch: records_pb2.RecordBatch, max_size: int) -> str:
+def records_problem(batch: records_pb2.RecordBatch, max_size: int, records: bytes | None = None) -> str:
     """Why a batch's records disagree with its header, or "" when they agree.
 
     Checks what a node must before storing a batch it will never re-encode: the payload inflates
     within ``max_size``, parses, holds ``record_count`` records with offset deltas 0..n-1, and its
-    largest timestamp is the header's ``max_timestamp_ms``.
+    largest timestamp is the header's ``max_timestamp_ms``. ``records`` as for ``batch_crc``.
     """
+    data = batch.records if records is None else records
     try:
-        payload = records_pb2.Records.FromString(decompress(batch.compression, batch.records, max_size))
+        payload = records_pb2.Records.FromString(decompress(batch.compression, data, max_size))
     except Exception as e:  # damaged frame, unknown codec, bomb, or not a Records message
         return f"records payload cannot be read: {e}"
     records = payload.records
@@ -253,23 +259,52 @@ def build_batch(
     base_sequence: int = -1,
 ) -> records_pb2.RecordBatch:
     """Build a batch from ``(key, value, headers, timestamp_ms)`` tuples; base_offset is left 0."""
+    batch: records_pb2.RecordBatch = records_pb2.RecordBatch.FromString(
+        encode_batch(
+            records,
+            compression,
+            producer_id=producer_id,
+            producer_epoch=producer_epoch,
+            base_sequence=base_sequence,
+        )
+    )
+    return batch
+
+
+_RECORDS_TAG = b"\x62"  # RecordBatch.records: field 12, length-delimited; the last field by number
+
+
+def encode_batch(
+    records: Sequence[tuple[bytes | None, bytes | None, Iterable[Header] | None, int]],
+    compression: int = records_pb2.COMPRESSION_TYPE_NONE,
+    *,
+    producer_id: int = NO_PRODUCER_ID,
+    producer_epoch: int = -1,
+    base_sequence: int = -1,
+) -> bytes:
+    """A serialized RecordBatch of ``(key, value, headers, timestamp_ms)`` tuples (base_offset 0).
+
+    The header is serialized alone and the records field appended after it: it has the largest
+    field number, so the bytes are what serializing the whole message gives (a test holds them
+    equal). A producer sends these bytes as they are, which saves copying every payload into and
+    out of a message.
+    """
     if not records:
         raise ValueError("a batch holds at least one record")
     first_ts = records[0][3]
-    max_ts = max(r[3] for r in records)
-    batch = records_pb2.RecordBatch(
+    payload = compress(compression, encode_records(records, first_ts))
+    header = records_pb2.RecordBatch(
         last_offset_delta=len(records) - 1,
         first_timestamp_ms=first_ts,
-        max_timestamp_ms=max_ts,
+        max_timestamp_ms=max(r[3] for r in records),
         producer_id=producer_id,
         producer_epoch=producer_epoch,
         base_sequence=base_sequence,
         compression=compression,  # type: ignore[arg-type]
         record_count=len(records),
-        records=compress(compression, encode_records(records, first_ts)),
     )
-    batch.crc = batch_crc(batch)
-    return batch
+    header.crc = batch_crc(header, payload)
+    return b"".join((header.SerializeToString(), _RECORDS_TAG, encode_varint(len(payload)), payload))
 
 
 RecordFields = tuple[int, int, "bytes | None", "bytes | None", tuple[Header, ...]]
