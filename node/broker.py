@@ -79,19 +79,31 @@ class FetchResult:
         return entry
 
     def to_bytes(self) -> bytes:
-        """The serialized ``FetchResponse``."""
+        """The serialized ``FetchResponse``.
+
+        Sizes are summed from the inside out first, so the stored batches are copied once, by the
+        final join: joining each level in turn copied a full answer three times, over half of the
+        node's time under a consumer reading at full speed.
+        """
         v = batch_codec.encode_varint
-        out: list[bytes] = []
+        plan: list[tuple[bytes, int, list[tuple[bytes, int, list[bytes]]]]] = []
         for name, partitions in self.topics:
-            topic_parts = [pb.FetchTopicResponse(topic=name).SerializeToString()]
+            topic_head = pb.FetchTopicResponse(topic=name).SerializeToString()
+            topic_size = len(topic_head)
+            parts = []
             for header, batches in partitions:
-                body = [header.SerializeToString()]
+                head = header.SerializeToString()
+                size = len(head) + sum(1 + len(v(len(b))) + len(b) for b in batches)
+                parts.append((head, size, batches))
+                topic_size += 1 + len(v(size)) + size
+            plan.append((topic_head, topic_size, parts))
+        out: list[bytes] = []
+        for topic_head, topic_size, parts in plan:
+            out += (self._TOPICS_TAG, v(topic_size), topic_head)
+            for head, size, batches in parts:
+                out += (self._PARTITIONS_TAG, v(size), head)
                 for b in batches:
-                    body += (self._BATCHES_TAG, v(len(b)), b)
-                encoded = b"".join(body)
-                topic_parts += (self._PARTITIONS_TAG, v(len(encoded)), encoded)
-            topic_bytes = b"".join(topic_parts)
-            out += (self._TOPICS_TAG, v(len(topic_bytes)), topic_bytes)
+                    out += (self._BATCHES_TAG, v(len(b)), b)
         return b"".join(out)
 
     def to_message(self) -> pb.FetchResponse:
