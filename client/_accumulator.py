@@ -138,7 +138,8 @@ class ProducerBatch:
         self.condition = Condition()
         self.attempts = 0
         self.retry_at_ms = 0
-        self.built: bytes | None = None  # the serialized RecordBatch, made once (encode_batch)
+        # The serialized RecordBatch in its two pieces, made once (encode_batch_parts).
+        self.built: tuple[bytes, bytes] | None = None
         self.last_error: HeadwaterError | None = None
         self.done = False
         # Creation order: a partition's batches reach the node in this order, retries included.

@@ -8,7 +8,7 @@ joining the wire bytes copies each once. The bytes are what protobuf would make 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from headwater.v1.batch import encode_varint
 
@@ -23,10 +23,14 @@ def _framed(tag: bytes, size: int) -> bytes:
     return tag + encode_varint(size)
 
 
+Batch = Sequence[bytes]  # a serialized RecordBatch, in pieces to be sent one after the other
+
+
 def produce_stream_request(
-    acks: int, timeout_ms: int, topics: Iterable[tuple[str, Iterable[tuple[int, Iterable[bytes]]]]]
+    acks: int, timeout_ms: int, topics: Iterable[tuple[str, Iterable[tuple[int, Iterable[Batch]]]]]
 ) -> bytes:
-    """A serialized ``ProduceStreamRequest``: ``topics`` is ``(topic, [(partition, [batch bytes])])``.
+    """A serialized ``ProduceStreamRequest``: ``topics`` is ``(topic, [(partition, [batch])])``, each
+    batch in pieces (``encode_batch_parts``).
 
     Sizes are summed from the inside out first, so that the batches are copied once, by the final
     join, however deep they sit.
@@ -43,8 +47,8 @@ def produce_stream_request(
         parts = []
         for partition, batches in partitions:
             partition_field = _int32(b"\x08", partition)
-            framed = [(_framed(b"\x12", len(b)), b) for b in batches]  # ProducePartitionData.batches
-            size = len(partition_field) + sum(len(f) + len(b) for f, b in framed)
+            framed = [(_framed(b"\x12", sum(map(len, b))), b) for b in batches]  # .batches
+            size = len(partition_field) + sum(len(f) + sum(map(len, b)) for f, b in framed)
             parts.append((partition_field, size, framed))
             topic_size += len(_framed(b"\x12", size)) + size  # ProduceTopicData.partitions
         plan.append((topic_field, topic_size, parts))
@@ -55,5 +59,6 @@ def produce_stream_request(
         for partition_field, size, framed in parts:
             out += (_framed(b"\x12", size), partition_field)
             for frame, b in framed:
-                out += (frame, b)
+                out.append(frame)
+                out += b
     return b"".join(out)

@@ -44,7 +44,7 @@ from headwater.client.errors import (
 from headwater.client.partitioner import partition_for_key
 from headwater.client.types import Header, RecordMetadata
 from headwater.v1 import client_pb2, errors_pb2
-from headwater.v1.batch import COMPRESSION_BY_NAME, encode_batch
+from headwater.v1.batch import COMPRESSION_BY_NAME, encode_batch_parts
 
 __all__ = ["Producer", "parse_acks"]
 
@@ -445,7 +445,7 @@ class Producer:
             return False
         if unbuilt is not None:
             # Only this thread builds batches, and a closed batch's records no longer change.
-            unbuilt.built = encode_batch(unbuilt.records, self._compression)
+            unbuilt.built = encode_batch_parts(unbuilt.records, self._compression)
             return True
         if want_metadata:
             try:
@@ -506,18 +506,18 @@ class Producer:
         The request is written even when every batch proved too large (then empty): the stream's
         answers are matched to its requests by order.
         """
-        by_tp: dict[tuple[str, int], list[bytes]] = {}
+        by_tp: dict[tuple[str, int], list[tuple[bytes, bytes]]] = {}
         sendable: list[ProducerBatch] = []
         too_large: list[ProducerBatch] = []
         for b in entry.batches:
             if b.built is None:
-                b.built = encode_batch(b.records, self._compression)
-            if len(b.built) > self._max_request_size:
+                b.built = encode_batch_parts(b.records, self._compression)
+            if len(b.built[0]) + len(b.built[1]) > self._max_request_size:
                 too_large.append(b)
                 continue
             by_tp.setdefault((b.topic, b.partition), []).append(b.built)
             sendable.append(b)
-        by_topic: dict[str, list[tuple[int, list[bytes]]]] = {}
+        by_topic: dict[str, list[tuple[int, list[tuple[bytes, bytes]]]]] = {}
         for (topic, partition), built in by_tp.items():
             by_topic.setdefault(topic, []).append((partition, built))
         request = produce_stream_request(self.acks, self._request_timeout_ms, by_topic.items())
@@ -528,7 +528,7 @@ class Producer:
         for b in too_large:
             b.fail(
                 RecordTooLargeError(
-                    f"batch of {len(b.built) if b.built else 0} bytes for {b.topic}-{b.partition} "
+                    f"batch of {sum(map(len, b.built or ()))} bytes for {b.topic}-{b.partition} "
                     f"exceeds max_request_size={self._max_request_size}"
                 )
             )

@@ -417,10 +417,10 @@ def test_the_produce_stream_request_is_written_as_protobuf_would(
     message built field by field, whatever the batches hold, so that a node parses them as sent."""
     from headwater.client._wire import produce_stream_request
     from headwater.v1 import client_pb2, records_pb2
-    from headwater.v1.batch import encode_batch
+    from headwater.v1.batch import encode_batch_parts
 
-    def batch(payload: bytes) -> bytes:
-        return encode_batch([(None, payload, None, 1)])
+    def batch(payload: bytes) -> tuple[bytes, bytes]:
+        return encode_batch_parts([(None, payload, None, 1)])
 
     reference = client_pb2.ProduceStreamRequest()
     reference.request.acks, reference.request.timeout_ms = acks, timeout_ms
@@ -431,8 +431,8 @@ def test_the_produce_stream_request_is_written_as_protobuf_would(
         for partition, payloads in partitions:
             p = t.partitions.add(partition=partition)
             encoded = [batch(v) for v in payloads]
-            for e in encoded:
-                p.batches.append(records_pb2.RecordBatch.FromString(e))
+            for head, records in encoded:
+                p.batches.append(records_pb2.RecordBatch.FromString(head + records))
             wire_partitions.append((partition, encoded))
         wire_topics.append((topic, wire_partitions))
     assert produce_stream_request(acks, timeout_ms, wire_topics) == reference.SerializeToString()

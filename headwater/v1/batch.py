@@ -28,6 +28,7 @@ __all__ = [
     "batch_crc",
     "build_batch",
     "encode_batch",
+    "encode_batch_parts",
     "compress",
     "decompress",
     "decode_records",
@@ -282,12 +283,33 @@ def encode_batch(
     producer_epoch: int = -1,
     base_sequence: int = -1,
 ) -> bytes:
-    """A serialized RecordBatch of ``(key, value, headers, timestamp_ms)`` tuples (base_offset 0).
+    """A serialized RecordBatch of ``(key, value, headers, timestamp_ms)`` tuples (base_offset 0)."""
+    return b"".join(
+        encode_batch_parts(
+            records,
+            compression,
+            producer_id=producer_id,
+            producer_epoch=producer_epoch,
+            base_sequence=base_sequence,
+        )
+    )
 
-    The header is serialized alone and the records field appended after it: it has the largest
-    field number, so the bytes are what serializing the whole message gives (a test holds them
-    equal). A producer sends these bytes as they are, which saves copying every payload into and
-    out of a message.
+
+def encode_batch_parts(
+    records: Sequence[tuple[bytes | None, bytes | None, Iterable[Header] | None, int]],
+    compression: int = records_pb2.COMPRESSION_TYPE_NONE,
+    *,
+    producer_id: int = NO_PRODUCER_ID,
+    producer_epoch: int = -1,
+    base_sequence: int = -1,
+) -> tuple[bytes, bytes]:
+    """``encode_batch`` in two pieces to be sent one after the other: the header (with the records
+    field's tag and length) and the records payload.
+
+    The header is serialized alone and the records field put after it: it has the largest field
+    number, so the bytes are what serializing the whole message gives (a test holds them equal). A
+    producer sends the pieces as they are, which saves copying every payload into and out of a
+    message, and into a joined batch.
     """
     if not records:
         raise ValueError("a batch holds at least one record")
@@ -304,7 +326,7 @@ def encode_batch(
         record_count=len(records),
     )
     header.crc = batch_crc(header, payload)
-    return b"".join((header.SerializeToString(), _RECORDS_TAG, encode_varint(len(payload)), payload))
+    return header.SerializeToString() + _RECORDS_TAG + encode_varint(len(payload)), payload
 
 
 RecordFields = tuple[int, int, "bytes | None", "bytes | None", tuple[Header, ...]]
