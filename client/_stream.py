@@ -69,6 +69,7 @@ class ProduceStream:
         # partitions' batches in this stream, so the sender ends it when drained and starts another.
         self.retiring = False
         self.ended = False  # the reader is done: no answer will come
+        self.cancelled = False  # the producer gave up waiting (set by it, under the lock)
         self._lock = lock
         self._on_answer = on_answer
         self._on_failure = on_failure

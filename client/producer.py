@@ -2,9 +2,10 @@
 
 ``send`` does the least it can per record (partition choice, one lock, a tuple and a future) and
 returns. The sender thread wakes when a batch fills, a linger runs out, a flush starts or a retry is
-due; it builds each batch once (``headwater.v1.batch.build_batch``, ahead of time while the batch
-waits), groups batches by leader node, and writes one ``ProduceRequest`` per node on that node's
-``ProduceStream`` (``_stream.py``), up to ``max_in_flight_requests_per_node`` unanswered at a time.
+due; it encodes each batch once (``headwater.v1.batch.encode_batch_parts``, ahead of time while the
+batch waits), groups batches by leader node, and writes one request per node, straight to the wire
+(``_wire.py``), on that node's ``ProduceStream`` (``_stream.py``), up to
+``max_in_flight_requests_per_node`` unanswered at a time.
 The stream's reader thread completes the record futures or queues retries as the answers come.
 
 The stream is what keeps a partition's records in send order with several requests in flight: the
@@ -480,8 +481,8 @@ class Producer:
                     to_end.append(stream)
                 continue
             sent_at = stream.oldest_sent_at()
-            if sent_at is not None and sent_at <= overdue_before and not stream.retiring:
-                stream.retiring = True  # cancelled below; its requests come back as timed out
+            if sent_at is not None and sent_at <= overdue_before and not stream.cancelled:
+                stream.retiring = stream.cancelled = True  # its requests come back as timed out
                 overdue.append(stream)
         return to_end, overdue
 

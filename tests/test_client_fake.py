@@ -143,6 +143,30 @@ def test_pipelined_requests_of_one_partition_keep_their_order_across_a_refusal(f
     assert fake_node.streams >= 2
 
 
+def test_a_request_unanswered_within_the_request_timeout_is_resent_on_a_new_stream(
+    fake_node: FakeNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A node that does not answer must not hold a producer forever: after request_timeout_ms its
+    stream is cancelled and the request goes again (delivery is at least once, as with Kafka)."""
+    fake_node.add_topic("t")
+    fake_node.produce_gate.clear()
+    producer = Producer(bootstrap(fake_node), linger_ms=0, request_timeout_ms=300, retry_backoff_ms=10)
+    try:
+        future = producer.send("t", b"late")
+        deadline = time.monotonic() + 5
+        while fake_node.streams < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert fake_node.streams >= 2  # the first stream was given up and a second one opened
+        fake_node.produce_gate.set()
+        assert future.result(10).offset >= 0
+    finally:
+        fake_node.produce_gate.set()
+        producer.close()
+    assert "within request_timeout_ms=300" in caplog.text
+    stored = [r.value for b in fake_node.topics["t"].partitions[0].batches for r in decode_records(b)]
+    assert set(stored) == {b"late"}
+
+
 def test_a_non_retriable_error_fails_the_futures_without_a_retry(fake_node: FakeNode) -> None:
     fake_node.add_topic("t")
     fake_node.produce_errors.append(errors_pb2.ERROR_CODE_RECORD_TOO_LARGE)
