@@ -36,7 +36,7 @@ from headwater.client.errors import (
 )
 from headwater.client.types import ConsumerRecord, OffsetAndTimestamp, TopicPartition
 from headwater.v1 import client_pb2, errors_pb2, records_pb2
-from headwater.v1.batch import record_tuples
+from headwater.v1.batch import decompress
 
 __all__ = ["Consumer", "EARLIEST", "LATEST"]
 
@@ -117,22 +117,54 @@ class _Chunk:
                 return False
             batch = self.batches[self.next_batch]
             try:
-                fields = record_tuples(batch, _MAX_INFLATED_BATCH_BYTES)
+                records = _consumer_records(batch, self.tp)
             except Exception as exc:  # a batch this client cannot read stops here, loudly
                 raise CorruptMessageError(
                     f"cannot decode the batch at offset {batch.base_offset} of "
                     f"{self.tp.topic}-{self.tp.partition}: {exc}; seek past it to go on"
                 ) from exc
             self.next_batch += 1
-            topic, partition = self.tp
-            low = self.min_offset
-            self.records = [
-                ConsumerRecord(topic, partition, r_offset, r_key, r_value, r_headers, r_ts)
-                for r_offset, r_ts, r_key, r_value, r_headers in fields
-                if r_offset >= low
-            ]
+            if batch.base_offset < self.min_offset:
+                low = self.min_offset
+                records = [r for r in records if r.offset >= low]
+            self.records = records
             self.index = 0
         return True
+
+
+# _consumer_records makes ConsumerRecords as plain tuples, in this field order.
+assert ConsumerRecord._fields == ("topic", "partition", "offset", "key", "value", "headers", "timestamp_ms")
+
+
+def _consumer_records(batch: records_pb2.RecordBatch, tp: TopicPartition) -> list[ConsumerRecord]:
+    """A batch's records as ConsumerRecords, in one pass over the decoded payload.
+
+    ``record_tuples`` and a second pass cost a tenth more per record, on the consumer's hot path.
+    """
+    payload = records_pb2.Records.FromString(
+        decompress(batch.compression, batch.records, _MAX_INFLATED_BATCH_BYTES)
+    )
+    topic, partition = tp
+    base = batch.base_offset
+    first_ts = batch.first_timestamp_ms
+    make = tuple.__new__
+    return [
+        make(
+            ConsumerRecord,
+            (
+                topic,
+                partition,
+                base + r.offset_delta,
+                r.key if r.HasField("key") else None,
+                r.value if r.HasField("value") else None,
+                tuple((h.key, h.value if h.HasField("value") else None) for h in hs)
+                if (hs := r.headers)
+                else (),
+                first_ts + r.timestamp_delta_ms,
+            ),
+        )
+        for r in payload.records
+    ]
 
 
 class Consumer:

@@ -104,6 +104,20 @@ def test_keyed_records_land_on_kafkas_partition_and_read_back_in_order(fake_node
         assert offsets == sorted(offsets)
 
 
+def test_null_and_empty_keys_and_values_read_back_as_sent(fake_node: FakeNode) -> None:
+    """A null key is not an empty key, and a tombstone (null value) is not an empty value."""
+    fake_node.add_topic("t")
+    sent = [(None, b"v"), (b"", b"v"), (b"k", None), (b"k", b""), (None, None), (b"", b"")]
+    with Producer(bootstrap(fake_node), linger_ms=0) as producer:
+        for key, value in sent:
+            producer.send("t", value, key=key, partition=0)
+        producer.flush(10)
+    with Consumer(bootstrap(fake_node), auto_offset_reset="earliest") as consumer:
+        consumer.assign([TopicPartition("t", 0)])
+        records = consume(consumer, len(sent))
+    assert [(r.key, r.value, r.headers) for r in records] == [(k, v, ()) for k, v in sent]
+
+
 def test_a_retriable_error_is_retried_after_a_metadata_refresh(fake_node: FakeNode) -> None:
     fake_node.add_topic("t")
     fake_node.produce_errors.extend([errors_pb2.ERROR_CODE_NOT_LEADER_OR_FOLLOWER] * 2)
