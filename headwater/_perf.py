@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 from operator import itemgetter
 from typing import Any, TextIO
 
+from headwater._alloc import keep_large_buffers
+
 __all__ = ["produce", "consume", "PRODUCE_KEYS", "CONSUME_KEYS", "percentile"]
 
 PRODUCE_KEYS = (
@@ -100,7 +102,10 @@ def tune_gc() -> None:
     of the GIL time in a profile). Moving start-up objects out of its sight (``gc.freeze``) and
     collecting the young generation less often removes most of that. Applications with the same
     load can do the same; the library itself never changes the collector.
+
+    The C allocator is tuned too, to keep megabyte buffers for reuse (see ``headwater._alloc``).
     """
+    keep_large_buffers()
     gc.collect()
     gc.freeze()
     gc.set_threshold(20_000, 20, 20)
