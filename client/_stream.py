@@ -84,7 +84,8 @@ class ProduceStream:
     # ------------------------------------------------------------------ the sender thread's side
 
     def register(self, batches: list[ProducerBatch]) -> Pending:
-        """Lock held: reserve the next answer for these batches; ``write`` must follow (or ``cancel``)."""
+        """Lock held: reserve the next answer for these batches; a ``write`` must follow, as answers
+        are matched to requests by their order."""
         entry = Pending(batches, time.monotonic())
         self.pending.append(entry)
         return entry

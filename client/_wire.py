@@ -1,8 +1,8 @@
 """The producer's requests, written straight to the protobuf wire format.
 
-A ``ProduceStreamRequest`` is a few small headers around encoded batches (``encode_batch``). Building
-it as messages copies every batch payload into a message, the request, and the serialized bytes;
-joining the wire bytes copies each once. The bytes are what protobuf would make of the same request
+A ``ProduceStreamRequest`` is a few small headers around encoded batches (``encode_batch_parts``).
+Building it as messages copies every batch payload into a message, the request, and the serialized
+bytes; joining the wire bytes copies each once. The bytes are what protobuf would make of the same request
 (fields in number order, defaults omitted); a test holds them equal.
 """
 

@@ -79,6 +79,17 @@ def _as_headers(headers: Iterable[tuple[str, Any]] | Mapping[str, Any]) -> list[
     return [(str(k), None if v is None else _as_bytes(v, "header value")) for k, v in items]
 
 
+def _retry_or_fail(
+    b: ProducerBatch, final: HeadwaterError | None, retry: list[ProducerBatch], failed: list[ProducerBatch]
+) -> None:
+    """File a refused batch: retried when ``final`` is None, else failed with it."""
+    if final is None:
+        retry.append(b)
+    else:
+        b.last_error = final
+        failed.append(b)
+
+
 def _failed(error: BaseException) -> Future[RecordMetadata]:
     f: Future[RecordMetadata] = Future()
     f.set_exception(error)
@@ -585,12 +596,7 @@ class Producer:
                     # Refused only because an earlier batch of its partition was, in this stream:
                     # it goes again behind that one, whatever its own error count.
                     b.last_error = error_for_code(p.error_code, p.error_message)
-                    expired = self._expired_error(b)
-                    if expired is None:
-                        retry.append(b)
-                    else:
-                        b.last_error = expired
-                        failed.append(b)
+                    _retry_or_fail(b, self._expired_error(b), retry, failed)
                 elif p.error_code == errors_pb2.ERROR_CODE_RECORD_TOO_LARGE and len(b.records) > 1:
                     # The batch is too large, not its records: halve it and send the halves.
                     b.last_error = error_for_code(p.error_code, p.error_message)
@@ -599,12 +605,7 @@ class Producer:
                 else:
                     b.last_error = error_for_code(p.error_code, p.error_message or f"{b.topic}-{b.partition}")
                     refresh |= p.error_code in STALE_METADATA_CODES
-                    final = self._final_error(b)
-                    if final is None:
-                        retry.append(b)
-                    else:
-                        b.last_error = final
-                        failed.append(b)
+                    _retry_or_fail(b, self._final_error(b), retry, failed)
             if refresh:
                 self._cluster.request_refresh()
 
@@ -654,12 +655,7 @@ class Producer:
             self._cluster.request_refresh()
         for b in batches:
             b.last_error = error
-            final = error if self.acks == 0 else self._final_error(b)
-            if final is None:
-                retry.append(b)
-            else:
-                b.last_error = final
-                failed.append(b)
+            _retry_or_fail(b, error if self.acks == 0 else self._final_error(b), retry, failed)
         for b in failed:
             assert b.last_error is not None
             b.fail(b.last_error)  # with acks=0, only the records never written: the rest are done

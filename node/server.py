@@ -102,7 +102,8 @@ async def run_node(config: NodeConfig, stop: asyncio.Event) -> None:
         controller_servicer = link.start_voter(broker.catalog.cluster_id)
         metrics = NodeMetrics(broker)
         server = grpc.aio.server(options=grpc_server_options(config))
-        add_to_server(HeadwaterService(broker, metrics, link), server)
+        service = HeadwaterService(broker, metrics, link)
+        add_to_server(service, server)
         add_controller_to_server(controller_servicer, server)
         services = [SERVICE_NAME, CONTROLLER_SERVICE_NAME]
         health_servicer = health.aio.HealthServicer()
@@ -145,6 +146,7 @@ async def run_node(config: NodeConfig, stop: asyncio.Event) -> None:
         await health_servicer.enter_graceful_shutdown()
         await link.controlled_shutdown(min(config.shutdown_grace_s, 2 * config.session_timeout_ms / 1000))
         broker.close()
+        service.close_streams()
         # The voter and its metadata streams stop first, so the server's grace covers in-flight
         # requests only, not watches that would never end on their own.
         await link.close()

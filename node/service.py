@@ -6,6 +6,7 @@ An unexpected exception fails that one request with INTERNAL and is logged; the 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -65,6 +66,13 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
         # Topic changes go to the active controller through the node's link.
         self.link = link
         self._streams = 0
+        # Set when the node stops: open ProduceStreams end after the request in hand (close_streams).
+        self._stopping = asyncio.Event()
+
+    def close_streams(self) -> None:
+        """The node is stopping: each ProduceStream ends after its request in hand, so that an idle
+        producer does not hold the shutdown for the whole grace period (it resends elsewhere)."""
+        self._stopping.set()
 
     async def _handle(
         self,
@@ -126,10 +134,27 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
         # One request at a time, in arrival order: that order is the stream's promise. The partitions
         # refused so far in this stream refuse their later batches too (see client.proto).
         refused: set[tuple[str, int]] = set()
-        async for message in requests:
+        incoming = aiter(requests)
+        while (message := await self._next_unless_stopping(incoming)) is not None:
             request = message if isinstance(message, Malformed) else message.request
             response = await self._produce("ProduceStream", request, context, refused)
             yield pb.ProduceStreamResponse(response=response)
+
+    async def _next_unless_stopping(self, incoming: AsyncIterator[T]) -> T | None:
+        """The stream's next message; None at its end, or once the node is stopping."""
+        if self._stopping.is_set():
+            return None
+        message = asyncio.ensure_future(anext(incoming))
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        await asyncio.wait((message, stopping), return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not message.done():
+            message.cancel()
+            return None
+        try:
+            return message.result()
+        except StopAsyncIteration:
+            return None
 
     async def _produce(
         self,

@@ -93,5 +93,5 @@ def test_an_encoded_batch_is_the_serialized_message_byte_for_byte(
         records=codec.compress(compression, reference_encoding(records, first_ts)),
     )
     reference.crc = codec.batch_crc(reference)
-    encoded = codec.encode_batch(records, compression, producer_id=producer_id)
+    encoded = b"".join(codec.encode_batch_parts(records, compression, producer_id=producer_id))
     assert encoded == reference.SerializeToString()

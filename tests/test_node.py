@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -365,10 +366,23 @@ def test_sigterm_shuts_down_cleanly_and_data_stays(node_factory: object) -> None
             ),
             timeout=60,
         )
+        # Nor may a producer's idle ProduceStream hold it for the whole grace period (10 s).
+        quiet = threading.Event()
+
+        def one_then_quiet() -> Iterator[pb.ProduceStreamRequest]:
+            yield _stream_request("graceful", (0, codec.build_batch([(None, b"y", None, 1)])))
+            quiet.wait(30)
+
+        answers = s.ProduceStream(one_then_quiet(), timeout=60)
+        assert next(answers).response.topics[0].partitions[0].base_offset == 1
         time.sleep(0.2)
         started = time.monotonic()
-        assert n.stop() == 0
-        assert time.monotonic() - started < 8
+        try:
+            assert n.stop() == 0
+            assert time.monotonic() - started < 8
+            assert list(answers) == []  # the node ended the stream
+        finally:
+            quiet.set()
         # Answered, not failed: empty, or refused because the controlled shutdown moved the
         # leadership away first (a retriable error that sends a consumer to the new leader).
         assert parked.result().topics[0].partitions[0].error_code in (
@@ -378,7 +392,7 @@ def test_sigterm_shuts_down_cleanly_and_data_stays(node_factory: object) -> None
     assert "stopped" in n.log()
     n.start()
     with grpc.insecure_channel(n.bootstrap) as ch:
-        assert values_of(fetch(client_pb2_grpc.HeadwaterServiceStub(ch), "graceful", 0)) == [b"x"]
+        assert values_of(fetch(client_pb2_grpc.HeadwaterServiceStub(ch), "graceful", 0)) == [b"x", b"y"]
 
 
 # ------------------------------------------------------------------ bad input

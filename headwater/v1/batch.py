@@ -27,7 +27,6 @@ __all__ = [
     "UnknownCompressionError",
     "batch_crc",
     "build_batch",
-    "encode_batch",
     "encode_batch_parts",
     "compress",
     "decompress",
@@ -260,39 +259,18 @@ def build_batch(
     base_sequence: int = -1,
 ) -> records_pb2.RecordBatch:
     """Build a batch from ``(key, value, headers, timestamp_ms)`` tuples; base_offset is left 0."""
-    batch: records_pb2.RecordBatch = records_pb2.RecordBatch.FromString(
-        encode_batch(
-            records,
-            compression,
-            producer_id=producer_id,
-            producer_epoch=producer_epoch,
-            base_sequence=base_sequence,
-        )
+    parts = encode_batch_parts(
+        records,
+        compression,
+        producer_id=producer_id,
+        producer_epoch=producer_epoch,
+        base_sequence=base_sequence,
     )
+    batch: records_pb2.RecordBatch = records_pb2.RecordBatch.FromString(b"".join(parts))
     return batch
 
 
 _RECORDS_TAG = b"\x62"  # RecordBatch.records: field 12, length-delimited; the last field by number
-
-
-def encode_batch(
-    records: Sequence[tuple[bytes | None, bytes | None, Iterable[Header] | None, int]],
-    compression: int = records_pb2.COMPRESSION_TYPE_NONE,
-    *,
-    producer_id: int = NO_PRODUCER_ID,
-    producer_epoch: int = -1,
-    base_sequence: int = -1,
-) -> bytes:
-    """A serialized RecordBatch of ``(key, value, headers, timestamp_ms)`` tuples (base_offset 0)."""
-    return b"".join(
-        encode_batch_parts(
-            records,
-            compression,
-            producer_id=producer_id,
-            producer_epoch=producer_epoch,
-            base_sequence=base_sequence,
-        )
-    )
 
 
 def encode_batch_parts(
@@ -303,8 +281,9 @@ def encode_batch_parts(
     producer_epoch: int = -1,
     base_sequence: int = -1,
 ) -> tuple[bytes, bytes]:
-    """``encode_batch`` in two pieces to be sent one after the other: the header (with the records
-    field's tag and length) and the records payload.
+    """A serialized RecordBatch of ``(key, value, headers, timestamp_ms)`` tuples (base_offset 0), in
+    two pieces to be sent one after the other: the header (with the records field's tag and length)
+    and the records payload.
 
     The header is serialized alone and the records field put after it: it has the largest field
     number, so the bytes are what serializing the whole message gives (a test holds them equal). A
