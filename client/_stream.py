@@ -13,6 +13,7 @@ thread registers, writes and ends streams, so nothing is written to a stream it 
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -22,13 +23,21 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from headwater.client.errors import HeadwaterError, NodeNotAvailableError, RequestTimedOutError, error_for_rpc
+from headwater.client.errors import (
+    ClientClosedError,
+    HeadwaterError,
+    NodeNotAvailableError,
+    RequestTimedOutError,
+    error_for_rpc,
+)
 from headwater.v1 import client_pb2
 
 if TYPE_CHECKING:
     from headwater.client._accumulator import ProducerBatch
 
 __all__ = ["Pending", "ProduceStream"]
+
+_log = logging.getLogger("headwater.client.producer")
 
 
 class Pending:
@@ -131,6 +140,10 @@ class ProduceStream:
                 )
             else:
                 error = error_for_rpc(exc, f"Produce to node {self.node}")
+                if isinstance(error, ClientClosedError):
+                    # CANCELLED: by the node going away, or by the producer closing, which its own
+                    # retry rule turns into ClientClosedError. Either way not the records' fault.
+                    error = NodeNotAvailableError(str(error))
         except ValueError as exc:  # the channel was closed under the call
             error = NodeNotAvailableError(f"Produce to node {self.node}: {exc}")
         if error is None:
@@ -143,4 +156,7 @@ class ProduceStream:
             for entry in left:
                 entry.taken = True
         if left:
-            self._on_failure(self, left, error)
+            try:
+                self._on_failure(self, left, error)
+            except Exception:  # a bug: say so loudly rather than end the thread in silence
+                _log.exception("handling the end of the produce stream to node %d failed", self.node)

@@ -181,6 +181,22 @@ def test_a_request_unanswered_within_the_request_timeout_is_resent_on_a_new_stre
     assert set(stored) == {b"late"}
 
 
+def test_a_stream_the_node_cancels_is_retried_not_failed(fake_node: FakeNode) -> None:
+    """A node going away cancels its streams (gRPC CANCELLED): that is not the records' fault, so
+    they are resent, not failed as if the producer had been closed."""
+    fake_node.add_topic("t")
+    with Producer(bootstrap(fake_node), linger_ms=0, retry_backoff_ms=10) as producer:
+        assert producer.partitions_for("t") == [0]  # metadata first: the node refuses everything below
+        fake_node.abort_with = grpc.StatusCode.CANCELLED
+        future = producer.send("t", b"x")
+        deadline = time.monotonic() + 5
+        while fake_node.calls.get("Produce", 0) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert fake_node.calls.get("Produce", 0) >= 2  # refused, and tried again
+        fake_node.abort_with = None
+        assert future.result(10).offset == 0
+
+
 def test_a_non_retriable_error_fails_the_futures_without_a_retry(fake_node: FakeNode) -> None:
     fake_node.add_topic("t")
     fake_node.produce_errors.append(errors_pb2.ERROR_CODE_RECORD_TOO_LARGE)
