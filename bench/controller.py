@@ -46,9 +46,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from headwater import Admin, NewTopic
+from headwater._health import EXITED, SERVING, wait_serving
 from headwater.v1 import client_pb2 as pb
 from headwater.v1 import client_pb2_grpc, controller_pb2, controller_pb2_grpc, errors_pb2
 
@@ -162,22 +162,13 @@ class LocalCluster:
     def wait_serving(self, node_id: int, timeout_s: float = ROUND_TIMEOUT_S) -> None:
         """Until the node reports SERVING on the health service (registered and unfenced)."""
         n = self.nodes[node_id]
-        deadline = time.monotonic() + timeout_s
-        # A fresh channel: one left over from the node's previous life may be in reconnect back-off.
-        with grpc.insecure_channel(n.address) as ch:
-            stub = health_pb2_grpc.HealthStub(ch)
-            while True:
-                if not n.alive():
-                    raise RuntimeError(f"node {node_id} exited; see {n.log_path.name}")
-                try:
-                    r = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                    if r.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"node {node_id} not serving after {timeout_s:.0f} s")
-                time.sleep(0.1)
+        outcome = wait_serving(
+            n.address, time.monotonic() + timeout_s, exited=lambda: not n.alive(), interval_s=0.1
+        )
+        if outcome == EXITED:
+            raise RuntimeError(f"node {node_id} exited; see {n.log_path.name}")
+        if outcome != SERVING:
+            raise RuntimeError(f"node {node_id} not serving after {timeout_s:.0f} s")
 
     def _channel(self, node_id: int) -> grpc.Channel:
         channel = self._channels.get(node_id)

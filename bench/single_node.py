@@ -33,24 +33,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_serving(bootstrap: str, proc: subprocess.Popen[bytes], timeout_s: float = 30) -> None:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+def wait_node(bootstrap: str, proc: subprocess.Popen[bytes], timeout_s: float = 30) -> None:
+    from headwater._health import EXITED, SERVING, wait_serving
 
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(bootstrap) as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"node exited with {proc.returncode}")
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                    return
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("node did not start")
-            time.sleep(0.1)
+    outcome = wait_serving(bootstrap, time.monotonic() + timeout_s, exited=lambda: proc.poll() is not None)
+    if outcome == EXITED:
+        raise SystemExit(f"node exited with {proc.returncode}")
+    if outcome != SERVING:
+        raise SystemExit("node did not start")
 
 
 def cli(bootstrap: str, *args: str) -> dict[str, float]:
@@ -125,7 +115,7 @@ def main() -> int:
     )
     spies: list[tuple[str, subprocess.Popen[bytes], str]] = []
     try:
-        wait_serving(bootstrap, node)
+        wait_node(bootstrap, node)
         if args.profile:
             path = os.path.join(data, "node.prof")
             spies.append(

@@ -1230,27 +1230,15 @@ class _LocalNode:
 
 
 def _wait_serving(node: _LocalNode, deadline: float, stopping: Callable[[], bool]) -> None:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from headwater._health import EXITED, TIMED_OUT, wait_serving
 
-    with grpc.insecure_channel(node.client) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            if stopping():
-                return
-            if node.exit_code() is not None:
-                raise CliError(node.describe_exit())
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise CliError(
-                    f"node {node.node_id} is not serving on {node.client} yet; see {node.log_path}"
-                )
-            time.sleep(0.05)
+    outcome = wait_serving(
+        node.client, deadline, exited=lambda: node.exit_code() is not None, stopping=stopping
+    )
+    if outcome == EXITED:
+        raise CliError(node.describe_exit())
+    if outcome == TIMED_OUT:
+        raise CliError(f"node {node.node_id} is not serving on {node.client} yet; see {node.log_path}")
 
 
 def _stop_nodes(nodes: Sequence[_LocalNode], grace_s: float = 30.0) -> list[_LocalNode]:

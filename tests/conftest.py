@@ -13,9 +13,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from headwater._health import EXITED, SERVING, wait_serving
 
 
 @contextlib.contextmanager
@@ -89,22 +89,15 @@ class NodeProcess:
         return self
 
     def wait_serving(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        with grpc.insecure_channel(self.bootstrap) as ch:
-            stub = health_pb2_grpc.HealthStub(ch)
-            while True:
-                assert self.proc is not None
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"node exited with {self.proc.returncode}:\n{self.log()}")
-                try:
-                    r = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                    if r.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"node not serving after {timeout_s}s:\n{self.log()}")
-                time.sleep(0.05)
+        proc = self.proc
+        assert proc is not None
+        outcome = wait_serving(
+            self.bootstrap, time.monotonic() + timeout_s, exited=lambda: proc.poll() is not None
+        )
+        if outcome == EXITED:
+            raise RuntimeError(f"node exited with {proc.returncode}:\n{self.log()}")
+        if outcome != SERVING:
+            raise TimeoutError(f"node not serving after {timeout_s}s:\n{self.log()}")
 
     def wait_serving_within(self, timeout_s: float) -> bool:
         """Whether the node reports SERVING within ``timeout_s`` (False, not an error, when not)."""
