@@ -12,6 +12,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from concurrent.futures._base import FINISHED, PENDING
+from operator import attrgetter
 from threading import Condition
 from typing import Any
 
@@ -103,10 +104,6 @@ class RecordFuture(Future[RecordMetadata]):
         for f in futures:
             if f._callback_list:
                 f._invoke_callbacks()  # type: ignore[attr-defined]
-
-
-def _by_seq(batch: ProducerBatch) -> tuple[int, ...]:
-    return batch.seq
 
 
 class ProducerBatch:
@@ -352,7 +349,7 @@ class RecordAccumulator:
         may have come back first, from a later answer) and before the newer ones."""
         for batch in batches:
             batch.retry_at_ms = retry_at_ms
-        self.ready = deque(sorted([*self.ready, *batches], key=_by_seq))
+        self.ready = deque(sorted([*self.ready, *batches], key=attrgetter("seq")))
 
     def expired(self, now_ms: int, delivery_timeout_ms: int) -> list[ProducerBatch]:
         """Remove and return the waiting batches older than ``delivery_timeout_ms`` (in-flight ones stay)."""

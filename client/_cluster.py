@@ -151,9 +151,7 @@ class Cluster:
 
     def produce_stream_for_node(self, node_id: int) -> Callable[[Iterator[bytes]], Iterator[Any]]:
         """``ProduceStream`` on a node's channel, taking requests already serialized (``_wire.py``)."""
-        address = self.nodes.get(node_id)
-        if address is None:
-            raise NodeNotAvailableError(f"node {node_id} is not in the cluster metadata")
+        address = self._address_of(node_id)
         self.stub_for_address(address)  # opens the channel, or raises like any call would
         channel = self._channels.get(address)
         if channel is None:
@@ -166,10 +164,13 @@ class Cluster:
         return call
 
     def stub_for_node(self, node_id: int) -> client_pb2_grpc.HeadwaterServiceStub:
+        return self.stub_for_address(self._address_of(node_id))
+
+    def _address_of(self, node_id: int) -> str:
         address = self.nodes.get(node_id)
         if address is None:
             raise NodeNotAvailableError(f"node {node_id} is not in the cluster metadata")
-        return self.stub_for_address(address)
+        return address
 
     def addresses(self) -> list[str]:
         """Every address worth trying, rotating so that load and failures spread over them."""

@@ -374,7 +374,7 @@ class Producer:
         requests: list[tuple[int, ProduceStream | None, Pending | HeadwaterError]] = []
         with self._lock:
             while True:
-                to_end, overdue = self._tend_streams(time.monotonic() - request_timeout_s)
+                to_end, overdue, oldest_sent_at = self._tend_streams(time.monotonic() - request_timeout_s)
                 if self._force_close:
                     doomed = self._acc.take_all()
                     for b in doomed:
@@ -418,11 +418,9 @@ class Producer:
                     return False
                 deadline = self._acc.next_deadline_ms()
                 timeout = None if deadline is None else (deadline - now_ms) / 1000
-                for stream in self._streams.values():  # an unanswered request's timeout
-                    sent_at = stream.oldest_sent_at()
-                    if sent_at is not None:
-                        due = sent_at + request_timeout_s - time.monotonic()
-                        timeout = due if timeout is None else min(timeout, due)
+                if oldest_sent_at is not None:  # an unanswered request's timeout
+                    due = oldest_sent_at + request_timeout_s - time.monotonic()
+                    timeout = due if timeout is None else min(timeout, due)
                 if timeout is None and self._acc.pending:
                     timeout = backoff_s
                 if timeout is not None and timeout <= 0:
@@ -481,10 +479,14 @@ class Producer:
             return self._in_flight.get(node, 0) == 0
         return not stream.retiring and self._in_flight.get(node, 0) < self._max_in_flight
 
-    def _tend_streams(self, overdue_before: float) -> tuple[list[ProduceStream], list[ProduceStream]]:
-        """Lock held: drop the streams that are over, returning those to end, and find the overdue ones."""
+    def _tend_streams(
+        self, overdue_before: float
+    ) -> tuple[list[ProduceStream], list[ProduceStream], float | None]:
+        """Lock held: drop the streams that are over, returning those to end; find the overdue ones;
+        and when the oldest request still unanswered on a stream was registered."""
         to_end: list[ProduceStream] = []
         overdue: list[ProduceStream] = []
+        oldest: float | None = None
         for node, stream in list(self._streams.items()):
             if stream.ended or (stream.retiring and not stream.pending):
                 del self._streams[node]
@@ -492,10 +494,13 @@ class Producer:
                     to_end.append(stream)
                 continue
             sent_at = stream.oldest_sent_at()
-            if sent_at is not None and sent_at <= overdue_before and not stream.cancelled:
+            if sent_at is None:
+                continue
+            oldest = sent_at if oldest is None else min(oldest, sent_at)
+            if sent_at <= overdue_before and not stream.cancelled:
                 stream.retiring = stream.cancelled = True  # its requests come back as timed out
                 overdue.append(stream)
-        return to_end, overdue
+        return to_end, overdue, oldest
 
     def _register(
         self, node: int, batches: list[ProducerBatch]
@@ -518,7 +523,7 @@ class Producer:
         The request is written even when every batch proved too large (then empty): the stream's
         answers are matched to its requests by order.
         """
-        by_tp: dict[tuple[str, int], list[tuple[bytes, bytes]]] = {}
+        by_topic: dict[str, dict[int, list[tuple[bytes, bytes]]]] = {}
         sendable: list[ProducerBatch] = []
         too_large: list[ProducerBatch] = []
         for b in entry.batches:
@@ -527,12 +532,11 @@ class Producer:
             if len(b.built[0]) + len(b.built[1]) > self._max_request_size:
                 too_large.append(b)
                 continue
-            by_tp.setdefault((b.topic, b.partition), []).append(b.built)
+            by_topic.setdefault(b.topic, {}).setdefault(b.partition, []).append(b.built)
             sendable.append(b)
-        by_topic: dict[str, list[tuple[int, list[tuple[bytes, bytes]]]]] = {}
-        for (topic, partition), built in by_tp.items():
-            by_topic.setdefault(topic, []).append((partition, built))
-        request = produce_stream_request(self.acks, self._request_timeout_ms, by_topic.items())
+        request = produce_stream_request(
+            self.acks, self._request_timeout_ms, ((t, parts.items()) for t, parts in by_topic.items())
+        )
         with self._lock:
             if entry.taken:  # the stream failed first: its failure path owns these batches now
                 return

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from headwater.config import (
@@ -19,7 +19,7 @@ from headwater.config import (
     effective_topic_config,
     normalize_config_name,
 )
-from headwater.node.catalog import TopicCatalog, node_infos
+from headwater.node.catalog import TopicCatalog, add_topic_metadata, node_infos
 from headwater.node.partition import Partition
 from headwater.raft.commands import NO_LEADER
 from headwater.raft.metadata import ClusterMetadata, PartitionRecord
@@ -250,27 +250,7 @@ class Broker:
             metadata_offset=image.metadata_offset,
         )
         resp.nodes.extend(node_infos(image))
-        names: Iterable[str] = req.topics if req.topics else sorted(image.topic_ids)
-        for name in names:
-            t = resp.topics.add(name=name)
-            record = image.topic(name)
-            if record is None:
-                t.error_code = E.ERROR_CODE_UNKNOWN_TOPIC_OR_PARTITION
-                t.error_message = f"topic {name!r} does not exist"
-                continue
-            t.topic_id = record.topic_id
-            for index, rec in enumerate(record.partitions):
-                pm = t.partitions.add(
-                    partition=index,
-                    leader_id=rec.leader,
-                    leader_epoch=rec.leader_epoch,
-                    partition_epoch=rec.partition_epoch,
-                    replicas=rec.replicas,
-                    isr=rec.isr,
-                    offline_replicas=[r for r in rec.replicas if not image.is_unfenced(r)],
-                )
-                if rec.leader == NO_LEADER:
-                    pm.error_code = E.ERROR_CODE_LEADER_NOT_AVAILABLE
+        add_topic_metadata(resp, image, req.topics if req.topics else sorted(image.topic_ids))
         return resp
 
     # ----------------------------------------------------------------- produce

@@ -7,9 +7,10 @@ the broker serves; it never changes a topic itself (that is a command to the act
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+from headwater.raft.commands import NO_LEADER
 from headwater.raft.metadata import (
     MAX_TOPIC_NAME_LENGTH,
     ClusterMetadata,
@@ -18,6 +19,7 @@ from headwater.raft.metadata import (
     topic_name_problem,
 )
 from headwater.v1 import client_pb2
+from headwater.v1 import errors_pb2 as E
 
 __all__ = [
     "TopicInfo",
@@ -26,12 +28,40 @@ __all__ = [
     "InvalidTopicName",
     "MAX_TOPIC_NAME_LENGTH",
     "node_infos",
+    "add_topic_metadata",
 ]
 
 
 def node_infos(image: ClusterMetadata) -> list[client_pb2.NodeInfo]:
     """The registered nodes of an image, by id, as Metadata and DescribeCluster answer them."""
     return [_node_info(n) for n in sorted(image.nodes.values(), key=lambda n: n.node_id)]
+
+
+def add_topic_metadata(
+    resp: client_pb2.MetadataResponse, image: ClusterMetadata, names: Iterable[str]
+) -> None:
+    """The topics' part of a Metadata answer from an image: ids, then per partition its leader,
+    epochs, replicas, ISR and offline replicas (LEADER_NOT_AVAILABLE without a leader)."""
+    for name in names:
+        t = resp.topics.add(name=name)
+        record = image.topic(name)
+        if record is None:
+            t.error_code = E.ERROR_CODE_UNKNOWN_TOPIC_OR_PARTITION
+            t.error_message = f"topic {name!r} does not exist"
+            continue
+        t.topic_id = record.topic_id
+        for index, rec in enumerate(record.partitions):
+            pm = t.partitions.add(
+                partition=index,
+                leader_id=rec.leader,
+                leader_epoch=rec.leader_epoch,
+                partition_epoch=rec.partition_epoch,
+                replicas=rec.replicas,
+                isr=rec.isr,
+                offline_replicas=[r for r in rec.replicas if not image.is_unfenced(r)],
+            )
+            if rec.leader == NO_LEADER:
+                pm.error_code = E.ERROR_CODE_LEADER_NOT_AVAILABLE
 
 
 def _node_info(n: NodeRecord) -> client_pb2.NodeInfo:

@@ -33,6 +33,7 @@ from headwater.client import (
     NotControllerError,
     UnknownTopicOrPartitionError,
 )
+from headwater.node.catalog import add_topic_metadata, node_infos
 from headwater.node.controller import ControllerRuntime
 from headwater.node.controller_service import ControllerServiceServicer, add_controller_to_server
 from headwater.raft.commands import NO_LEADER, Command, CreateTopic, ElectLeader, FenceNode
@@ -74,27 +75,8 @@ class MetadataServicer(client_pb2_grpc.HeadwaterServiceServicer):
             controller_id=self.runtime.controller_hint()[0],
             metadata_offset=md.metadata_offset,
         )
-        for n in sorted(md.nodes.values(), key=lambda n: n.node_id):
-            resp.nodes.add(
-                node_id=n.node_id, host=n.host, port=n.port, fenced=n.fenced, broker_epoch=n.broker_epoch
-            )
-        for name in request.topics or sorted(md.topic_ids):
-            t = resp.topics.add(name=name)
-            record = md.topic(name)
-            if record is None:
-                t.error_code = E.ERROR_CODE_UNKNOWN_TOPIC_OR_PARTITION
-                continue
-            t.topic_id = record.topic_id
-            for i, p in enumerate(record.partitions):
-                t.partitions.add(
-                    partition=i,
-                    leader_id=p.leader,
-                    leader_epoch=p.leader_epoch,
-                    partition_epoch=p.partition_epoch,
-                    replicas=p.replicas,
-                    isr=p.isr,
-                    offline_replicas=[r for r in p.replicas if not md.is_unfenced(r)],
-                )
+        resp.nodes.extend(node_infos(md))
+        add_topic_metadata(resp, md, request.topics or sorted(md.topic_ids))
         return resp
 
 

@@ -98,6 +98,19 @@ class FakeNode(client_pb2_grpc.HeadwaterServiceServicer):
             self._count("Produce", context)
             yield client_pb2.ProduceStreamResponse(response=self._produce(message.request, refused))
 
+    def _refusal(self, topic, pd, refused_before):
+        """Lock held: why this partition's batches are refused, or NONE to append them."""
+        if refused_before:
+            return errors_pb2.ERROR_CODE_OUT_OF_ORDER_SEQUENCE
+        if self.produce_errors:
+            return self.produce_errors.popleft()
+        t = self.topics.get(topic)
+        if t is None or pd.partition >= len(t.partitions):
+            return errors_pb2.ERROR_CODE_UNKNOWN_TOPIC_OR_PARTITION
+        if not all(crc_is_valid(b) for b in pd.batches):
+            return errors_pb2.ERROR_CODE_CORRUPT_MESSAGE
+        return NONE
+
     def _produce(self, request, refused):
         self.produce_gate.wait()
         resp = client_pb2.ProduceResponse()
@@ -107,25 +120,12 @@ class FakeNode(client_pb2_grpc.HeadwaterServiceServicer):
                 for pd in td.partitions:
                     pr = tr.partitions.add(partition=pd.partition, leader_id=-1)
                     key = (td.topic, pd.partition)
-                    if refused is not None and key in refused:
-                        pr.error_code = errors_pb2.ERROR_CODE_OUT_OF_ORDER_SEQUENCE
-                        continue
-                    if self.produce_errors:
-                        pr.error_code = self.produce_errors.popleft()
-                        if refused is not None and pr.error_code != errors_pb2.ERROR_CODE_NONE:
-                            refused.add(key)
-                        continue
-                    t = self.topics.get(td.topic)
-                    if t is None or pd.partition >= len(t.partitions):
-                        pr.error_code = errors_pb2.ERROR_CODE_UNKNOWN_TOPIC_OR_PARTITION
+                    pr.error_code = self._refusal(td.topic, pd, refused is not None and key in refused)
+                    if pr.error_code != NONE:
                         if refused is not None:
                             refused.add(key)
                         continue
-                    if not all(crc_is_valid(b) for b in pd.batches):
-                        pr.error_code = errors_pb2.ERROR_CODE_CORRUPT_MESSAGE
-                        if refused is not None:
-                            refused.add(key)
-                        continue
+                    t = self.topics[td.topic]
                     part = t.partitions[pd.partition]
                     pr.base_offset = part.log_end_offset
                     for b in pd.batches:
