@@ -1048,7 +1048,7 @@ def cmd_consume(args: argparse.Namespace) -> int:
                 if hit is None:
                     at_end.append(tp)
                 else:
-                    consumer.seek(tp, hit.offset if hasattr(hit, "offset") else int(hit))
+                    consumer.seek(tp, hit.offset)
             if at_end:
                 consumer.seek_to_end(*at_end)
         else:

@@ -307,10 +307,10 @@ class Admin:
             for tp in wanted:
                 tid = ids.get(tp.topic)
                 if tid is None:
-                    error = errors.get(tp.topic) or UnknownTopicOrPartitionError(
+                    missing = errors.get(tp.topic) or UnknownTopicOrPartitionError(
                         f"topic {tp.topic!r} does not exist"
                     )
-                    out[tp] = ElectionResult(tp.topic, tp.partition, -1, -1, error)
+                    out[tp] = ElectionResult(tp.topic, tp.partition, -1, -1, missing)
                 else:
                     request.partitions.add(topic_id=tid, partition=tp.partition)
             # Never send an empty list: the controller reads it as "every partition".
@@ -329,7 +329,7 @@ class Admin:
             name = names.get(r.topic_id)
             if name is None:
                 continue  # a topic the answering node does not know: deleted since, or not there yet
-            error = (
+            error: HeadwaterError | None = (
                 error_for_code(r.error_code, r.error_message or f"partition {name}-{r.partition}")
                 if r.error_code != errors_pb2.ERROR_CODE_NONE
                 else None

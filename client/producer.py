@@ -463,12 +463,12 @@ class Producer:
             except HeadwaterError as exc:
                 _log.warning("metadata refresh failed: %s", exc)
                 self._cluster.last_refresh_s = time.monotonic()
-        for node, stream, entry in requests:
+        for node, maybe_stream, entry in requests:
             if isinstance(entry, HeadwaterError):
                 self._on_request_error(node, drained.by_node[node], entry)
             else:
-                assert stream is not None
-                self._send_to_node(stream, entry)
+                assert maybe_stream is not None
+                self._send_to_node(maybe_stream, entry)
         return True
 
     def _node_has_room(self, node: int) -> bool:

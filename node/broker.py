@@ -170,10 +170,10 @@ class Broker:
             for index, rec in enumerate(t.partitions):
                 if me in rec.replicas:
                     wanted[(t.name, index)] = (tid, rec)
-        for key, p in list(self.partitions.items()):
+        for key, held in list(self.partitions.items()):
             w = wanted.get(key)
-            if w is None or w[0] != p.topic_id:
-                self._drop_replica(key, p, delete_data=self.caught_up)
+            if w is None or w[0] != held.topic_id:
+                self._drop_replica(key, held, delete_data=self.caught_up)
         self.needs_reconcile = False
         unopened = 0
         for key, (tid, rec) in wanted.items():
@@ -511,7 +511,7 @@ class Broker:
 
     async def subscribe_batches(
         self, topic: str, index: int, offset: int, max_bytes: int
-    ) -> AsyncIterator[tuple[int, str, int, list[records_pb2.RecordBatch]]]:
+    ) -> AsyncIterator[tuple[errors_pb2.ErrorCode, str, int, list[records_pb2.RecordBatch]]]:
         """Yield ``(error_code, error_message, high_watermark, [RecordBatch])`` from ``offset`` on,
         waiting for new data; ends after an error."""
         p, code, why = self._lookup(topic, index)

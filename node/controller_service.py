@@ -158,8 +158,7 @@ class ControllerServiceServicer:
 
     async def DescribeCluster(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         await _refuse_malformed(request, context)
-        d = self.runtime.describe()
-        voters: Any = d["voters"]
+        d: Any = self.runtime.describe()
         return pb.DescribeClusterResponse(
             error_code=E.ERROR_CODE_NONE,
             nodes=node_infos(self.runtime.quorum.metadata),
@@ -168,7 +167,7 @@ class ControllerServiceServicer:
             raft_term=int(d["raft_term"]),
             commit_index=int(d["commit_index"]),
             metadata_offset=int(d["metadata_offset"]),
-            voters={int(k): str(v) for k, v in voters.items()},
+            voters={int(k): str(v) for k, v in d["voters"].items()},
             controller=self._hint(),
             cluster_id=str(d["cluster_id"]),
         )

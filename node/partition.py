@@ -27,7 +27,7 @@ class Role(enum.Enum):
 
 @dataclass(frozen=True)
 class EpochCheck:
-    error_code: int
+    error_code: errors_pb2.ErrorCode
     message: str = ""
 
 

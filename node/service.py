@@ -163,10 +163,12 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
         context: grpc.aio.ServicerContext,
         refused: set[tuple[str, int]] | None = None,
     ) -> pb.ProduceResponse:
-        resp: pb.ProduceResponse = await self._handle(
-            rpc, request, context, lambda: self.broker.produce(request, refused)
-        )
-        assert not isinstance(request, Malformed)  # _handle aborted the call
+        def produce() -> Awaitable[pb.ProduceResponse]:
+            assert not isinstance(request, Malformed)  # _handle aborts a malformed call first
+            return self.broker.produce(request, refused)
+
+        resp: pb.ProduceResponse = await self._handle(rpc, request, context, produce)
+        assert not isinstance(request, Malformed)
         appended = 0
         records = 0
         for t, tr in zip(request.topics, resp.topics, strict=True):

@@ -10,6 +10,7 @@ image has it.
 from __future__ import annotations
 
 import logging
+from typing import cast
 
 from headwater.config import (
     REQUEST_OVERHEAD_BYTES,
@@ -117,7 +118,7 @@ async def create_topics(
                 assignments=assignments,
                 validate_only=req.validate_only,
             )
-            code, msg = o.error_code, o.message
+            code, msg = cast(errors_pb2.ErrorCode, o.error_code), o.message
             last = _offset(o, last)
             if o.ok and not req.validate_only:
                 _warn_unclean(t.name, configs)
