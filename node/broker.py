@@ -272,6 +272,18 @@ class Broker:
             f"node {self.config.node_id} holds no replica of {topic}-{index}; its leader is {rec.leader}",
         )
 
+    def leader_address(self, topic: str, index: int) -> str | None:
+        """The client address of a partition's leader when that is another registered, unfenced node;
+        None when this node leads it, holds it as leader-to-be, or there is no such leader."""
+        p = self.partitions.get((topic, index))
+        if p is not None and p.leader_id == self.config.node_id:
+            return None
+        leader, _ = self._leader_of(topic, index)
+        node = self.image.nodes.get(leader)
+        if leader == self.config.node_id or node is None or node.fenced:
+            return None
+        return f"{node.host}:{node.port}"
+
     def _leader_of(self, topic: str, index: int) -> tuple[int, int]:
         """The image's leader id and leader epoch of a partition ((-1, -1) when unknown)."""
         record = self.catalog.record(topic)

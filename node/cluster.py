@@ -352,7 +352,7 @@ class ClusterLink:
         backoff = _RETRY_S
         while not self._closed:
             for address in self._candidates():
-                stub = controller_pb2_grpc.ControllerServiceStub(self._channel(address))  # type: ignore[no-untyped-call]
+                stub = controller_pb2_grpc.ControllerServiceStub(self.channel(address))  # type: ignore[no-untyped-call]
                 try:
                     call = stub.WatchMetadata(cpb.WatchMetadataRequest(from_offset=from_offset))
                     self._watch_call = call
@@ -416,7 +416,8 @@ class ClusterLink:
 
     # ---------------------------------------------------------------- the controller
 
-    def _channel(self, address: str) -> grpc.aio.Channel:
+    def channel(self, address: str) -> grpc.aio.Channel:
+        """A cached channel to another node's client port (controller calls, relayed reads)."""
         ch = self._channels.get(address)
         if ch is None:
             ch = self._channels[address] = grpc.aio.insecure_channel(
@@ -424,6 +425,10 @@ class ClusterLink:
                 options=[
                     ("grpc.max_receive_message_length", self.config.max_request_bytes),
                     ("grpc.max_send_message_length", self.config.max_request_bytes),
+                    # A peer that was down when first dialled (a node starting before the others)
+                    # is dialled again within a second or two, not after gRPC's default backoff.
+                    ("grpc.initial_reconnect_backoff_ms", 200),
+                    ("grpc.max_reconnect_backoff_ms", 2000),
                 ],
             )
         return ch
@@ -455,7 +460,7 @@ class ClusterLink:
                 remaining = deadline - self._loop.time()
                 if remaining <= 0:
                     return None
-                stub = controller_pb2_grpc.ControllerServiceStub(self._channel(address))  # type: ignore[no-untyped-call]
+                stub = controller_pb2_grpc.ControllerServiceStub(self.channel(address))  # type: ignore[no-untyped-call]
                 try:
                     metadata = self.auth.metadata(request) if authenticate and self.auth is not None else None
                     resp = await getattr(stub, method)(

@@ -27,6 +27,10 @@ __all__ = ["HeadwaterService", "add_to_server"]
 log = logging.getLogger("headwater.node")
 T = TypeVar("T")
 E = errors_pb2
+# Call metadata on a Subscribe that a node relays to the partition's leader.
+_RELAYED = "headwater-relayed"
+# How long a relayed Subscribe waits to connect to the leader before answering NOT_LEADER_OR_FOLLOWER.
+_RELAY_CONNECT_S = 5.0
 
 
 def _fail_create(req: pb.CreateTopicsRequest, why: str) -> pb.CreateTopicsResponse:
@@ -226,41 +230,89 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
             )
         self._streams += 1
         self.metrics.requests.labels("Subscribe", "ok").inc()
-        max_inflate = self.broker.config.max_decompressed_bytes
+        # A node that does not lead the partition relays the leader's stream, so a caller needs no
+        # leader lookup to read. A relayed call is never relayed again: two nodes whose images
+        # disagree about the leader answer NOT_LEADER_OR_FOLLOWER instead of passing it in a loop.
+        relayed = any(k == _RELAYED for k, _ in context.invocation_metadata() or ())
+        address = None if relayed else self.broker.leader_address(request.topic, request.partition)
         try:
-            gen = self.broker.subscribe_batches(
-                request.topic, request.partition, request.offset, request.max_bytes
-            )
-            async for code, message, hw, batches in gen:
-                out = pb.SubscribeResponse(error_code=code, error_message=message, high_watermark=hw)
-                if request.decode:
-                    for b in batches:
-                        try:
-                            decoded = batch_codec.decode_records(b, max_inflate)
-                        except Exception as e:  # a batch this node cannot inflate is reported, not fatal
-                            out.error_code = E.ERROR_CODE_CORRUPT_MESSAGE
-                            out.error_message = f"cannot decode batch at {b.base_offset}: {e}"
-                            break
-                        for r in decoded:
-                            if r.offset < request.offset:
-                                continue
-                            cr = out.records.add(
-                                offset=r.offset,
-                                timestamp_ms=r.timestamp_ms,
-                                leader_epoch=b.partition_leader_epoch,
-                            )
-                            if r.key is not None:
-                                cr.key = r.key
-                            if r.value is not None:
-                                cr.value = r.value
-                            for hk, hv in r.headers:
-                                h = cr.headers.add(key=hk)
-                                if hv is not None:
-                                    h.value = hv
-                else:
-                    out.batches.extend(batches)
+            if address:
+                source = self._subscribe_relayed(request, address, context)
+            else:
+                source = self._subscribe(request)
+            async for out in source:
                 yield out
-                if out.error_code != E.ERROR_CODE_NONE:
-                    return
         finally:
             self._streams -= 1
+
+    async def _subscribe_relayed(
+        self, request: pb.SubscribeRequest, address: str, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.SubscribeResponse]:
+        """The leader's Subscribe answers, passed on as they come. The stream ends as the leader's
+        does: after an error (a leader change is NOT_LEADER_OR_FOLLOWER, as when asked directly)."""
+        channel = self.link.channel(address)
+        try:
+            # A channel that failed before (the leader started after this node) waits out its
+            # reconnect backoff here, briefly, instead of failing the call at once.
+            await asyncio.wait_for(channel.channel_ready(), _RELAY_CONNECT_S)
+        except TimeoutError:
+            yield pb.SubscribeResponse(
+                error_code=E.ERROR_CODE_NOT_LEADER_OR_FOLLOWER,
+                error_message=f"the leader at {address} cannot be reached within {_RELAY_CONNECT_S:g} s",
+                high_watermark=-1,
+            )
+            return
+        stub = client_pb2_grpc.HeadwaterServiceStub(channel)  # type: ignore[no-untyped-call]
+        call = stub.Subscribe(request, metadata=((_RELAYED, "1"),))
+        try:
+            async for out in call:
+                yield out
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.UNAVAILABLE:
+                yield pb.SubscribeResponse(
+                    error_code=E.ERROR_CODE_NOT_LEADER_OR_FOLLOWER,
+                    error_message=f"the leader at {address} cannot be reached: {e.details()}",
+                    high_watermark=-1,
+                )
+            else:
+                await context.abort(e.code(), f"Subscribe, relayed to the leader at {address}: {e.details()}")
+        finally:
+            call.cancel()
+
+    async def _subscribe(self, request: pb.SubscribeRequest) -> AsyncIterator[pb.SubscribeResponse]:
+        """Serve a Subscribe from this node's own replica."""
+        max_inflate = self.broker.config.max_decompressed_bytes
+        gen = self.broker.subscribe_batches(
+            request.topic, request.partition, request.offset, request.max_bytes
+        )
+        async for code, message, hw, batches in gen:
+            out = pb.SubscribeResponse(error_code=code, error_message=message, high_watermark=hw)
+            if request.decode:
+                for b in batches:
+                    try:
+                        decoded = batch_codec.decode_records(b, max_inflate)
+                    except Exception as e:  # a batch this node cannot inflate is reported, not fatal
+                        out.error_code = E.ERROR_CODE_CORRUPT_MESSAGE
+                        out.error_message = f"cannot decode batch at {b.base_offset}: {e}"
+                        break
+                    for r in decoded:
+                        if r.offset < request.offset:
+                            continue
+                        cr = out.records.add(
+                            offset=r.offset,
+                            timestamp_ms=r.timestamp_ms,
+                            leader_epoch=b.partition_leader_epoch,
+                        )
+                        if r.key is not None:
+                            cr.key = r.key
+                        if r.value is not None:
+                            cr.value = r.value
+                        for hk, hv in r.headers:
+                            h = cr.headers.add(key=hk)
+                            if hv is not None:
+                                h.value = hv
+            else:
+                out.batches.extend(batches)
+            yield out
+            if out.error_code != E.ERROR_CODE_NONE:
+                return

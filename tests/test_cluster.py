@@ -163,6 +163,57 @@ def test_three_nodes_spread_topics_and_serve_clients_from_any_node(
     assert p0.error_code == E.ERROR_CODE_NOT_LEADER_OR_FOLLOWER and p0.leader_id == leader
 
 
+def _subscribe_values(
+    bootstrap: str, topic: str, partition: int, want: int, relayed: bool = False
+) -> list[bytes]:
+    """Read ``want`` records of a partition from its start with Subscribe (decoded), or the first
+    answer's error code as ``[b"error:<code>"]``."""
+    got: list[bytes] = []
+    with grpc.insecure_channel(bootstrap) as ch:
+        stream = client_pb2_grpc.HeadwaterServiceStub(ch).Subscribe(
+            pb.SubscribeRequest(topic=topic, partition=partition, offset=-2, decode=True),
+            timeout=10,
+            metadata=(("headwater-relayed", "1"),) if relayed else None,
+        )
+        for resp in stream:
+            if resp.error_code != E.ERROR_CODE_NONE:
+                return [b"error:%d" % resp.error_code]
+            got += [r.value for r in resp.records]
+            if len(got) >= want:
+                stream.cancel()
+                break
+    return got
+
+
+def test_subscribe_sent_to_any_node_reads_the_partition_from_its_leader(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    c = make_cluster(3)
+    c.start()
+    with Admin(c.bootstrap) as admin:
+        admin.create_topics([NewTopic("anywhere", partitions=3, replication_factor=1)])
+    with Producer(bootstrap=c.bootstrap, acks=1, linger_ms=0) as producer:
+        for i in range(30):
+            producer.send("anywhere", b"v%d" % i, partition=i % 3)
+        producer.flush()
+    lead = leaders(c.metadata(1, ["anywhere"]), "anywhere")
+    assert set(lead) == {1, 2, 3}
+    for node_id in (1, 2, 3):
+        for partition in range(3):
+            got = _subscribe_values(c.nodes[node_id].bootstrap, "anywhere", partition, 10)
+            assert got == [b"v%d" % i for i in range(partition, 30, 3)], (node_id, partition)
+    # A relayed call is answered by the node it reached, never passed on again.
+    partition = lead.index(1)
+    assert _subscribe_values(c.nodes[2].bootstrap, "anywhere", partition, 10, relayed=True) == [
+        b"error:%d" % E.ERROR_CODE_NOT_LEADER_OR_FOLLOWER
+    ]
+    # A stream relayed to a leader that dies ends with NOT_LEADER_OR_FOLLOWER, not a hang.
+    c.nodes[1].kill9()
+    assert _subscribe_values(c.nodes[2].bootstrap, "anywhere", partition, 10) == [
+        b"error:%d" % E.ERROR_CODE_NOT_LEADER_OR_FOLLOWER
+    ]
+
+
 def test_killing_the_active_controller_elects_another_that_acts_and_keeps_every_change(
     make_cluster: Callable[..., Cluster],
 ) -> None:
