@@ -78,8 +78,11 @@ class NodeConfig:
     max_topics: int = 100_000
     default_num_partitions: int = 1
     default_replication_factor: int = 1
-    # Largest records payload a batch may inflate to when the node decodes one (timestamps, Subscribe).
+    # Largest records payload a batch may inflate to when the node decodes one (timestamps, Subscribe);
+    # also the most that all the batches of one Produce request may inflate to together.
     max_decompressed_bytes: int = 64 * 1024 * 1024
+    # Most records one batch may hold (RECORD_TOO_LARGE above it; the Python producer then splits it).
+    max_batch_records: int = 131_072
 
     # --- log defaults, used where a topic does not set its own
     log_retention_ms: int = 7 * 24 * 3600 * 1000
@@ -153,6 +156,7 @@ def _validate(cfg: NodeConfig) -> NodeConfig:
         "default_num_partitions",
         "default_replication_factor",
         "max_decompressed_bytes",
+        "max_batch_records",
         "retention_check_interval_ms",
         "heartbeat_interval_ms",
     ]

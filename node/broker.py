@@ -10,6 +10,8 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from headwater.config import (
@@ -42,6 +44,14 @@ log = logging.getLogger("headwater.node")
 EARLIEST = -2
 LATEST = -1
 MAX_TIMESTAMP = -3
+COMPRESSION_NONE = records_pb2.COMPRESSION_TYPE_NONE
+
+
+@dataclass(slots=True)
+class _InflateBudget:
+    """Bytes the batches of one Produce request may still inflate to while they are checked."""
+
+    left: int
 
 
 def _wall_clock_ms() -> int:
@@ -142,6 +152,7 @@ class Broker:
         self._parked = 0
         self._closing = False
         self._topic_config_cache: dict[str, dict[str, Any]] = {}
+        self._validator = ThreadPoolExecutor(1, thread_name_prefix="headwater-validate")
 
     # ----------------------------------------------------------------- metadata image
 
@@ -231,6 +242,7 @@ class Broker:
         self._closing = True
         for p in self.partitions.values():
             p.wake()
+        self._validator.shutdown(wait=False, cancel_futures=True)
 
     def topic_config(self, name: str) -> dict[str, Any]:
         cached = self._topic_config_cache.get(name)
@@ -303,6 +315,10 @@ class Broker:
         """
         resp = pb.ProduceResponse()
         now_ms = self.clock_ms()
+        # What all the request's batches may inflate to together while they are checked: a request
+        # costs the node a bounded amount of work and memory, however well its payloads compress.
+        budget = _InflateBudget(self.config.max_decompressed_bytes)
+        seen: set[tuple[str, int]] = set()
         for t in req.topics:
             tr = resp.topics.add(topic=t.topic)
             for pd in t.partitions:
@@ -314,14 +330,21 @@ class Broker:
                 )
                 key = (t.topic, pd.partition)
                 code: int
-                if refused is not None and key in refused:
+                if key in seen:
+                    code, msg = (
+                        E.ERROR_CODE_INVALID_REQUEST,
+                        f"{t.topic}-{pd.partition} is listed more than once in this request; send all "
+                        "of a partition's batches in one entry",
+                    )
+                elif refused is not None and key in refused:
                     code, msg = (
                         E.ERROR_CODE_OUT_OF_ORDER_SEQUENCE,
                         f"an earlier batch of {t.topic}-{pd.partition} was refused in this stream; "
                         "nothing was stored: resend on a new stream",
                     )
                 else:
-                    code, msg = await self._produce_partition(req.acks, t.topic, pd, pr, now_ms)
+                    code, msg = await self._produce_partition(req.acks, t.topic, pd, pr, now_ms, budget)
+                seen.add(key)
                 if code != E.ERROR_CODE_NONE:
                     pr.error_code, pr.error_message = code, msg
                     if refused is not None:
@@ -329,7 +352,13 @@ class Broker:
         return resp
 
     async def _produce_partition(
-        self, acks: int, topic: str, pd: pb.ProducePartitionData, pr: pb.ProducePartitionResponse, now_ms: int
+        self,
+        acks: int,
+        topic: str,
+        pd: pb.ProducePartitionData,
+        pr: pb.ProducePartitionResponse,
+        now_ms: int,
+        budget: _InflateBudget,
     ) -> tuple[int, str]:
         if acks not in (0, 1, -1):
             return E.ERROR_CODE_INVALID_REQUIRED_ACKS, f"acks must be 0, 1 or -1 (all), got {acks}"
@@ -345,8 +374,13 @@ class Broker:
             return E.ERROR_CODE_INVALID_REQUEST, "no record batches for this partition"
         cfg = self.topic_config(topic)
         max_message_bytes = cfg["max_message_bytes"]
+        max_records = self.config.max_batch_records
+        checked_off_loop = False
         # Validate every batch before appending any, so a bad batch leaves the partition untouched;
-        # the answer names the batch that failed, so the producer can resend the others.
+        # the answer names the batch that failed, so the producer can resend the others. The cheap
+        # checks (sizes, counts, header, CRC) come first; the records are inflated and parsed last,
+        # bounded by the request's inflate budget, and a compressed payload is checked on the
+        # validation thread, so no request holds the event loop (and the node's lease) for long.
         for i, b in enumerate(pd.batches):
             pr.error_batch_index = i
             size = b.ByteSize()
@@ -354,6 +388,12 @@ class Broker:
                 return (
                     E.ERROR_CODE_RECORD_TOO_LARGE,
                     f"batch of {size} bytes exceeds max_message_bytes={max_message_bytes}",
+                )
+            if b.record_count > max_records:
+                return (
+                    E.ERROR_CODE_RECORD_TOO_LARGE,
+                    f"batch of {b.record_count} records exceeds max_batch_records={max_records}; "
+                    "nothing was stored: split it",
                 )
             records = b.records  # read once: each read of the field copies it
             if (
@@ -364,10 +404,28 @@ class Broker:
                 return E.ERROR_CODE_CORRUPT_MESSAGE, "batch CRC or header is invalid; nothing was stored"
             # The leader stores what consumers will decode: records that disagree with their header
             # (or a payload that inflates past the bound) are refused, never stored.
-            problem = batch_codec.records_problem(b, self.config.max_decompressed_bytes, records)
+            left = budget.left
+            if b.compression == COMPRESSION_NONE:
+                problem, inflated = batch_codec.check_records(b, left, records)
+            else:
+                problem, inflated = await self._check_off_loop(b, left, records)
+                checked_off_loop = True
+            budget.left -= inflated
+            if inflated > left and left < self.config.max_decompressed_bytes:
+                return (
+                    E.ERROR_CODE_RECORD_LIST_TOO_LARGE,
+                    "this request's batches inflate past max_decompressed_bytes="
+                    f"{self.config.max_decompressed_bytes} together; nothing was stored: send fewer",
+                )
             if problem:
                 return E.ERROR_CODE_CORRUPT_MESSAGE, f"{problem}; nothing was stored"
         pr.ClearField("error_batch_index")
+        if checked_off_loop:
+            # Leadership may have moved while the records were checked off the loop.
+            check = p.check_leader(-1)
+            if check.error_code != E.ERROR_CODE_NONE:
+                pr.leader_id, pr.leader_epoch = p.leader_id, p.leader_epoch
+                return check.error_code, check.message
         if acks == -1:
             isr = p.isr
             if len(isr) < cfg["min_insync_replicas"]:
@@ -419,6 +477,15 @@ class Broker:
         if log_append_time:
             pr.log_append_time_ms = now_ms
         return E.ERROR_CODE_NONE, ""
+
+    async def _check_off_loop(
+        self, batch: records_pb2.RecordBatch, max_size: int, records: bytes
+    ) -> tuple[str, int]:
+        """``check_records`` on the validation thread: one at a time, so a flood of compressed
+        batches queues there instead of taking every core, and the event loop stays free."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._validator, batch_codec.check_records, batch, max_size, records
+        )
 
     def _maybe_recover_store(self) -> None:
         recover = getattr(self.store, "recover", None)

@@ -122,6 +122,8 @@ class ClusterLink:
         self.incarnation_id = uuid.uuid4().bytes
         self.broker_epoch = -1
         self.fenced = True
+        # The longest time between two heartbeats of this node's lease (a metric).
+        self.heartbeat_gap_max_s = 0.0
         # Set once registered, caught up and unfenced.
         self.ready = asyncio.Event()
         self._hint_address = ""
@@ -532,7 +534,24 @@ class ClusterLink:
         interval_s = cfg.heartbeat_interval_ms / 1000
         if self.broker_epoch < 0:
             await self._register()
+        last_sent: float | None = None
         while not self._closed:
+            now = time.monotonic()
+            if last_sent is not None:
+                # The lease must never wait behind client work: a late heartbeat means the event
+                # loop was held (or the controller was slow to answer), and a late enough one gets
+                # this node fenced.
+                gap = now - last_sent
+                self.heartbeat_gap_max_s = max(self.heartbeat_gap_max_s, gap)
+                if gap > cfg.session_timeout_ms / 2000:
+                    log.warning(
+                        "heartbeat sent %.2f s after the previous one (interval %d ms, session "
+                        "timeout %d ms): the event loop was held or the controller answered slowly",
+                        gap,
+                        cfg.heartbeat_interval_ms,
+                        cfg.session_timeout_ms,
+                    )
+            last_sent = now
             caught_up = self._caught_up(self.broker.image)
             if caught_up and not self.broker.caught_up:
                 self._apply(self.broker.image)
@@ -561,6 +580,7 @@ class ClusterLink:
                     log.warning("heartbeat refused (%s); registering again", resp.error_message)
                     self.fenced = True
                     await self._register()
+                    last_sent = None
                     continue
                 else:
                     log.warning("heartbeat failed: %s", resp.error_message)

@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from headwater.node.broker import Broker
+    from headwater.node.cluster import ClusterLink
 
 __all__ = ["NodeMetrics"]
 
@@ -78,6 +79,15 @@ class NodeMetrics:
         )
         self.records_in = Counter("headwater_records_in", "Records appended.", registry=self.registry)
         self.registry.register(_LogCollector(broker))
+
+    def watch_lease(self, link: ClusterLink) -> None:
+        """Report the node's lease: the longest gap between two of its heartbeats."""
+        gap = Gauge(
+            "headwater_lease_heartbeat_gap_max_seconds",
+            "Longest time between two heartbeats of this node's lease since it started.",
+            registry=self.registry,
+        )
+        gap.set_function(lambda: link.heartbeat_gap_max_s)
 
     def serve_http(self, host: str, port: int) -> None:
         start_http_server(port, addr=host, registry=self.registry)

@@ -101,6 +101,7 @@ async def run_node(config: NodeConfig, stop: asyncio.Event) -> None:
         broker.catalog.cluster_id = _cluster_id(link, store)
         controller_servicer = link.start_voter(broker.catalog.cluster_id)
         metrics = NodeMetrics(broker)
+        metrics.watch_lease(link)
         server = grpc.aio.server(options=grpc_server_options(config))
         service = HeadwaterService(broker, metrics, link)
         add_to_server(service, server)

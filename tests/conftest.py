@@ -9,13 +9,16 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import pytest
 
 from headwater._health import EXITED, SERVING, wait_serving
+from headwater.v1 import client_pb2 as pb
+from headwater.v1 import client_pb2_grpc, controller_pb2, controller_pb2_grpc
 
 
 @contextlib.contextmanager
@@ -162,3 +165,102 @@ def node_factory(tmp_path: Path) -> Iterator[type[NodeProcess] | object]:
 def node(node_factory: object) -> NodeProcess:
     """One running node with default settings."""
     return node_factory()  # type: ignore[operator, no-any-return]
+
+
+# ------------------------------------------------------------------ clusters of node processes
+
+SECRET = "cluster-test-secret-0123456789abcdef"
+FAST = ["--heartbeat-interval-ms", "200", "--session-timeout-ms", "1500"]
+
+
+class Cluster:
+    def __init__(self, root: Path, voters: int, secret: str = SECRET) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.secret_file = root / "cluster.secret"
+        self.secret_file.write_text(secret + "\n")
+        self.secret_file.chmod(0o600)
+        ports = {i: free_port() for i in range(1, voters + 1)}
+        raft = {i: free_port() for i in range(1, voters + 1)}
+        self.voters = ",".join(f"{i}@127.0.0.1:{raft[i]}" for i in ports)
+        self.controllers = ",".join(f"127.0.0.1:{p}" for p in ports.values())
+        self.nodes = {i: NodeProcess(root / f"node-{i}", ports[i], self.args(i)) for i in ports}
+
+    def args(self, node_id: int, secret_file: Path | None = None) -> list[str]:
+        return [
+            "--node-id", str(node_id),
+            "--voters", self.voters,
+            "--controller-addresses", self.controllers,
+            "--cluster-secret-file", str(secret_file or self.secret_file),
+            *FAST,
+        ]  # fmt: skip
+
+    @property
+    def bootstrap(self) -> str:
+        return ",".join(n.bootstrap for n in self.nodes.values())
+
+    def start(self, ids: list[int] | None = None, timeout_s: float = 30.0) -> None:
+        chosen = [self.nodes[i] for i in (ids or list(self.nodes))]
+        for n in chosen:
+            n.launch()
+        for n in chosen:
+            n.wait_serving(timeout_s)
+
+    def describe(self, node_id: int) -> controller_pb2.DescribeClusterResponse:
+        with grpc.insecure_channel(self.nodes[node_id].bootstrap) as ch:
+            stub = controller_pb2_grpc.ControllerServiceStub(ch)
+            return stub.DescribeCluster(controller_pb2.DescribeClusterRequest(), timeout=5)
+
+    def metadata(self, node_id: int, topics: list[str] | None = None) -> pb.MetadataResponse:
+        with grpc.insecure_channel(self.nodes[node_id].bootstrap) as ch:
+            return client_pb2_grpc.HeadwaterServiceStub(ch).Metadata(
+                pb.MetadataRequest(topics=topics or []), timeout=5
+            )
+
+    def active_controller(self, among: list[int] | None = None, timeout_s: float = 15.0) -> int:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for i in among or list(self.nodes):
+                if not self.nodes[i].alive():
+                    continue
+                try:
+                    d = self.describe(i)
+                except grpc.RpcError:
+                    continue
+                if d.controller_id == d.answered_by == i:
+                    return i
+            assert time.monotonic() < deadline, "no active controller"
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        for n in self.nodes.values():
+            if n.alive():
+                assert n.proc is not None
+                n.proc.kill()
+                n.proc.wait()
+
+
+@pytest.fixture
+def make_cluster(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
+    made: list[Cluster] = []
+
+    def make(voters: int, secret: str = SECRET) -> Cluster:
+        c = Cluster(tmp_path / f"cluster{len(made)}", voters, secret)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.stop()
+
+
+def eventually(pred: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def leaders(md: pb.MetadataResponse, topic: str) -> list[int]:
+    t = next(t for t in md.topics if t.name == topic)
+    return [p.leader_id for p in sorted(t.partitions, key=lambda p: p.partition)]

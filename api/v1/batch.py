@@ -156,31 +156,100 @@ def decompress(compression: int, data: bytes, max_size: int = 1 << 30) -> bytes:
 
 
 def records_problem(batch: records_pb2.RecordBatch, max_size: int, records: bytes | None = None) -> str:
-    """Why a batch's records disagree with its header, or "" when they agree.
+    """Why a batch's records disagree with its header, or "" when they agree (``check_records``)."""
+    return check_records(batch, max_size, records)[0]
+
+
+def check_records(
+    batch: records_pb2.RecordBatch, max_size: int, records: bytes | None = None
+) -> tuple[str, int]:
+    """Why a batch's records disagree with its header ("" when they agree), and the bytes the
+    payload inflated to (0 when it could not be inflated, ``max_size + 1`` when it inflates past
+    ``max_size``).
 
     Checks what a node must before storing a batch it will never re-encode: the payload inflates
     within ``max_size``, parses, holds ``record_count`` records with offset deltas 0..n-1, and its
     largest timestamp is the header's ``max_timestamp_ms``. ``records`` as for ``batch_crc``.
+    The cost is linear in the inflated bytes and the record count: bound both before calling it.
     """
     data = batch.records if records is None else records
     try:
-        payload = records_pb2.Records.FromString(decompress(batch.compression, data, max_size))
-    except Exception as e:  # damaged frame, unknown codec, bomb, or not a Records message
-        return f"records payload cannot be read: {e}"
-    records = payload.records
-    if len(records) != batch.record_count:
-        return f"header says {batch.record_count} records, payload holds {len(records)}"
+        inflated = decompress(batch.compression, data, max_size)
+    except InflateLimitError as e:
+        return f"records payload cannot be read: {e}", max_size + 1
+    except Exception as e:  # damaged frame, unknown codec
+        return f"records payload cannot be read: {e}", 0
+    # Count the records before parsing them: a small payload can hold millions of empty records,
+    # and parsing those costs far more than their bytes suggest.
+    held = _count_records(inflated, batch.record_count)
+    if held != batch.record_count:
+        more = "more than " if held > batch.record_count else ""
+        return f"header says {batch.record_count} records, payload holds {more}{held}", len(inflated)
+    try:
+        payload = records_pb2.Records.FromString(inflated)
+    except Exception as e:  # not a Records message
+        return f"records payload cannot be read: {e}", len(inflated)
+    records_ = payload.records
+    if len(records_) != batch.record_count:
+        return f"header says {batch.record_count} records, payload holds {len(records_)}", len(inflated)
     max_delta = None
-    for i, r in enumerate(records):
+    for i, r in enumerate(records_):
         if r.offset_delta != i:
-            return f"record {i} has offset delta {r.offset_delta}"
+            return f"record {i} has offset delta {r.offset_delta}", len(inflated)
         d = r.timestamp_delta_ms
         if max_delta is None or d > max_delta:
             max_delta = d
     assert max_delta is not None
     if batch.first_timestamp_ms + max_delta != batch.max_timestamp_ms:
-        return "max_timestamp_ms disagrees with the records' timestamps"
-    return ""
+        return "max_timestamp_ms disagrees with the records' timestamps", len(inflated)
+    return "", len(inflated)
+
+
+def _count_records(data: bytes, limit: int) -> int:
+    """The ``records`` entries (field 1) of a serialized ``Records`` message, counting no further
+    than ``limit + 1``; -1 when the bytes are not a well-formed message. Skips each entry whole."""
+    view = memoryview(data)
+    end = len(view)
+    pos = count = 0
+    while pos < end:
+        tag, pos = _read_varint(view, pos)
+        wire = tag & 7
+        if tag < 0 or pos < 0:
+            return -1
+        if wire == 2:
+            length, pos = _read_varint(view, pos)
+            if length < 0 or pos < 0 or pos + length > end:
+                return -1
+            pos += length
+            if tag >> 3 == 1:
+                count += 1
+                if count > limit:
+                    return count
+        elif wire == 0:
+            _, pos = _read_varint(view, pos)
+            if pos < 0:
+                return -1
+        elif wire == 1 or wire == 5:
+            pos += 8 if wire == 1 else 4
+            if pos > end:
+                return -1
+        else:
+            return -1
+    return count
+
+
+def _read_varint(view: memoryview, pos: int) -> tuple[int, int]:
+    """A varint at ``pos`` and the position after it; (-1, -1) when it is cut off or too long."""
+    result = shift = 0
+    end = len(view)
+    while pos < end and shift < 64:
+        b = view[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+    return -1, -1
 
 
 Header = tuple[str, bytes | None]
