@@ -254,14 +254,10 @@ class _Window:
 
 def consume(args: argparse.Namespace) -> int:
     """Read ``--num-records`` records from the beginning of every partition; report throughput."""
-    from headwater.cli import CliError, _admin, _topic_partitions
+    from headwater.cli import CliError, _check_topic
     from headwater.client import Consumer, ConsumerRecord, TopicPartition
 
-    admin = _admin(args.bootstrap)
-    try:
-        partitions = _topic_partitions(admin, args.topic)
-    finally:
-        admin.close()
+    partitions = _check_topic(args.bootstrap, args.topic)
     n = args.num_records
     idle_s = args.timeout_ms / 1000
     as_json = args.format == "json"

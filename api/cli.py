@@ -499,12 +499,35 @@ def _mb(n_bytes: float) -> float:
 
 
 def _topic_partitions(admin: Any, topic: str) -> list[int]:
-    """The partition indexes of a topic; unknown topics raise the client's error."""
-    descriptions = admin.describe_topics([topic])
+    """The partition indexes of a topic, from one Metadata call.
+
+    A topic that does not exist is a ``CliError`` saying how to create it. Commands that produce ask
+    this first: the producer itself would wait ``max_block_ms`` (60 s) for the topic to appear, as
+    Kafka's does, which a person at a terminal reads as a hang.
+    """
+    from headwater.client import UnknownTopicOrPartitionError
+
+    try:
+        descriptions = admin.describe_topics([topic])
+    except UnknownTopicOrPartitionError:
+        raise CliError(_no_such_topic(topic)) from None
     for d in descriptions:
         if d.name == topic:
             return sorted(p.partition for p in d.partitions)
-    raise CliError(f"unknown topic {topic!r}")
+    raise CliError(_no_such_topic(topic))
+
+
+def _no_such_topic(topic: str) -> str:
+    return f"topic {topic!r} does not exist; create it with: headwater topic create {topic}"
+
+
+def _check_topic(bootstrap: str, topic: str) -> list[int]:
+    """The partition indexes of ``topic``, asked of the cluster through a short-lived Admin."""
+    admin = _admin(bootstrap)
+    try:
+        return _topic_partitions(admin, topic)
+    finally:
+        admin.close()
 
 
 def _admin(bootstrap: str) -> Any:
@@ -897,11 +920,7 @@ def cmd_cluster_elect_leaders(args: argparse.Namespace) -> int:
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
-    admin = _admin(args.bootstrap)
-    try:
-        partitions = _topic_partitions(admin, args.topic)
-    finally:
-        admin.close()
+    partitions = _check_topic(args.bootstrap, args.topic)
     if args.partition is not None and args.partition not in partitions:
         raise CliError(_no_such_partition(args.topic, args.partition, partitions))
 
@@ -1018,11 +1037,7 @@ def _record_json(r: Any) -> str:
 
 def cmd_consume(args: argparse.Namespace) -> int:
     start_ms = _parse_timestamp(args.from_timestamp) if args.from_timestamp is not None else None
-    admin = _admin(args.bootstrap)
-    try:
-        partitions = _topic_partitions(admin, args.topic)
-    finally:
-        admin.close()
+    partitions = _check_topic(args.bootstrap, args.topic)
     if args.partition is not None:
         if args.partition not in partitions:
             raise CliError(_no_such_partition(args.topic, args.partition, partitions))
@@ -1428,14 +1443,13 @@ def _print_local_banner(bootstrap: str, nodes: Sequence[_LocalNode], data_dir: s
 
 
 def cmd_perf_produce(args: argparse.Namespace) -> int:
-    _check_reachable(args.bootstrap)
+    _check_topic(args.bootstrap, args.topic)
     from headwater import _perf
 
     return _perf.produce(args)
 
 
 def cmd_perf_consume(args: argparse.Namespace) -> int:
-    _check_reachable(args.bootstrap)
     from headwater import _perf
 
     return _perf.consume(args)
