@@ -123,11 +123,9 @@ def produce(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {
         "acks": "all" if args.acks in ("all", "-1") else int(args.acks),
         "compression": args.compression,
+        "batch_size_bytes": args.batch_size_bytes,
+        "linger_ms": args.linger_ms,
     }
-    if args.batch_size_bytes is not None:
-        options["batch_size_bytes"] = args.batch_size_bytes
-    if args.linger_ms is not None:
-        options["linger_ms"] = args.linger_ms
     as_json = args.format == "json"
     payload = _payload(size)
     latencies = array("d")  # seconds, one per acknowledged record, in completion order

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import inspect
 import json
 import os
 import signal
@@ -11,6 +14,7 @@ import sys
 import time
 import urllib.request
 from collections import defaultdict
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -88,6 +92,72 @@ def test_node_help_has_a_flag_per_setting() -> None:
     p = ok(hw("node", "--help"))
     for flag in ("--config", "--port", "--data-dir", "--max-message-bytes", "--log-retention-ms"):
         assert flag in p.stdout
+
+
+# Options left out of --help on purpose, by (command path, option). Keep this small and say why.
+HIDDEN_OPTIONS = {
+    # A test hook: shortens Kafka's 5-second report interval.
+    ("headwater perf produce", "--report-interval-s"),
+}
+
+
+def _parsers(parser: argparse.ArgumentParser, path: str) -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _parsers(sub, f"{path} {name}")
+
+
+def _says_its_default(action: argparse.Action) -> bool:
+    """Whether an action's default is worth stating: a value, not absence or a flag's False."""
+    return action.default not in (None, False, [], argparse.SUPPRESS) and not action.required
+
+
+def test_help_describes_every_command_option_and_argument_with_its_default() -> None:
+    from headwater.cli import build_parser
+
+    missing = []
+    hidden = set()
+    for path, parser in _parsers(build_parser(), "headwater"):
+        for action in parser._actions:
+            name = action.option_strings[0] if action.option_strings else action.dest
+            if isinstance(action, argparse._SubParsersAction):
+                described = {choice.dest: choice.help for choice in action._choices_actions}
+                for sub in action.choices:
+                    if not described.get(sub):
+                        missing.append(f"{path} {sub}")
+                continue
+            if action.help == argparse.SUPPRESS:
+                hidden.add((path, name))
+                continue
+            if not action.help or not action.help.strip():
+                missing.append(f"{path} {name}")
+            elif _says_its_default(action) and "default" not in action.help:
+                missing.append(f"{path} {name} (its default, {action.default!r})")
+    assert missing == []
+    assert hidden == HIDDEN_OPTIONS
+
+
+def test_node_flags_say_what_each_setting_means() -> None:
+    from headwater.cli import build_parser
+    from headwater.config import NodeConfig
+
+    node = dict(_parsers(build_parser(), "headwater"))["headwater node"]
+    helps = {a.dest: a.help or "" for a in node._actions}
+    for f in dataclasses.fields(NodeConfig):
+        # The setting's own words come before the default and the environment variable.
+        assert not helps[f.name].startswith("(default"), f.name
+        assert str(f.metadata["doc"]) in helps[f.name].replace("%%", "%")
+
+
+def test_cli_producer_defaults_are_the_producers() -> None:
+    from headwater.cli import PRODUCER_BATCH_SIZE_BYTES, PRODUCER_LINGER_MS
+    from headwater.client import Producer
+
+    parameters = inspect.signature(Producer).parameters
+    assert parameters["linger_ms"].default == PRODUCER_LINGER_MS
+    assert parameters["batch_size_bytes"].default == PRODUCER_BATCH_SIZE_BYTES
 
 
 def test_unreachable_bootstrap_is_one_clear_line() -> None:
