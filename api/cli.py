@@ -13,6 +13,7 @@ Client and node modules are imported inside the commands so that ``headwater --h
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import json
 import os
@@ -33,12 +34,26 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
+_CONSUME_DESCRIPTION = """\
+Print records of every partition of a topic (or one). Without a start option it starts at the
+end, like Kafka's console consumer, and runs until Ctrl-C, --max-messages or --timeout-ms."""
+
 _CONSUME_JSON_DOC = """\
 --format json prints one object per record and line:
-  {"topic": str, "partition": int, "offset": int, "timestamp_ms": int,
+  {"topic": str, "partition": int, "offset": int, "timestamp_ms": int, "encoding": str,
    "key": str|null, "value": str|null, "headers": [[str, str|null], ...]}
-Keys, values and header values are bytes decoded as UTF-8; bytes that are not valid UTF-8 become
-U+FFFD. A null value is a tombstone."""
+Keys, values and header values are bytes, written as --encoding says ("encoding" repeats it):
+  utf-8   the text they hold; a record that is not valid UTF-8 stops the command with an error
+          (nothing is replaced or lost): read such a topic with base64 or hex
+  base64  standard base64 (RFC 4648, with padding)
+  hex     two lowercase hex digits per byte
+A null key or header value is null; a null value is a tombstone. Header names are text.
+
+Text output writes the bytes unchanged with utf-8, and encoded with base64 or hex (which
+also keeps a tab or newline inside a value from breaking the line)."""
+
+# How ``consume`` writes keys, values and header values.
+ENCODINGS = ("utf-8", "base64", "hex")
 
 
 class CliError(Exception):
@@ -336,9 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "consume",
         help="print records of a topic",
-        description="Print records of every partition of a topic (or one). Without a start option it "
-        "starts at the end, like Kafka's console consumer, and runs until Ctrl-C, --max-messages or "
-        "--timeout-ms.",
+        description=_CONSUME_DESCRIPTION,
         epilog=_CONSUME_JSON_DOC,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -381,6 +394,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-key", action="store_true", help="text: print KEY<TAB>VALUE")
     p.add_argument("--print-offset", action="store_true", help="text: print PARTITION:OFFSET<TAB> first")
     p.add_argument("--print-timestamp", action="store_true", help="text: print TIMESTAMP_MS<TAB> first")
+    p.add_argument(
+        "--print-headers",
+        action="store_true",
+        help="text: print NAME:VALUE,... (NO_HEADERS when none) before the key and value",
+    )
+    p.add_argument(
+        "--encoding",
+        choices=ENCODINGS,
+        default="utf-8",
+        help="how keys, values and header values are written, see below (default %(default)s)",
+    )
     _add_bootstrap(p)
     p.set_defaults(func=cmd_consume)
 
@@ -1148,20 +1172,35 @@ def _parse_timestamp(raw: str) -> int:
     return ms
 
 
-def _text(b: bytes | None) -> str | None:
-    return None if b is None else b.decode("utf-8", "replace")
+def _record_json(r: Any, encoding: str) -> str:
+    """One record as a JSON line; raises CliError when utf-8 is asked for bytes that are not UTF-8."""
 
+    def text(b: bytes | None, what: str) -> str | None:
+        if b is None:
+            return None
+        if encoding == "base64":
+            return base64.b64encode(b).decode("ascii")
+        if encoding == "hex":
+            return b.hex()
+        try:
+            return b.decode("utf-8")
+        except UnicodeDecodeError:
+            # Replacing the bytes would print a record that is not the one stored.
+            raise CliError(
+                f"the {what} of {r.topic} partition {r.partition} offset {r.offset} is not valid "
+                "UTF-8; read it with --encoding base64 (or hex)"
+            ) from None
 
-def _record_json(r: Any) -> str:
     return json.dumps(
         {
             "topic": r.topic,
             "partition": r.partition,
             "offset": r.offset,
             "timestamp_ms": r.timestamp_ms,
-            "key": _text(r.key),
-            "value": _text(r.value),
-            "headers": [[k, _text(v)] for k, v in (r.headers or ())],
+            "encoding": encoding,
+            "key": text(r.key, "key"),
+            "value": text(r.value, "value"),
+            "headers": [[k, text(v, f"header {k!r}")] for k, v in (r.headers or ())],
         },
         ensure_ascii=False,
     )
@@ -1230,27 +1269,46 @@ def _consume_loop(consumer: Any, args: argparse.Namespace, counted: list[int]) -
         if limit is not None:
             records = records[: limit - count]
         chunks = []
-        for r in records:
-            if as_json:
-                chunks.append(_record_json(r).encode("utf-8") + b"\n")
-            else:
-                chunks.append(_record_text(r, args) + b"\n")
-        out.write(b"".join(chunks))
-        out.flush()
-        count += len(records)
-        counted[0] = count
+        try:
+            for r in records:
+                if as_json:
+                    chunks.append(_record_json(r, args.encoding).encode("utf-8") + b"\n")
+                else:
+                    chunks.append(_record_text(r, args) + b"\n")
+        finally:
+            # The records before one that cannot be written still are, and are counted.
+            out.write(b"".join(chunks))
+            out.flush()
+            count += len(chunks)
+            counted[0] = count
 
 
 def _record_text(r: Any, args: argparse.Namespace) -> bytes:
+    encode = _TEXT_ENCODERS[args.encoding]
+
+    def text(b: bytes | None) -> bytes:
+        return b"null" if b is None else encode(b)
+
     fields = []
     if args.print_timestamp:
         fields.append(str(r.timestamp_ms).encode())
     if args.print_offset:
         fields.append(f"{r.partition}:{r.offset}".encode())
+    if args.print_headers:
+        headers = [k.encode() + b":" + text(v) for k, v in (r.headers or ())]
+        fields.append(b",".join(headers) if headers else b"NO_HEADERS")
     if args.print_key:
-        fields.append(b"null" if r.key is None else r.key)
-    fields.append(b"null" if r.value is None else r.value)
+        fields.append(text(r.key))
+    fields.append(text(r.value))
     return b"\t".join(fields)
+
+
+# Text output: utf-8 writes the bytes as they are (a terminal or a pipe takes them unchanged).
+_TEXT_ENCODERS: dict[str, Callable[[bytes], bytes]] = {
+    "utf-8": bytes,
+    "base64": base64.b64encode,
+    "hex": lambda b: b.hex().encode("ascii"),
+}
 
 
 # ------------------------------------------------------------------ local cluster

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import dataclasses
 import inspect
 import json
@@ -325,6 +326,51 @@ def test_consume_bad_input_is_refused_clearly(node: NodeProcess) -> None:
     fails(hw("consume", "events", "--from-timestamp", "yesterday", bootstrap=b), "--from-timestamp")
     p = hw("consume", "events", "--offset", "-1", bootstrap=b)
     assert p.returncode == 2 and "Traceback" not in p.stderr
+
+
+def test_consume_writes_any_bytes_exactly_as_base64_or_hex_and_never_replaces_them(node: NodeProcess) -> None:
+    from headwater.client import Producer
+
+    b = node.bootstrap
+    create(node, "raw", 1)
+    key, value, header = b"\xff\x00\xfe", b"\x00\xff\xfe\n\tv", b"\xfe\xff"
+    with Producer(bootstrap=b) as producer:
+        producer.send("raw", "plain text", key="k", partition=0).result(30)
+        producer.send("raw", value, key=key, headers=[("h", header), ("none", None)], partition=0).result(30)
+
+    def consume(*args: str) -> subprocess.CompletedProcess[str]:
+        return hw("consume", "raw", "--from-beginning", "--max-messages", "2", "--timeout-ms", "20000",
+                  *args, bootstrap=b)  # fmt: skip
+
+    decoders = {"base64": base64.b64decode, "hex": bytes.fromhex}
+    for encoding, decode in decoders.items():
+        first, second = json_lines(ok(consume("--format", "json", "--encoding", encoding)).stdout)
+        assert first["encoding"] == second["encoding"] == encoding
+        assert (decode(first["key"]), decode(first["value"])) == (b"k", b"plain text")
+        assert (decode(second["key"]), decode(second["value"])) == (key, value)
+        assert second["headers"][0][0] == "h" and decode(second["headers"][0][1]) == header
+        assert second["headers"][1] == ["none", None]
+
+    # utf-8 (the default) is exact or an error naming the way out, never U+FFFD.
+    p = consume("--format", "json")
+    fails(p, "key of raw partition 0 offset 1 is not valid UTF-8", "--encoding base64")
+    (first,) = json_lines(p.stdout)  # the record before it is written
+    assert (first["encoding"], first["key"], first["value"]) == ("utf-8", "k", "plain text")
+    assert "Processed a total of 1 messages" in p.stderr
+
+    # Text: hex or base64 per field, headers on request; utf-8 writes the bytes unchanged.
+    lines = ok(consume("--print-headers", "--print-key", "--encoding", "hex")).stdout.splitlines()
+    assert lines == [
+        f"NO_HEADERS\t{b'k'.hex()}\t{b'plain text'.hex()}",
+        f"h:feff,none:null\t{key.hex()}\t{value.hex()}",
+    ]
+    env = {**os.environ, "HEADWATER_BOOTSTRAP": b}
+    raw = subprocess.run(
+        [sys.executable, "-m", "headwater", "consume", "raw", "--from-beginning", "--max-messages", "2",
+         "--timeout-ms", "20000", "--print-key"],
+        capture_output=True, env=env, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    assert raw == b"k\tplain text\n" + key + b"\t" + value + b"\n"
 
 
 def test_commands_on_a_missing_topic_fail_at_once_saying_how_to_create_it(node: NodeProcess) -> None:
