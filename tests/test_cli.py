@@ -161,6 +161,26 @@ def test_cli_producer_defaults_are_the_producers() -> None:
     assert parameters["batch_size_bytes"].default == PRODUCER_BATCH_SIZE_BYTES
 
 
+def test_readme_names_every_option_of_produce_consume_and_perf() -> None:
+    from headwater.cli import build_parser
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    parsers = dict(_parsers(build_parser(), "headwater"))
+    common = {"--help", "--bootstrap"}  # stated once for every command
+    for path in (
+        "headwater produce",
+        "headwater consume",
+        "headwater perf produce",
+        "headwater perf consume",
+    ):
+        for action in parsers[path]._actions:
+            if action.help == argparse.SUPPRESS or not action.option_strings:
+                continue
+            long = max(action.option_strings, key=len)
+            if long not in common:
+                assert long in readme, f"README does not mention {path} {long}"
+
+
 def test_unreachable_bootstrap_is_one_clear_line() -> None:
     port = free_port()  # nothing listens there
     for args in (
