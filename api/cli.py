@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     topic_sub = p.add_subparsers(dest="topic_command", metavar="ACTION", required=True, help="one of:")
 
     p = topic_sub.add_parser("create", help="create a topic")
-    p.add_argument("name", help="the topic's name: letters, digits, '.', '_' and '-'")
+    p.add_argument("name", help="the topic's name: up to 249 letters, digits, '.', '_' and '-'")
     p.add_argument(
         "--partitions",
         "-p",
