@@ -123,11 +123,9 @@ def produce(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {
         "acks": "all" if args.acks in ("all", "-1") else int(args.acks),
         "compression": args.compression,
+        "batch_size_bytes": args.batch_size_bytes,
+        "linger_ms": args.linger_ms,
     }
-    if args.batch_size_bytes is not None:
-        options["batch_size_bytes"] = args.batch_size_bytes
-    if args.linger_ms is not None:
-        options["linger_ms"] = args.linger_ms
     as_json = args.format == "json"
     payload = _payload(size)
     latencies = array("d")  # seconds, one per acknowledged record, in completion order
@@ -254,14 +252,10 @@ class _Window:
 
 def consume(args: argparse.Namespace) -> int:
     """Read ``--num-records`` records from the beginning of every partition; report throughput."""
-    from headwater.cli import CliError, _admin, _topic_partitions
+    from headwater.cli import CliError, _check_topic
     from headwater.client import Consumer, ConsumerRecord, TopicPartition
 
-    admin = _admin(args.bootstrap)
-    try:
-        partitions = _topic_partitions(admin, args.topic)
-    finally:
-        admin.close()
+    partitions = _check_topic(args.bootstrap, args.topic)
     n = args.num_records
     idle_s = args.timeout_ms / 1000
     as_json = args.format == "json"

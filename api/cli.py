@@ -13,6 +13,7 @@ Client and node modules are imported inside the commands so that ``headwater --h
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import json
 import os
@@ -33,12 +34,26 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
+_CONSUME_DESCRIPTION = """\
+Print records of every partition of a topic (or one). Without a start option it starts at the
+end, like Kafka's console consumer, and runs until Ctrl-C, --max-messages or --timeout-ms."""
+
 _CONSUME_JSON_DOC = """\
 --format json prints one object per record and line:
-  {"topic": str, "partition": int, "offset": int, "timestamp_ms": int,
+  {"topic": str, "partition": int, "offset": int, "timestamp_ms": int, "encoding": str,
    "key": str|null, "value": str|null, "headers": [[str, str|null], ...]}
-Keys, values and header values are bytes decoded as UTF-8; bytes that are not valid UTF-8 become
-U+FFFD. A null value is a tombstone."""
+Keys, values and header values are bytes, written as --encoding says ("encoding" repeats it):
+  utf-8   the text they hold; a record that is not valid UTF-8 stops the command with an error
+          (nothing is replaced or lost): read such a topic with base64 or hex
+  base64  standard base64 (RFC 4648, with padding)
+  hex     two lowercase hex digits per byte
+A null key or header value is null; a null value is a tombstone. Header names are text.
+
+Text output writes the bytes unchanged with utf-8, and encoded with base64 or hex (which
+also keeps a tab or newline inside a value from breaking the line)."""
+
+# How ``consume`` writes keys, values and header values.
+ENCODINGS = ("utf-8", "base64", "hex")
 
 
 class CliError(Exception):
@@ -62,12 +77,16 @@ def _add_bootstrap(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_format(p: argparse.ArgumentParser) -> None:
+def _add_format(
+    p: argparse.ArgumentParser,
+    text: str = "a table on a terminal, tab-separated lines otherwise",
+    json: str = "machine-readable",
+) -> None:
     p.add_argument(
         "--format",
         choices=("text", "json"),
         default="text",
-        help="text: a table on a terminal, tab-separated lines otherwise; json: machine-readable",
+        help=f"text: {text}; json: {json} (default %(default)s)",
     )
 
 
@@ -98,8 +117,44 @@ def _key_value(raw: str) -> tuple[str, str]:
     return name.strip(), value
 
 
+_PERF_TEXT = "Kafka's perf tool lines"
+_PERF_JSON = "the final figures as one object, periodic lines to stderr"
 _ACKS = ("all", "1", "0", "-1")
 _COMPRESSION = ("none", "zstd", "lz4", "gzip")
+# The Producer's own defaults, shown by --help; a test keeps them equal to the Producer's signature
+# (the client is not imported to build the parser, so that --help stays fast).
+PRODUCER_LINGER_MS = 5
+PRODUCER_BATCH_SIZE_BYTES = 256 * 1024
+
+
+def _add_producer_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--acks",
+        choices=_ACKS,
+        default="all",
+        help="all (= -1): every in-sync replica has the record; 1: the leader has it; 0: do not wait "
+        "(default %(default)s)",
+    )
+    p.add_argument(
+        "--compression",
+        choices=_COMPRESSION,
+        default="none",
+        help="compression of record batches (default %(default)s)",
+    )
+    p.add_argument(
+        "--linger-ms",
+        type=_non_negative_int,
+        default=PRODUCER_LINGER_MS,
+        metavar="MS",
+        help="how long a batch waits for more records before it is sent (default %(default)s)",
+    )
+    p.add_argument(
+        "--batch-size-bytes",
+        type=_positive_int,
+        default=PRODUCER_BATCH_SIZE_BYTES,
+        metavar="BYTES",
+        help="largest batch of records per partition, before compression (default %(default)s)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Headwater: a replicated, partitioned, durable event log.",
         epilog="Run 'headwater COMMAND --help' for a command's options.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, help="one of:")
 
     # --- node
     p = sub.add_parser("node", help="run a node in this process", description="Run a Headwater node.")
@@ -119,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # --- local
     p = sub.add_parser("local", help="run a local cluster on loopback")
-    local_sub = p.add_subparsers(dest="local_command", metavar="ACTION", required=True)
+    local_sub = p.add_subparsers(dest="local_command", metavar="ACTION", required=True, help="one of:")
     p = local_sub.add_parser(
         "up",
         help="start a local cluster and wait; Ctrl-C stops it",
@@ -148,17 +203,35 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="first Raft port of the voters (default: port + 200)",
     )
-    p.add_argument("--start-timeout-s", type=float, default=60.0, help="how long to wait for a node to serve")
+    p.add_argument(
+        "--start-timeout-s",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="how long to wait for every node to serve (default %(default)s)",
+    )
     p.set_defaults(func=cmd_local_up)
 
     # --- topic
     p = sub.add_parser("topic", help="create, list, describe, configure and delete topics")
-    topic_sub = p.add_subparsers(dest="topic_command", metavar="ACTION", required=True)
+    topic_sub = p.add_subparsers(dest="topic_command", metavar="ACTION", required=True, help="one of:")
 
     p = topic_sub.add_parser("create", help="create a topic")
-    p.add_argument("name")
-    p.add_argument("--partitions", "-p", type=int, default=-1, help="(default: the node's default)")
-    p.add_argument("--replication-factor", "-r", type=int, default=-1, help="(default: the node's default)")
+    p.add_argument("name", help="the topic's name: up to 249 letters, digits, '.', '_' and '-'")
+    p.add_argument(
+        "--partitions",
+        "-p",
+        type=int,
+        default=-1,
+        help="number of partitions (default: the node's default_num_partitions)",
+    )
+    p.add_argument(
+        "--replication-factor",
+        "-r",
+        type=int,
+        default=-1,
+        help="replicas of each partition (default: the node's default_replication_factor)",
+    )
     p.add_argument(
         "--config",
         "-c",
@@ -178,33 +251,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_topic_list)
 
     p = topic_sub.add_parser("describe", help="partitions of topics: leader, epochs, replicas, ISR, offsets")
-    p.add_argument("names", nargs="*", metavar="NAME", help="(default: every topic)")
+    p.add_argument("names", nargs="*", metavar="NAME", help="topics to describe (default: every topic)")
     p.add_argument("--no-offsets", action="store_true", help="skip the log start/end offsets")
     _add_bootstrap(p)
     _add_format(p)
     p.set_defaults(func=cmd_topic_describe)
 
     p = topic_sub.add_parser("delete", help="delete topics")
-    p.add_argument("names", nargs="+", metavar="NAME")
+    p.add_argument("names", nargs="+", metavar="NAME", help="topics to delete")
     _add_bootstrap(p)
     p.set_defaults(func=cmd_topic_delete)
 
     p = topic_sub.add_parser("alter-config", help="set or delete a topic's configs")
-    p.add_argument("name")
-    p.add_argument("--set", "-s", action="append", type=_key_value, default=[], metavar="NAME=VALUE")
-    p.add_argument("--delete", "-d", action="append", default=[], metavar="NAME", help="back to the default")
+    p.add_argument("name", help="the topic")
+    p.add_argument(
+        "--set",
+        "-s",
+        action="append",
+        type=_key_value,
+        default=[],
+        metavar="NAME=VALUE",
+        help="set a config, e.g. retention_ms=3600000 (repeatable)",
+    )
+    p.add_argument(
+        "--delete",
+        "-d",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="delete a config: the node's default applies again (repeatable)",
+    )
     _add_bootstrap(p)
     p.set_defaults(func=cmd_topic_alter_config)
 
     p = topic_sub.add_parser("describe-config", help="a topic's configs and where each comes from")
-    p.add_argument("name")
+    p.add_argument("name", help="the topic")
     _add_bootstrap(p)
     _add_format(p)
     p.set_defaults(func=cmd_topic_describe_config)
 
     # --- cluster
     p = sub.add_parser("cluster", help="describe the cluster and elect partition leaders")
-    cluster_sub = p.add_subparsers(dest="cluster_command", metavar="ACTION", required=True)
+    cluster_sub = p.add_subparsers(dest="cluster_command", metavar="ACTION", required=True, help="one of:")
 
     p = cluster_sub.add_parser(
         "describe",
@@ -243,12 +331,19 @@ def build_parser() -> argparse.ArgumentParser:
         "first separator is the key (a line without it is an error, as in Kafka's console producer). "
         "A summary goes to stderr at the end.",
     )
-    p.add_argument("topic")
-    p.add_argument("--key-separator", metavar="SEP", help="split each line into key SEP value")
-    p.add_argument("--acks", choices=_ACKS, default="all")
-    p.add_argument("--partition", type=_non_negative_int, help="send every record to this partition")
-    p.add_argument("--compression", choices=_COMPRESSION, default="none")
-    p.add_argument("--linger-ms", type=_non_negative_int, default=None)
+    p.add_argument("topic", help="the topic to send to; it must exist")
+    p.add_argument(
+        "--key-separator",
+        metavar="SEP",
+        help="split each line into KEY SEP VALUE (default: no key, the line is the value)",
+    )
+    p.add_argument(
+        "--partition",
+        type=_non_negative_int,
+        metavar="P",
+        help="send every record to this partition (default: by key, keyless records sticky)",
+    )
+    _add_producer_options(p)
     _add_bootstrap(p)
     p.set_defaults(func=cmd_produce)
 
@@ -256,35 +351,66 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "consume",
         help="print records of a topic",
-        description="Print records of every partition of a topic (or one). Without a start option it "
-        "starts at the end, like Kafka's console consumer, and runs until Ctrl-C, --max-messages or "
-        "--timeout-ms.",
+        description=_CONSUME_DESCRIPTION,
         epilog=_CONSUME_JSON_DOC,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("topic")
+    p.add_argument("topic", help="the topic to read")
     start = p.add_mutually_exclusive_group()
     start.add_argument("--from-beginning", action="store_true", help="start at the log start")
-    start.add_argument("--offset", type=_non_negative_int, help="start every assigned partition here")
+    start.add_argument(
+        "--offset", type=_non_negative_int, metavar="O", help="start every assigned partition here"
+    )
     start.add_argument(
         "--from-timestamp",
         metavar="MS|ISO8601",
         help="start at the first record at or after this time (ms since the epoch, or ISO 8601; "
         "without a zone, local time)",
     )
-    p.add_argument("--partition", type=_non_negative_int, help="read only this partition")
-    p.add_argument("--max-messages", type=_positive_int, help="exit after this many records")
-    p.add_argument("--timeout-ms", type=_positive_int, help="exit after this long without a record")
-    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.add_argument(
+        "--partition",
+        type=_non_negative_int,
+        metavar="P",
+        help="read only this partition (default: every partition)",
+    )
+    p.add_argument(
+        "--max-messages",
+        type=_positive_int,
+        metavar="N",
+        help="exit after this many records (default: no limit)",
+    )
+    p.add_argument(
+        "--timeout-ms",
+        type=_positive_int,
+        metavar="MS",
+        help="exit after this long without a record (default: wait until Ctrl-C)",
+    )
+    p.add_argument(
+        "--format",
+        choices=("text", "json"),
+        default="text",
+        help="text: the value per line; json: one object per record, see below (default %(default)s)",
+    )
     p.add_argument("--print-key", action="store_true", help="text: print KEY<TAB>VALUE")
     p.add_argument("--print-offset", action="store_true", help="text: print PARTITION:OFFSET<TAB> first")
     p.add_argument("--print-timestamp", action="store_true", help="text: print TIMESTAMP_MS<TAB> first")
+    p.add_argument(
+        "--print-headers",
+        action="store_true",
+        help="text: print NAME:VALUE,... (NO_HEADERS when none) before the key and value",
+    )
+    p.add_argument(
+        "--encoding",
+        choices=ENCODINGS,
+        default="utf-8",
+        help="how keys, values and header values are written, see below (default %(default)s)",
+    )
     _add_bootstrap(p)
     p.set_defaults(func=cmd_consume)
 
     # --- perf
     p = sub.add_parser("perf", help="measure produce and consume throughput")
-    perf_sub = p.add_subparsers(dest="perf_command", metavar="ACTION", required=True)
+    perf_sub = p.add_subparsers(dest="perf_command", metavar="ACTION", required=True, help="one of:")
     p = perf_sub.add_parser(
         "produce",
         help="produce fixed-size records as fast as allowed",
@@ -292,17 +418,34 @@ def build_parser() -> argparse.ArgumentParser:
         "records/s, MB/s (MB = 2^20 bytes, as Kafka does) and latency percentiles. Latency is from "
         "send() to the record's acknowledgement.",
     )
-    p.add_argument("topic")
-    p.add_argument("--num-records", "-n", type=_positive_int, required=True)
-    p.add_argument("--record-size", type=_positive_int, required=True, metavar="BYTES")
-    p.add_argument("--throughput", type=int, default=-1, help="records/s cap; -1: unlimited (default)")
-    p.add_argument("--acks", choices=_ACKS, default="all")
-    p.add_argument("--batch-size-bytes", type=_positive_int, default=None)
-    p.add_argument("--linger-ms", type=_non_negative_int, default=None)
-    p.add_argument("--compression", choices=_COMPRESSION, default="none")
+    p.add_argument("topic", help="the topic to send to; it must exist")
+    p.add_argument(
+        "--num-records",
+        "-n",
+        type=_positive_int,
+        required=True,
+        metavar="N",
+        help="records to send (required)",
+    )
+    p.add_argument(
+        "--record-size",
+        type=_positive_int,
+        required=True,
+        metavar="BYTES",
+        help="size of each record's value (required)",
+    )
+    p.add_argument(
+        "--throughput",
+        type=int,
+        default=-1,
+        metavar="R",
+        help="records/s cap; -1: unlimited (default %(default)s)",
+    )
+    _add_producer_options(p)
+    # Hidden: tests shorten Kafka's 5-second report interval.
     p.add_argument("--report-interval-s", type=float, default=5.0, help=argparse.SUPPRESS)
     _add_bootstrap(p)
-    _add_format(p)
+    _add_format(p, text=_PERF_TEXT, json=_PERF_JSON)
     p.set_defaults(func=cmd_perf_produce)
 
     p = perf_sub.add_parser(
@@ -311,13 +454,23 @@ def build_parser() -> argparse.ArgumentParser:
         description="Read NUM_RECORDS records from the beginning of every partition of TOPIC; print "
         "records/s and MB/s (MB = 2^20 bytes).",
     )
-    p.add_argument("topic")
-    p.add_argument("--num-records", "-n", type=_positive_int, required=True)
+    p.add_argument("topic", help="the topic to read; it must exist")
     p.add_argument(
-        "--timeout-ms", type=_positive_int, default=10_000, help="give up after this long without a record"
+        "--num-records",
+        "-n",
+        type=_positive_int,
+        required=True,
+        metavar="N",
+        help="records to read (required)",
+    )
+    p.add_argument(
+        "--timeout-ms",
+        type=_positive_int,
+        default=10_000,
+        help="give up after this long without a record (default %(default)s)",
     )
     _add_bootstrap(p)
-    _add_format(p)
+    _add_format(p, text=_PERF_TEXT, json=_PERF_JSON)
     p.set_defaults(func=cmd_perf_consume)
     return parser
 
@@ -499,12 +652,35 @@ def _mb(n_bytes: float) -> float:
 
 
 def _topic_partitions(admin: Any, topic: str) -> list[int]:
-    """The partition indexes of a topic; unknown topics raise the client's error."""
-    descriptions = admin.describe_topics([topic])
+    """The partition indexes of a topic, from one Metadata call.
+
+    A topic that does not exist is a ``CliError`` saying how to create it. Commands that produce ask
+    this first: the producer itself would wait ``max_block_ms`` (60 s) for the topic to appear, as
+    Kafka's does, which a person at a terminal reads as a hang.
+    """
+    from headwater.client import UnknownTopicOrPartitionError
+
+    try:
+        descriptions = admin.describe_topics([topic])
+    except UnknownTopicOrPartitionError:
+        raise CliError(_no_such_topic(topic)) from None
     for d in descriptions:
         if d.name == topic:
             return sorted(p.partition for p in d.partitions)
-    raise CliError(f"unknown topic {topic!r}")
+    raise CliError(_no_such_topic(topic))
+
+
+def _no_such_topic(topic: str) -> str:
+    return f"topic {topic!r} does not exist; create it with: headwater topic create {topic}"
+
+
+def _check_topic(bootstrap: str, topic: str) -> list[int]:
+    """The partition indexes of ``topic``, asked of the cluster through a short-lived Admin."""
+    admin = _admin(bootstrap)
+    try:
+        return _topic_partitions(admin, topic)
+    finally:
+        admin.close()
 
 
 def _admin(bootstrap: str) -> Any:
@@ -897,19 +1073,18 @@ def cmd_cluster_elect_leaders(args: argparse.Namespace) -> int:
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
-    admin = _admin(args.bootstrap)
-    try:
-        partitions = _topic_partitions(admin, args.topic)
-    finally:
-        admin.close()
+    partitions = _check_topic(args.bootstrap, args.topic)
     if args.partition is not None and args.partition not in partitions:
         raise CliError(_no_such_partition(args.topic, args.partition, partitions))
 
     from headwater.client import Producer
 
-    options: dict[str, Any] = {"acks": _acks_value(args.acks), "compression": args.compression}
-    if args.linger_ms is not None:
-        options["linger_ms"] = args.linger_ms
+    options: dict[str, Any] = {
+        "acks": _acks_value(args.acks),
+        "compression": args.compression,
+        "linger_ms": args.linger_ms,
+        "batch_size_bytes": args.batch_size_bytes,
+    }
     separator = args.key_separator.encode() if args.key_separator else None
     last_offsets: dict[int, int] = {}
     failures: list[BaseException] = []
@@ -997,20 +1172,35 @@ def _parse_timestamp(raw: str) -> int:
     return ms
 
 
-def _text(b: bytes | None) -> str | None:
-    return None if b is None else b.decode("utf-8", "replace")
+def _record_json(r: Any, encoding: str) -> str:
+    """One record as a JSON line; raises CliError when utf-8 is asked for bytes that are not UTF-8."""
 
+    def text(b: bytes | None, what: str) -> str | None:
+        if b is None:
+            return None
+        if encoding == "base64":
+            return base64.b64encode(b).decode("ascii")
+        if encoding == "hex":
+            return b.hex()
+        try:
+            return b.decode("utf-8")
+        except UnicodeDecodeError:
+            # Replacing the bytes would print a record that is not the one stored.
+            raise CliError(
+                f"the {what} of {r.topic} partition {r.partition} offset {r.offset} is not valid "
+                "UTF-8; read it with --encoding base64 (or hex)"
+            ) from None
 
-def _record_json(r: Any) -> str:
     return json.dumps(
         {
             "topic": r.topic,
             "partition": r.partition,
             "offset": r.offset,
             "timestamp_ms": r.timestamp_ms,
-            "key": _text(r.key),
-            "value": _text(r.value),
-            "headers": [[k, _text(v)] for k, v in (r.headers or ())],
+            "encoding": encoding,
+            "key": text(r.key, "key"),
+            "value": text(r.value, "value"),
+            "headers": [[k, text(v, f"header {k!r}")] for k, v in (r.headers or ())],
         },
         ensure_ascii=False,
     )
@@ -1018,11 +1208,7 @@ def _record_json(r: Any) -> str:
 
 def cmd_consume(args: argparse.Namespace) -> int:
     start_ms = _parse_timestamp(args.from_timestamp) if args.from_timestamp is not None else None
-    admin = _admin(args.bootstrap)
-    try:
-        partitions = _topic_partitions(admin, args.topic)
-    finally:
-        admin.close()
+    partitions = _check_topic(args.bootstrap, args.topic)
     if args.partition is not None:
         if args.partition not in partitions:
             raise CliError(_no_such_partition(args.topic, args.partition, partitions))
@@ -1083,27 +1269,46 @@ def _consume_loop(consumer: Any, args: argparse.Namespace, counted: list[int]) -
         if limit is not None:
             records = records[: limit - count]
         chunks = []
-        for r in records:
-            if as_json:
-                chunks.append(_record_json(r).encode("utf-8") + b"\n")
-            else:
-                chunks.append(_record_text(r, args) + b"\n")
-        out.write(b"".join(chunks))
-        out.flush()
-        count += len(records)
-        counted[0] = count
+        try:
+            for r in records:
+                if as_json:
+                    chunks.append(_record_json(r, args.encoding).encode("utf-8") + b"\n")
+                else:
+                    chunks.append(_record_text(r, args) + b"\n")
+        finally:
+            # The records before one that cannot be written still are, and are counted.
+            out.write(b"".join(chunks))
+            out.flush()
+            count += len(chunks)
+            counted[0] = count
 
 
 def _record_text(r: Any, args: argparse.Namespace) -> bytes:
+    encode = _TEXT_ENCODERS[args.encoding]
+
+    def text(b: bytes | None) -> bytes:
+        return b"null" if b is None else encode(b)
+
     fields = []
     if args.print_timestamp:
         fields.append(str(r.timestamp_ms).encode())
     if args.print_offset:
         fields.append(f"{r.partition}:{r.offset}".encode())
+    if args.print_headers:
+        headers = [k.encode() + b":" + text(v) for k, v in (r.headers or ())]
+        fields.append(b",".join(headers) if headers else b"NO_HEADERS")
     if args.print_key:
-        fields.append(b"null" if r.key is None else r.key)
-    fields.append(b"null" if r.value is None else r.value)
+        fields.append(text(r.key))
+    fields.append(text(r.value))
     return b"\t".join(fields)
+
+
+# Text output: utf-8 writes the bytes as they are (a terminal or a pipe takes them unchanged).
+_TEXT_ENCODERS: dict[str, Callable[[bytes], bytes]] = {
+    "utf-8": bytes,
+    "base64": base64.b64encode,
+    "hex": lambda b: b.hex().encode("ascii"),
+}
 
 
 # ------------------------------------------------------------------ local cluster
@@ -1428,14 +1633,13 @@ def _print_local_banner(bootstrap: str, nodes: Sequence[_LocalNode], data_dir: s
 
 
 def cmd_perf_produce(args: argparse.Namespace) -> int:
-    _check_reachable(args.bootstrap)
+    _check_topic(args.bootstrap, args.topic)
     from headwater import _perf
 
     return _perf.produce(args)
 
 
 def cmd_perf_consume(args: argparse.Namespace) -> int:
-    _check_reachable(args.bootstrap)
     from headwater import _perf
 
     return _perf.consume(args)

@@ -44,78 +44,101 @@ class ConfigError(ValueError):
     """A setting is unknown or its value is out of range."""
 
 
+def _setting(default: Any, doc: str, **options: Any) -> Any:
+    """A NodeConfig field and its one-line description (``headwater node --help`` shows it)."""
+    return field(default=default, metadata={"doc": doc}, **options)
+
+
 @dataclass(frozen=True)
 class NodeConfig:
-    """Settings of one node. Every bound the node enforces has a name and a default here."""
+    """Settings of one node. Every bound the node enforces has a name and a default here.
 
-    node_id: int = 1
-    # Address clients and peers use; the node binds it.
-    host: str = "127.0.0.1"
-    port: int = 9192
-    # Address other nodes' clients are told (defaults to host:port).
-    advertised_host: str = ""
-    rack: str = ""
-    data_dir: str = "./data"
-    # Prometheus text on http://host:metrics_port/metrics; 0 disables it.
-    metrics_port: int = 0
-    log_level: str = "INFO"
+    Each field's ``metadata["doc"]`` says what it means; the ``headwater node`` flags show it.
+    """
+
+    node_id: int = _setting(1, "this node's id, unique in the cluster")
+    host: str = _setting("127.0.0.1", "address clients and peers use; the node binds it")
+    port: int = _setting(9192, "client (gRPC) port")
+    advertised_host: str = _setting("", "host other nodes' clients are told (empty: host)")
+    rack: str = _setting("", "rack of this node, shown by cluster describe")
+    data_dir: str = _setting("./data", "where the node's logs (RocksDB) and Raft journal live")
+    metrics_port: int = _setting(0, "Prometheus text on http://host:metrics_port/metrics; 0 disables it")
+    log_level: str = _setting("INFO", "logging level: DEBUG, INFO, WARNING or ERROR")
 
     # --- request and record bounds
-    # Largest record batch a producer may send, after compression (Kafka: message.max.bytes).
-    max_message_bytes: int = 1024 * 1024
-    # Largest gRPC message the node accepts or sends.
-    max_request_bytes: int = 64 * 1024 * 1024
-    # Caps on a Fetch: whole response, one partition, and the longest long poll.
-    fetch_max_bytes: int = 50 * 1024 * 1024
-    max_partition_fetch_bytes: int = 10 * 1024 * 1024
-    fetch_max_wait_ms: int = 30_000
-    # Parked long-poll fetches across the node (past it, a fetch answers at once).
-    max_fetch_waiters: int = 10_000
-    # Concurrent Subscribe streams.
-    max_subscribe_streams: int = 1_000
-    # Partitions and topics.
-    max_partitions_per_topic: int = 10_000
-    max_topics: int = 100_000
-    default_num_partitions: int = 1
-    default_replication_factor: int = 1
-    # Largest records payload a batch may inflate to when the node decodes one (timestamps, Subscribe);
-    # also the most that all the batches of one Produce request may inflate to together.
-    max_decompressed_bytes: int = 64 * 1024 * 1024
-    # Most records one batch may hold (RECORD_TOO_LARGE above it; the Python producer then splits it).
-    max_batch_records: int = 131_072
+    max_message_bytes: int = _setting(
+        1024 * 1024,
+        "largest record batch a producer may send, after compression (Kafka: message.max.bytes)",
+    )
+    max_request_bytes: int = _setting(64 * 1024 * 1024, "largest gRPC message the node accepts or sends")
+    fetch_max_bytes: int = _setting(50 * 1024 * 1024, "most bytes of records in one Fetch answer")
+    max_partition_fetch_bytes: int = _setting(
+        10 * 1024 * 1024, "most bytes of records of one partition in one Fetch answer"
+    )
+    fetch_max_wait_ms: int = _setting(30_000, "longest a Fetch may wait (long poll) for records")
+    max_fetch_waiters: int = _setting(
+        10_000, "parked long-poll fetches across the node (past it, a fetch answers at once)"
+    )
+    max_subscribe_streams: int = _setting(1_000, "concurrent Subscribe streams")
+    max_partitions_per_topic: int = _setting(10_000, "most partitions one topic may have")
+    max_topics: int = _setting(100_000, "most topics in the cluster")
+    default_num_partitions: int = _setting(1, "partitions of a topic created without a count")
+    default_replication_factor: int = _setting(1, "replicas of a topic created without a factor")
+    max_decompressed_bytes: int = _setting(
+        64 * 1024 * 1024,
+        "largest records payload a batch may inflate to when the node checks or decodes it; also the "
+        "most that all the batches of one Produce request may inflate to together",
+    )
+    max_batch_records: int = _setting(
+        131_072, "most records one batch may hold (RECORD_TOO_LARGE above it; the producer splits it)"
+    )
 
     # --- log defaults, used where a topic does not set its own
-    log_retention_ms: int = 7 * 24 * 3600 * 1000
-    log_retention_bytes: int = -1
-    # How often the retention task runs.
-    retention_check_interval_ms: int = 5_000
-    # "none": the OS flushes (Kafka's default; safety comes from replication); "fsync": sync every
-    # write before it is acknowledged.
-    log_flush_policy: str = "none"
+    log_retention_ms: int = _setting(
+        7 * 24 * 3600 * 1000, "default age after which records are deleted (-1: no limit)"
+    )
+    log_retention_bytes: int = _setting(
+        -1, "default size of a partition above which old records go (-1: none)"
+    )
+    retention_check_interval_ms: int = _setting(5_000, "how often the retention task runs")
+    log_flush_policy: str = _setting(
+        "none",
+        "none: the OS flushes (Kafka's default; safety comes from replication); "
+        "fsync: sync every write before it is acknowledged",
+    )
 
     # --- shutdown
-    shutdown_grace_s: float = 10.0
+    shutdown_grace_s: float = _setting(
+        10.0, "how long a stopping node waits to hand over its leaderships, then lets requests finish"
+    )
 
     # --- the metadata quorum (see raft/ and node/cluster.py)
-    # Raft voters, "1@host:port,2@host:port,3@host:port" (Raft addresses; the same on every node).
-    # Empty: this node alone is the quorum, on host:raft_port.
-    voters: str = ""
-    # Raft port of a node that is the quorum alone; 0 picks a free port at start.
-    raft_port: int = 0
-    # Client (gRPC) host:port of the voters, comma separated: how a node finds the active controller.
-    # A node that is not a voter needs it; voters use it too. Empty on a lone node.
-    controller_addresses: str = ""
-    # The cluster secret that authenticates and encrypts Raft traffic. Required with several voters;
-    # prefer cluster_secret_file (a file readable by the node alone) or HEADWATER_CLUSTER_SECRET over
-    # a flag, which other users can read in the process list. A lone node without one generates it
-    # in its data dir.
-    cluster_secret: str = field(default="", repr=False)
-    cluster_secret_file: str = ""
-    # Shown by Metadata; empty: derived from the voters.
-    cluster_id: str = ""
-    # Node leases (the active controller fences a node that misses heartbeats for session_timeout_ms).
-    heartbeat_interval_ms: int = 500
-    session_timeout_ms: int = 3_000
+    voters: str = _setting(
+        "",
+        "Raft voters, 1@host:port,2@host:port,3@host:port (Raft addresses; the same on every node); "
+        "empty: this node alone is the quorum, on host:raft_port",
+    )
+    raft_port: int = _setting(0, "Raft port of a node that is the quorum alone; 0 picks a free port at start")
+    controller_addresses: str = _setting(
+        "",
+        "client (gRPC) host:port of the voters, comma separated: how a node finds the active "
+        "controller; a node that is not a voter needs it",
+    )
+    # Required with several voters. A flag shows in the process list, so the file or the
+    # environment variable is preferred; a lone node without one generates it in its data dir.
+    cluster_secret: str = _setting(
+        "",
+        "the secret that authenticates and encrypts Raft traffic; prefer cluster_secret_file or "
+        "the environment: other users can read a flag in the process list",
+        repr=False,
+    )
+    cluster_secret_file: str = _setting(
+        "", "file holding the cluster secret, readable by the node's user alone"
+    )
+    cluster_id: str = _setting("", "cluster id shown by Metadata (empty: derived from the voters)")
+    # The active controller fences a node that misses heartbeats for session_timeout_ms.
+    heartbeat_interval_ms: int = _setting(500, "how often a node renews its lease with the active controller")
+    session_timeout_ms: int = _setting(3_000, "a node that has not renewed its lease for this long is fenced")
 
     def advertised(self) -> tuple[str, int]:
         return (self.advertised_host or self.host, self.port)
@@ -394,15 +417,18 @@ def effective_topic_config(topic_configs: Mapping[str, str], node: NodeConfig) -
 
 def add_config_flags(parser: Any) -> None:
     """Add ``--config FILE`` and one flag per NodeConfig field (``--max-message-bytes``) to argparse."""
-    parser.add_argument("--config", metavar="FILE", help="TOML file of node settings")
+    parser.add_argument(
+        "--config", metavar="FILE", help="TOML file of node settings; flags and the environment win over it"
+    )
     for f in dataclasses.fields(NodeConfig):
         kind = f.type if isinstance(f.type, str) else f.type.__name__
+        doc = str(f.metadata["doc"]).replace("%", "%%")  # argparse formats help with %
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,
             default=None,
             metavar=kind.upper(),
-            help=f"(default {f.default!r}; env {ENV_PREFIX}{f.name.upper()})",
+            help=f"{doc} (default {f.default!r}; env {ENV_PREFIX}{f.name.upper()})",
         )
 
 

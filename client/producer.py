@@ -105,6 +105,13 @@ class Producer:
     with exponential backoff until ``delivery_timeout_ms`` after the record's batch was opened.
     At most ``buffer_memory_bytes`` of records wait in memory; beyond that ``send`` blocks for up to
     ``max_block_ms`` (or at once, with ``block_on_buffer_full=False``) and raises ``BufferFullError``.
+
+    ``max_block_ms`` (default 60 s, Kafka's ``max.block.ms``) also bounds how long ``send`` and
+    ``partitions_for`` wait for a topic's metadata. A topic that does not exist is retriable, as in
+    Kafka: it may be being created, or its metadata may not have reached the node asked yet. So the
+    first ``send`` to a missing topic blocks for ``max_block_ms`` and then raises
+    ``UnknownTopicOrPartitionError``. To fail at once, check first (``Admin.describe_topics``, as the
+    ``headwater`` command does) or pass a smaller ``max_block_ms``.
     """
 
     def __init__(
