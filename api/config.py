@@ -80,6 +80,20 @@ class NodeConfig:
         10_000, "parked long-poll fetches across the node (past it, a fetch answers at once)"
     )
     max_subscribe_streams: int = _setting(1_000, "concurrent Subscribe streams")
+    max_subscribe_streams_per_connection: int = _setting(
+        100, "concurrent Subscribe streams of one client connection (its share of max_subscribe_streams)"
+    )
+    read_buffer_bytes: int = _setting(
+        256 * 1024 * 1024,
+        "bytes read from the logs that Subscribe streams and Fetch answers may hold together before "
+        "they have gone out; past it readers wait their turn",
+    )
+    read_buffer_bytes_per_connection: int = _setting(
+        32 * 1024 * 1024, "one client connection's share of read_buffer_bytes"
+    )
+    subscribe_stall_timeout_ms: int = _setting(
+        60_000, "a Subscribe stream whose reader accepts no data for this long is closed"
+    )
     max_partitions_per_topic: int = _setting(10_000, "most partitions one topic may have")
     max_topics: int = _setting(100_000, "most topics in the cluster")
     default_num_partitions: int = _setting(1, "partitions of a topic created without a count")
@@ -174,6 +188,10 @@ def _validate(cfg: NodeConfig) -> NodeConfig:
         "max_partition_fetch_bytes",
         "max_fetch_waiters",
         "max_subscribe_streams",
+        "max_subscribe_streams_per_connection",
+        "read_buffer_bytes",
+        "read_buffer_bytes_per_connection",
+        "subscribe_stall_timeout_ms",
         "max_partitions_per_topic",
         "max_topics",
         "default_num_partitions",
@@ -198,6 +216,12 @@ def _validate(cfg: NodeConfig) -> NodeConfig:
         raise ConfigError(
             "max_request_bytes must exceed fetch_max_bytes + max_message_bytes by at least 64 KiB"
         )
+    if cfg.read_buffer_bytes_per_connection > cfg.read_buffer_bytes:
+        raise ConfigError("read_buffer_bytes_per_connection must not exceed read_buffer_bytes")
+    if cfg.read_buffer_bytes_per_connection < cfg.max_message_bytes:
+        raise ConfigError("read_buffer_bytes_per_connection must be at least max_message_bytes")
+    if cfg.max_subscribe_streams_per_connection > cfg.max_subscribe_streams:
+        raise ConfigError("max_subscribe_streams_per_connection must not exceed max_subscribe_streams")
     if cfg.log_flush_policy not in ("none", "fsync"):
         raise ConfigError(f"setting log_flush_policy must be none or fsync, got {cfg.log_flush_policy!r}")
     if cfg.session_timeout_ms <= cfg.heartbeat_interval_ms:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +22,7 @@ from headwater.config import (
     normalize_config_name,
 )
 from headwater.node.catalog import TopicCatalog, add_topic_metadata, node_infos
+from headwater.node.flow import ReadBudget
 from headwater.node.partition import Partition
 from headwater.raft.commands import NO_LEADER
 from headwater.raft.metadata import ClusterMetadata, PartitionRecord
@@ -153,6 +154,8 @@ class Broker:
         self._closing = False
         self._topic_config_cache: dict[str, dict[str, Any]] = {}
         self._validator = ThreadPoolExecutor(1, thread_name_prefix="headwater-validate")
+        # The bytes Subscribe streams and Fetch answers hold between reading the log and sending.
+        self.read_budget = ReadBudget(config.read_buffer_bytes, config.read_buffer_bytes_per_connection)
 
     # ----------------------------------------------------------------- metadata image
 
@@ -589,10 +592,14 @@ class Broker:
         return self.partitions.get((topic, index)) is p
 
     async def subscribe_batches(
-        self, topic: str, index: int, offset: int, max_bytes: int
-    ) -> AsyncIterator[tuple[errors_pb2.ErrorCode, str, int, list[records_pb2.RecordBatch]]]:
-        """Yield ``(error_code, error_message, high_watermark, [RecordBatch])`` from ``offset`` on,
-        waiting for new data; ends after an error."""
+        self, topic: str, index: int, offset: int, max_bytes: int, reader: str = ""
+    ) -> AsyncGenerator[tuple[errors_pb2.ErrorCode, str, int, list[bytes]], None]:
+        """Yield ``(error_code, error_message, high_watermark, [stored batch bytes])`` from
+        ``offset`` on, waiting for new data; ends after an error.
+
+        Each read takes its bytes from the read budget under ``reader`` (the client connection)
+        and gives them back when the consumer of this generator asks for the next answer, that is,
+        once the last one has gone out: a stream whose reader does not read holds one answer."""
         p, code, why = self._lookup(topic, index)
         if p is None:
             yield code, why, -1, []
@@ -607,6 +614,7 @@ class Broker:
             else min(max_bytes, self.config.max_partition_fetch_bytes)
         )
         loop = asyncio.get_running_loop()
+        budget = self.read_budget
         while not self._closing:
             assert p is not None
             if not self._still_serving(topic, index, p):
@@ -616,17 +624,25 @@ class Broker:
             if check.error_code != E.ERROR_CODE_NONE:
                 yield check.error_code, check.message, -1, []
                 return
+            granted = held = await budget.acquire(reader, max(max_bytes, self.config.max_message_bytes))
             try:
-                raw = p.log.read(offset, max_bytes, p.high_watermark)
-            except OffsetOutOfRangeError as e:
-                yield E.ERROR_CODE_OFFSET_OUT_OF_RANGE, str(e), p.high_watermark, []
-                return
-            if raw:
-                batches = [records_pb2.RecordBatch.FromString(b) for b in raw]
-                last = batches[-1]
-                offset = last.base_offset + last.last_offset_delta + 1
-                yield E.ERROR_CODE_NONE, "", p.high_watermark, batches
-                continue
+                try:
+                    raw = p.log.read(offset, min(max_bytes, granted), p.high_watermark)
+                except OffsetOutOfRangeError as e:
+                    budget.release(reader, held)
+                    held = 0
+                    yield E.ERROR_CODE_OFFSET_OUT_OF_RANGE, str(e), p.high_watermark, []
+                    return
+                if raw:
+                    used = min(granted, sum(len(b) for b in raw))
+                    budget.release(reader, granted - used)
+                    held = used
+                    last = records_pb2.RecordBatch.FromString(raw[-1])
+                    offset = last.base_offset + last.last_offset_delta + 1
+                    yield E.ERROR_CODE_NONE, "", p.high_watermark, raw
+                    continue
+            finally:
+                budget.release(reader, held)
             fut: asyncio.Future[None] = loop.create_future()
             p.park(fut)
             try:

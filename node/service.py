@@ -7,9 +7,10 @@ An unexpected exception fails that one request with INTERNAL and is logged; the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -19,7 +20,7 @@ from headwater.node.cluster import ClusterLink, timeout_of
 from headwater.node.metrics import NodeMetrics
 from headwater.node.rpc import Malformed, add_service
 from headwater.v1 import batch as batch_codec
-from headwater.v1 import client_pb2, client_pb2_grpc, errors_pb2
+from headwater.v1 import client_pb2, client_pb2_grpc, errors_pb2, records_pb2
 from headwater.v1 import client_pb2 as pb
 
 __all__ = ["HeadwaterService", "add_to_server"]
@@ -29,6 +30,8 @@ T = TypeVar("T")
 E = errors_pb2
 # Call metadata on a Subscribe that a node relays to the partition's leader.
 _RELAYED = "headwater-relayed"
+# SubscribeResponse.batches: field 4, length-delimited (answers joined around the stored bytes).
+_SUBSCRIBE_BATCHES_TAG = bytes([(4 << 3) | 2])
 # How long a relayed Subscribe waits to connect to the leader before answering NOT_LEADER_OR_FOLLOWER.
 _RELAY_CONNECT_S = 5.0
 
@@ -70,6 +73,7 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
         # Topic changes go to the active controller through the node's link.
         self.link = link
         self._streams = 0
+        self._peer_streams: dict[str, int] = {}
         # Set when the node stops: open ProduceStreams end after the request in hand (close_streams).
         self._stopping = asyncio.Event()
 
@@ -218,36 +222,62 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
 
     async def Subscribe(  # noqa: N802
         self, request: pb.SubscribeRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.SubscribeResponse]:
+    ) -> None:
+        cfg = self.broker.config
         if isinstance(request, Malformed):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"Subscribe: malformed request: {request.error}"
             )
-        if self._streams >= self.broker.config.max_subscribe_streams:
+        if self._streams >= cfg.max_subscribe_streams:
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"the node serves max_subscribe_streams={self.broker.config.max_subscribe_streams} streams",
+                f"the node serves max_subscribe_streams={cfg.max_subscribe_streams} streams",
+            )
+        peer = context.peer() or ""
+        if self._peer_streams.get(peer, 0) >= cfg.max_subscribe_streams_per_connection:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this connection has max_subscribe_streams_per_connection="
+                f"{cfg.max_subscribe_streams_per_connection} streams open",
             )
         self._streams += 1
+        self._peer_streams[peer] = self._peer_streams.get(peer, 0) + 1
         self.metrics.requests.labels("Subscribe", "ok").inc()
         # A node that does not lead the partition relays the leader's stream, so a caller needs no
         # leader lookup to read. A relayed call is never relayed again: two nodes whose images
         # disagree about the leader answer NOT_LEADER_OR_FOLLOWER instead of passing it in a loop.
         relayed = any(k == _RELAYED for k, _ in context.invocation_metadata() or ())
         address = None if relayed else self.broker.leader_address(request.topic, request.partition)
+        stall_s = cfg.subscribe_stall_timeout_ms / 1000
         try:
+            source: AsyncGenerator[pb.SubscribeResponse | bytes, None]
             if address:
                 source = self._subscribe_relayed(request, address, context)
             else:
-                source = self._subscribe(request)
-            async for out in source:
-                yield out
+                source = self._subscribe(request, peer)
+            # Each answer is written before the next is read from the log (the read budget is
+            # held until then), and a reader that takes no answer for stall_s loses the stream.
+            async with contextlib.aclosing(source):
+                async for out in source:
+                    try:
+                        await asyncio.wait_for(context.write(out), stall_s)
+                    except TimeoutError:
+                        await context.abort(
+                            grpc.StatusCode.DEADLINE_EXCEEDED,
+                            f"the reader accepted no data for subscribe_stall_timeout_ms="
+                            f"{cfg.subscribe_stall_timeout_ms}; stream closed",
+                        )
         finally:
             self._streams -= 1
+            left = self._peer_streams[peer] - 1
+            if left:
+                self._peer_streams[peer] = left
+            else:
+                del self._peer_streams[peer]
 
     async def _subscribe_relayed(
         self, request: pb.SubscribeRequest, address: str, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.SubscribeResponse]:
+    ) -> AsyncGenerator[pb.SubscribeResponse | bytes, None]:
         """The leader's Subscribe answers, passed on as they come. The stream ends as the leader's
         does: after an error (a leader change is NOT_LEADER_OR_FOLLOWER, as when asked directly)."""
         channel = self.link.channel(address)
@@ -279,16 +309,30 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
         finally:
             call.cancel()
 
-    async def _subscribe(self, request: pb.SubscribeRequest) -> AsyncIterator[pb.SubscribeResponse]:
-        """Serve a Subscribe from this node's own replica."""
+    async def _subscribe(
+        self, request: pb.SubscribeRequest, peer: str
+    ) -> AsyncGenerator[pb.SubscribeResponse | bytes, None]:
+        """Serve a Subscribe from this node's own replica. Undecoded answers go out as wire bytes
+        around the stored batches (as Fetch answers do): no batch is parsed or copied again."""
         max_inflate = self.broker.config.max_decompressed_bytes
         gen = self.broker.subscribe_batches(
-            request.topic, request.partition, request.offset, request.max_bytes
+            request.topic, request.partition, request.offset, request.max_bytes, peer
         )
-        async for code, message, hw, batches in gen:
-            out = pb.SubscribeResponse(error_code=code, error_message=message, high_watermark=hw)
-            if request.decode:
-                for b in batches:
+        async with contextlib.aclosing(gen):
+            async for code, message, hw, raw in gen:
+                out = pb.SubscribeResponse(error_code=code, error_message=message, high_watermark=hw)
+                if code != E.ERROR_CODE_NONE:
+                    yield out
+                    return
+                if not request.decode:
+                    v = batch_codec.encode_varint
+                    parts = [out.SerializeToString()]
+                    for b in raw:
+                        parts += (_SUBSCRIBE_BATCHES_TAG, v(len(b)), b)
+                    del raw
+                    yield b"".join(parts)
+                    continue
+                for b in map(records_pb2.RecordBatch.FromString, raw):
                     try:
                         decoded = batch_codec.decode_records(b, max_inflate)
                     except Exception as e:  # a batch this node cannot inflate is reported, not fatal
@@ -311,8 +355,6 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
                             h = cr.headers.add(key=hk)
                             if hv is not None:
                                 h.value = hv
-            else:
-                out.batches.extend(batches)
-            yield out
-            if out.error_code != E.ERROR_CODE_NONE:
-                return
+                yield out
+                if out.error_code != E.ERROR_CODE_NONE:
+                    return

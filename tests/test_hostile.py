@@ -188,3 +188,69 @@ def test_a_compression_bomb_costs_the_leader_little_and_stores_nothing(
     # Heartbeats every 200 ms; a gap of half the 1.5 s session timeout would already be a warning.
     assert gap < 0.75, gap
     assert _read_all(c) == known
+
+
+def test_a_subscribe_flood_that_never_reads_is_bounded_and_other_readers_go_on(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    c, victim, _, known = _cluster_with_records(make_cluster)
+    with Producer(bootstrap=c.bootstrap, acks=1, linger_ms=0, compression="none") as producer:
+        for i in range(100):
+            producer.send("target", bytes([i]) * 100_000, partition=0)  # 10 MB behind the known records
+        producer.flush()
+    request = pb.SubscribeRequest(topic="target", partition=0, offset=-2)
+    channels = [
+        grpc.insecure_channel(c.nodes[victim].bootstrap, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(4)
+    ]
+    with Admin(c.bootstrap) as admin:
+        admin.create_topics([NewTopic("quiet", partitions=1, replica_assignments={0: [victim]})])
+    quiet_request = pb.SubscribeRequest(topic="quiet", partition=0, offset=-2)
+    quiet_channel = grpc.insecure_channel(
+        c.nodes[victim].bootstrap, options=[("grpc.use_local_subchannel_pool", 1)]
+    )
+    calls = []
+    refused = 0
+    try:
+
+        def attack(stop: threading.Event) -> None:
+            nonlocal refused
+            # 100 streams per connection (the default share), then one more that must be refused.
+            for ch in channels:
+                stub = client_pb2_grpc.HeadwaterServiceStub(ch)
+                calls.extend(stub.Subscribe(request) for _ in range(100))
+            # The share, seen on a connection whose own streams are not jammed with unread data.
+            quiet = client_pb2_grpc.HeadwaterServiceStub(quiet_channel)
+            calls.extend(quiet.Subscribe(quiet_request) for _ in range(100))
+            time.sleep(0.5)
+            extra = quiet.Subscribe(quiet_request, timeout=10)
+            try:
+                next(extra)
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e
+                refused += 1
+            stop.wait()
+
+        watch = Watch(c, victim)
+        read_s: list[float] = []
+
+        def polite_reader(stop: threading.Event) -> None:
+            attacker = threading.Thread(target=attack, args=(stop,), daemon=True)
+            attacker.start()
+            time.sleep(3)  # the flood is open and holding what it may
+            started = time.monotonic()
+            assert _read_all(c)[:30] == known
+            read_s.append(time.monotonic() - started)
+            stop.wait()
+            attacker.join(10)
+
+        watch.during(polite_reader, 10.0)
+        watch.check()
+        print(f"{len(calls)} idle streams; a polite reader read the partition in {read_s[0]:.2f} s")
+        assert refused == 1
+        assert read_s and read_s[0] < 10.0
+    finally:
+        for call in calls:
+            call.cancel()
+        for ch in [*channels, quiet_channel]:
+            ch.close()

@@ -236,6 +236,40 @@ def test_subscribe_streams_decoded_records_from_an_offset(stub: client_pb2_grpc.
     assert got == [(1, b"1"), (2, b"2"), (3, b"3")]
 
 
+def test_subscribe_streams_the_stored_batches_as_fetch_serves_them(
+    stub: client_pb2_grpc.HeadwaterServiceStub,
+) -> None:
+    create(stub, "raw")
+    for i in range(3):
+        produce(stub, "raw", [b"v%d-%d" % (i, j) for j in range(i + 1)])
+    fetched = stub.Fetch(
+        pb.FetchRequest(
+            max_wait_ms=0,
+            topics=[
+                pb.FetchTopic(
+                    topic="raw",
+                    partitions=[pb.FetchPartition(partition=0, fetch_offset=0, current_leader_epoch=-1)],
+                )
+            ],
+        ),
+        timeout=10,
+    )
+    want = list(fetched.topics[0].partitions[0].batches)
+    assert len(want) == 3
+    stream = stub.Subscribe(pb.SubscribeRequest(topic="raw", partition=0, offset=-2), timeout=10)
+    got: list[object] = []
+    for msg in stream:
+        assert msg.error_code == E.ERROR_CODE_NONE and msg.high_watermark == 6 and not msg.records
+        got += msg.batches
+        if len(got) >= 3:
+            break
+    stream.cancel()
+    assert got == want
+    assert [r.value for b in got for r in codec.decode_records(b)] == [
+        b"v0-0", b"v1-0", b"v1-1", b"v2-0", b"v2-1", b"v2-2"
+    ]
+
+
 def test_health_and_reflection_are_served(node: NodeProcess) -> None:
     with grpc.insecure_channel(node.bootstrap) as ch:
         status = health_pb2_grpc.HealthStub(ch).Check(
