@@ -76,6 +76,8 @@ class FetchResult:
         self.topics: list[tuple[str, list[tuple[pb.FetchPartitionResponse, list[bytes]]]]] = []
         # Bytes of record batches in the answer (for the node's bytes-out metric).
         self.batch_bytes = 0
+        # Read-budget bytes this answer holds (``Broker.fetch``); the caller releases them once sent.
+        self.held = 0
 
     def add_topic(self, topic: str) -> list[tuple[pb.FetchPartitionResponse, list[bytes]]]:
         partitions: list[tuple[pb.FetchPartitionResponse, list[bytes]]] = []
@@ -500,19 +502,32 @@ class Broker:
 
     # ----------------------------------------------------------------- fetch
 
-    async def fetch(self, req: pb.FetchRequest) -> FetchResult:
+    async def fetch(self, req: pb.FetchRequest, reader: str = "") -> FetchResult:
+        """Answer a Fetch, parked until ``min_bytes`` arrive or ``max_wait_ms`` passes. Each read
+        takes bytes from the read budget under ``reader``; the answer's ``held`` bytes are the
+        caller's to release (``read_budget.release(reader, result.held)``) once it has gone out."""
         cfg = self.config
         max_wait_ms = max(0, min(req.max_wait_ms, cfg.fetch_max_wait_ms))
         max_bytes = cfg.fetch_max_bytes if req.max_bytes <= 0 else min(req.max_bytes, cfg.fetch_max_bytes)
         min_bytes = max(0, req.min_bytes)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max_wait_ms / 1000
+        budget = self.read_budget
         while True:
-            resp, total, touched, errored = self._read_fetch(req, max_bytes)
+            granted = await budget.acquire(reader, max(max_bytes, cfg.max_message_bytes))
+            try:
+                resp, total, touched, errored = self._read_fetch(req, min(max_bytes, granted))
+            except BaseException:
+                budget.release(reader, granted)
+                raise
+            resp.held = min(total, granted)
+            budget.release(reader, granted - resp.held)
             remaining = deadline - loop.time()
             if total >= min_bytes or errored or remaining <= 0 or not touched or self._closing:
                 return resp
+            budget.release(reader, resp.held)  # parked: hold nothing while waiting
             if self._parked >= cfg.max_fetch_waiters:
+                resp.held = 0
                 return resp  # bound reached: answer now rather than park another waiter
             fut: asyncio.Future[None] = loop.create_future()
             for p in touched:

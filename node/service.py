@@ -190,12 +190,17 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
 
     async def Fetch(self, request: pb.FetchRequest, context: grpc.aio.ServicerContext) -> bytes:  # noqa: N802
         # Answered as bytes: the stored batches go out as they are (see FetchResult).
+        peer = context.peer() or ""
         result: FetchResult = await self._handle(
-            "Fetch", request, context, lambda: self.broker.fetch(request)
+            "Fetch", request, context, lambda: self.broker.fetch(request, peer)
         )
-        self.metrics.bytes_out.inc(result.batch_bytes)
-        wire: bytes = result.to_bytes()
-        return wire
+        try:
+            self.metrics.bytes_out.inc(result.batch_bytes)
+            wire: bytes = result.to_bytes()
+            return wire
+        finally:
+            # Released as the answer is handed to gRPC, which sends it within its flow control.
+            self.broker.read_budget.release(peer, result.held)
 
     async def ListOffsets(
         self, request: pb.ListOffsetsRequest, context: grpc.aio.ServicerContext
