@@ -26,6 +26,7 @@ __all__ = [
     "effective_topic_config",
     "ENV_PREFIX",
     "REQUEST_OVERHEAD_BYTES",
+    "TIMESTAMP_TYPES",
     "add_config_flags",
     "config_from_args",
     "SECRET_SETTINGS",
@@ -38,6 +39,8 @@ ENV_PREFIX = "HEADWATER_"
 SECRET_SETTINGS = frozenset({"cluster_secret"})
 # Room a request or answer needs around its record batches (headers, names, offsets).
 REQUEST_OVERHEAD_BYTES = 64 * 1024
+# Values of message_timestamp_type (Kafka's spelling).
+TIMESTAMP_TYPES = ("CreateTime", "LogAppendTime")
 
 
 class ConfigError(ValueError):
@@ -89,6 +92,13 @@ class NodeConfig:
     # "none": the OS flushes (Kafka's default; safety comes from replication); "fsync": sync every
     # write before it is acknowledged.
     log_flush_policy: str = "none"
+    # Whose clock stamps records: "CreateTime" (the producer's) or "LogAppendTime" (the leader's).
+    log_message_timestamp_type: str = "CreateTime"
+    # Under CreateTime, how far (ms) a record's timestamp may lie before / after the leader's clock;
+    # -1: no bound (Kafka's log.message.timestamp.before.max.ms / after.max.ms, KIP-937). A
+    # timestamp <= 0 is refused whatever these say (see records.proto).
+    log_message_timestamp_before_max_ms: int = -1
+    log_message_timestamp_after_max_ms: int = 3_600_000
 
     # --- shutdown
     shutdown_grace_s: float = 10.0
@@ -173,6 +183,14 @@ def _validate(cfg: NodeConfig) -> NodeConfig:
         )
     if cfg.log_flush_policy not in ("none", "fsync"):
         raise ConfigError(f"setting log_flush_policy must be none or fsync, got {cfg.log_flush_policy!r}")
+    if cfg.log_message_timestamp_type not in TIMESTAMP_TYPES:
+        raise ConfigError(
+            f"setting log_message_timestamp_type must be {' or '.join(TIMESTAMP_TYPES)}, "
+            f"got {cfg.log_message_timestamp_type!r}"
+        )
+    for name in ("log_message_timestamp_before_max_ms", "log_message_timestamp_after_max_ms"):
+        if getattr(cfg, name) < -1:
+            raise ConfigError(f"setting {name} must be -1 (no bound) or >= 0, got {getattr(cfg, name)}")
     if cfg.session_timeout_ms <= cfg.heartbeat_interval_ms:
         raise ConfigError("setting session_timeout_ms must be larger than heartbeat_interval_ms")
     if not 0 <= cfg.raft_port < 65536:
@@ -337,9 +355,23 @@ TOPIC_CONFIGS: dict[str, TopicConfigSpec] = {
         ),
         TopicConfigSpec(
             "message_timestamp_type",
-            _one_of("CreateTime", "LogAppendTime"),
-            default="CreateTime",
-            doc="Whose clock stamps records.",
+            _one_of(*TIMESTAMP_TYPES),
+            node_default="log_message_timestamp_type",
+            doc="Whose clock stamps records: CreateTime (the producer's) or LogAppendTime (the leader's).",
+        ),
+        TopicConfigSpec(
+            "message_timestamp_before_max_ms",
+            _int_at_least(-1),
+            node_default="log_message_timestamp_before_max_ms",
+            doc="CreateTime: refuse a record timestamp more than this before the leader's clock; "
+            "-1: no bound. Timestamps <= 0 are always refused.",
+        ),
+        TopicConfigSpec(
+            "message_timestamp_after_max_ms",
+            _int_at_least(-1),
+            node_default="log_message_timestamp_after_max_ms",
+            doc="CreateTime: refuse a record timestamp more than this after the leader's clock; "
+            "-1: no bound.",
         ),
         TopicConfigSpec(
             "unclean_leader_election_enable",

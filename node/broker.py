@@ -21,6 +21,7 @@ from headwater.config import (
 )
 from headwater.node.catalog import TopicCatalog, add_topic_metadata, node_infos
 from headwater.node.partition import Partition
+from headwater.node.produce_checks import ProduceRules, check_batch
 from headwater.raft.commands import NO_LEADER
 from headwater.raft.metadata import ClusterMetadata, PartitionRecord
 from headwater.storage import (
@@ -46,6 +47,12 @@ MAX_TIMESTAMP = -3
 
 def _wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def _expected_epoch(part: pb.FetchPartition | pb.ListOffsetsPartition) -> int:
+    """The leader epoch a request expects, -1 for none. The field is optional (client.proto): absent
+    skips the check, as -1 does, while 0 is the first leader epoch and is checked like any other."""
+    return part.current_leader_epoch if part.HasField("current_leader_epoch") else -1
 
 
 class FetchResult:
@@ -332,30 +339,14 @@ class Broker:
         if not pd.batches:
             return E.ERROR_CODE_INVALID_REQUEST, "no record batches for this partition"
         cfg = self.topic_config(topic)
-        max_message_bytes = cfg["max_message_bytes"]
+        rules = ProduceRules.of_topic(cfg, self.config.max_decompressed_bytes)
         # Validate every batch before appending any, so a bad batch leaves the partition untouched;
         # the answer names the batch that failed, so the producer can resend the others.
         for i, b in enumerate(pd.batches):
-            pr.error_batch_index = i
-            size = b.ByteSize()
-            if size > max_message_bytes:
-                return (
-                    E.ERROR_CODE_RECORD_TOO_LARGE,
-                    f"batch of {size} bytes exceeds max_message_bytes={max_message_bytes}",
-                )
-            records = b.records  # read once: each read of the field copies it
-            if (
-                b.record_count < 1
-                or b.last_offset_delta != b.record_count - 1
-                or not batch_codec.crc_is_valid(b, records)
-            ):
-                return E.ERROR_CODE_CORRUPT_MESSAGE, "batch CRC or header is invalid; nothing was stored"
-            # The leader stores what consumers will decode: records that disagree with their header
-            # (or a payload that inflates past the bound) are refused, never stored.
-            problem = batch_codec.records_problem(b, self.config.max_decompressed_bytes, records)
-            if problem:
-                return E.ERROR_CODE_CORRUPT_MESSAGE, f"{problem}; nothing was stored"
-        pr.ClearField("error_batch_index")
+            code, why = check_batch(b, rules, now_ms)
+            if code != E.ERROR_CODE_NONE:
+                pr.error_batch_index = i
+                return code, why
         if acks == -1:
             isr = p.isr
             if len(isr) < cfg["min_insync_replicas"]:
@@ -371,7 +362,7 @@ class Broker:
                     f"acks=all needs the in-sync replicas {list(isr)} to hold the write, and followers "
                     "do not copy the log yet: use acks=1, or replication_factor=1",
                 )
-        log_append_time = cfg["message_timestamp_type"] == "LogAppendTime"
+        log_append_time = rules.log_append_time
         sync = cfg["flush_policy"] == "fsync"
         batches = list(pd.batches)
         try:
@@ -452,7 +443,9 @@ class Broker:
         total = 0
         touched: list[Partition] = []
         errored = False
-        is_follower = req.replica_id >= 0
+        # replica_id is optional (client.proto): absent, like -1, is a consumer, which reads only up to
+        # the high watermark; 0 alone would make every consumer that leaves it out follower 0.
+        is_follower = req.HasField("replica_id") and req.replica_id >= 0
         for t in req.topics:
             tr = resp.add_topic(t.topic)
             for fp in t.partitions:
@@ -471,7 +464,7 @@ class Broker:
                     pr.leader_id, pr.leader_epoch = self._leader_of(t.topic, fp.partition)
                     errored = True
                     continue
-                check = p.check_leader(fp.current_leader_epoch)
+                check = p.check_leader(_expected_epoch(fp))
                 pr.leader_id, pr.leader_epoch = p.leader_id, p.leader_epoch
                 if check.error_code != E.ERROR_CODE_NONE:
                     pr.error_code, pr.error_message = check.error_code, check.message
@@ -569,7 +562,7 @@ class Broker:
                 if p is None:
                     pr.error_code, pr.error_message = code, why
                     continue
-                check = p.check_leader(lp.current_leader_epoch)
+                check = p.check_leader(_expected_epoch(lp))
                 if check.error_code != E.ERROR_CODE_NONE:
                     pr.error_code, pr.error_message = check.error_code, check.message
                     continue

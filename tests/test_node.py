@@ -412,7 +412,7 @@ def test_longest_legal_topic_name_is_accepted(stub: client_pb2_grpc.HeadwaterSer
     assert create(stub, "a." + "b_-" * 82 + "c").error_code == E.ERROR_CODE_NONE  # 249 characters
 
 
-@pytest.mark.parametrize("partitions", [0, -5, 10_001])
+@pytest.mark.parametrize("partitions", [-2, -5, 10_001])
 def test_bad_partition_counts_are_refused(
     stub: client_pb2_grpc.HeadwaterServiceStub, partitions: int
 ) -> None:

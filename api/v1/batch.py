@@ -36,12 +36,25 @@ __all__ = [
     "encode_varint",
     "crc_is_valid",
     "records_problem",
+    "check_records",
+    "has_producer_id",
+    "CREATE_TIME",
+    "LOG_APPEND_TIME",
     "InflateLimitError",
     "COMPRESSION_BY_NAME",
 ]
 
 RecordBatch = records_pb2.RecordBatch
 NO_PRODUCER_ID = -1
+CREATE_TIME = records_pb2.TIMESTAMP_TYPE_CREATE_TIME
+LOG_APPEND_TIME = records_pb2.TIMESTAMP_TYPE_LOG_APPEND_TIME
+
+
+def has_producer_id(producer_id: int) -> bool:
+    """Whether a batch's ``producer_id`` names a producer: ids are allocated from 1, and 0 (proto3's
+    default) and -1 both mean none (records.proto)."""
+    return producer_id > 0
+
 
 # The fields covered by the CRC, in order: see records.proto.
 _CRC_HEADER = struct.Struct(">iqqqiiii")
@@ -156,31 +169,43 @@ def decompress(compression: int, data: bytes, max_size: int = 1 << 30) -> bytes:
 
 
 def records_problem(batch: records_pb2.RecordBatch, max_size: int, records: bytes | None = None) -> str:
-    """Why a batch's records disagree with its header, or "" when they agree.
+    """Why a batch's records disagree with its header, or "" when they agree (see ``check_records``)."""
+    return check_records(batch, max_size, records)[0]
+
+
+def check_records(
+    batch: records_pb2.RecordBatch, max_size: int, records: bytes | None = None
+) -> tuple[str, int]:
+    """``(problem, min_timestamp_ms)`` of a producer's batch: why its records disagree with its header
+    ("" when they agree), and the smallest create time among them.
 
     Checks what a node must before storing a batch it will never re-encode: the payload inflates
     within ``max_size``, parses, holds ``record_count`` records with offset deltas 0..n-1, and its
-    largest timestamp is the header's ``max_timestamp_ms``. ``records`` as for ``batch_crc``.
+    largest timestamp is the header's ``max_timestamp_ms``. The smallest timestamp comes from the same
+    pass, for the timestamp bounds (records.proto). ``records`` as for ``batch_crc``.
     """
     data = batch.records if records is None else records
+    first = batch.first_timestamp_ms
     try:
         payload = records_pb2.Records.FromString(decompress(batch.compression, data, max_size))
     except Exception as e:  # damaged frame, unknown codec, bomb, or not a Records message
-        return f"records payload cannot be read: {e}"
+        return f"records payload cannot be read: {e}", first
     records = payload.records
     if len(records) != batch.record_count:
-        return f"header says {batch.record_count} records, payload holds {len(records)}"
-    max_delta = None
+        return f"header says {batch.record_count} records, payload holds {len(records)}", first
+    max_delta = min_delta = None
     for i, r in enumerate(records):
         if r.offset_delta != i:
-            return f"record {i} has offset delta {r.offset_delta}"
+            return f"record {i} has offset delta {r.offset_delta}", first
         d = r.timestamp_delta_ms
         if max_delta is None or d > max_delta:
             max_delta = d
-    assert max_delta is not None
-    if batch.first_timestamp_ms + max_delta != batch.max_timestamp_ms:
-        return "max_timestamp_ms disagrees with the records' timestamps"
-    return ""
+        if min_delta is None or d < min_delta:
+            min_delta = d
+    assert max_delta is not None and min_delta is not None
+    if first + max_delta != batch.max_timestamp_ms:
+        return "max_timestamp_ms disagrees with the records' timestamps", first
+    return "", first + min_delta
 
 
 Header = tuple[str, bytes | None]
@@ -270,7 +295,9 @@ def build_batch(
     return batch
 
 
-_RECORDS_TAG = b"\x62"  # RecordBatch.records: field 12, length-delimited; the last field by number
+# RecordBatch.records: field 12, length-delimited. The last field a producer sets (timestamp_type, 13,
+# is the leader's and stays CREATE_TIME, so unset), so header + records is the whole message.
+_RECORDS_TAG = b"\x62"
 
 
 def encode_batch_parts(
@@ -314,11 +341,14 @@ RecordFields = tuple[int, int, "bytes | None", "bytes | None", tuple[Header, ...
 def record_tuples(batch: records_pb2.RecordBatch, max_size: int = 1 << 30) -> list[RecordFields]:
     """The records of a batch as ``(offset, timestamp_ms, key, value, headers)`` tuples.
 
-    The fast path for consumers: one plain tuple per record, no intermediate objects.
+    The fast path for consumers: one plain tuple per record, no intermediate objects. A record's
+    timestamp is ``first_timestamp_ms`` plus its delta, except in a LOG_APPEND_TIME batch, where every
+    record reads ``max_timestamp_ms``, the leader's append time (records.proto, as in Kafka).
     """
     payload = records_pb2.Records.FromString(decompress(batch.compression, batch.records, max_size))
     base = batch.base_offset
-    first_ts = batch.first_timestamp_ms
+    log_append_time = batch.timestamp_type == LOG_APPEND_TIME
+    first_ts = batch.max_timestamp_ms if log_append_time else batch.first_timestamp_ms
     out: list[RecordFields] = []
     append = out.append
     for r in payload.records:
@@ -326,7 +356,7 @@ def record_tuples(batch: records_pb2.RecordBatch, max_size: int = 1 << 30) -> li
         append(
             (
                 base + r.offset_delta,
-                first_ts + r.timestamp_delta_ms,
+                first_ts if log_append_time else first_ts + r.timestamp_delta_ms,
                 r.key if r.HasField("key") else None,
                 r.value if r.HasField("value") else None,
                 tuple((h.key, h.value if h.HasField("value") else None) for h in hs) if hs else (),
