@@ -623,7 +623,11 @@ class Broker:
                     r.entries.add(name=name, value=str(value), source=pb.CONFIG_SOURCE_NODE, read_only=True)
             else:
                 r.error_code = E.ERROR_CODE_INVALID_REQUEST
-                r.error_message = f"unsupported resource type {res.resource_type}"
+                r.error_message = (
+                    "resource_type is required: RESOURCE_TYPE_TOPIC or RESOURCE_TYPE_NODE"
+                    if res.resource_type == pb.RESOURCE_TYPE_UNKNOWN
+                    else f"unsupported resource type {res.resource_type}"
+                )
         return resp
 
     # ----------------------------------------------------------------- retention

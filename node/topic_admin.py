@@ -159,7 +159,11 @@ async def alter_configs(
         r = resp.results.add(resource_type=res.resource_type, resource_name=res.resource_name)
         if res.resource_type != pb.RESOURCE_TYPE_TOPIC:
             r.error_code = E.ERROR_CODE_INVALID_REQUEST
-            r.error_message = "only topic configs can be altered; node settings come from its config"
+            r.error_message = (
+                "resource_type is required: RESOURCE_TYPE_TOPIC (only topic configs can be altered)"
+                if res.resource_type == pb.RESOURCE_TYPE_UNKNOWN
+                else "only topic configs can be altered; node settings come from its config"
+            )
             continue
         record = runtime.quorum.metadata.topic(res.resource_name)
         if record is None:

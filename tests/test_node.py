@@ -819,6 +819,27 @@ def test_create_topics_with_counts_left_out_gets_the_node_defaults(node_factory:
         assert r.error_code == E.ERROR_CODE_INVALID_TIMESTAMP and "=1000" in r.error_message
 
 
+def test_a_config_resource_without_its_type_is_refused_saying_so(
+    stub: client_pb2_grpc.HeadwaterServiceStub,
+) -> None:
+    create(stub, "typed")
+    described = stub.DescribeConfigs(
+        pb.DescribeConfigsRequest(resources=[pb.ConfigResource(resource_name="typed")]), timeout=5
+    ).results[0]
+    assert described.error_code == E.ERROR_CODE_INVALID_REQUEST and "resource_type" in described.error_message
+    altered = stub.AlterConfigs(
+        pb.AlterConfigsRequest(
+            resources=[
+                pb.AlterConfigsResource(
+                    resource_name="typed", configs=[pb.AlterableConfig(name="retention_ms", value="1")]
+                )
+            ]
+        ),
+        timeout=10,
+    ).results[0]
+    assert altered.error_code == E.ERROR_CODE_INVALID_REQUEST and "resource_type" in altered.error_message
+
+
 def test_producer_id_0_means_none_and_below_minus_1_is_refused(
     stub: client_pb2_grpc.HeadwaterServiceStub,
 ) -> None:
