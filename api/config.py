@@ -26,6 +26,7 @@ __all__ = [
     "effective_topic_config",
     "ENV_PREFIX",
     "REQUEST_OVERHEAD_BYTES",
+    "TIMESTAMP_TYPES",
     "add_config_flags",
     "config_from_args",
     "SECRET_SETTINGS",
@@ -38,6 +39,8 @@ ENV_PREFIX = "HEADWATER_"
 SECRET_SETTINGS = frozenset({"cluster_secret"})
 # Room a request or answer needs around its record batches (headers, names, offsets).
 REQUEST_OVERHEAD_BYTES = 64 * 1024
+# Values of message_timestamp_type (Kafka's spelling).
+TIMESTAMP_TYPES = ("CreateTime", "LogAppendTime")
 
 
 class ConfigError(ValueError):
@@ -119,6 +122,19 @@ class NodeConfig:
         "none",
         "none: the OS flushes (Kafka's default; safety comes from replication); "
         "fsync: sync every write before it is acknowledged",
+    )
+    log_message_timestamp_type: str = _setting(
+        "CreateTime",
+        "whose clock stamps records: CreateTime (the producer's) or LogAppendTime (the leader's)",
+    )
+    log_message_timestamp_before_max_ms: int = _setting(
+        -1,
+        "under CreateTime, how far (ms) a record's timestamp may lie before the leader's clock (-1: no "
+        "bound; a timestamp <= 0 is always refused)",
+    )
+    log_message_timestamp_after_max_ms: int = _setting(
+        3_600_000,
+        "under CreateTime, how far (ms) a record's timestamp may lie after the leader's clock (-1: no bound)",
     )
 
     # --- shutdown
@@ -224,6 +240,14 @@ def _validate(cfg: NodeConfig) -> NodeConfig:
         raise ConfigError("max_subscribe_streams_per_connection must not exceed max_subscribe_streams")
     if cfg.log_flush_policy not in ("none", "fsync"):
         raise ConfigError(f"setting log_flush_policy must be none or fsync, got {cfg.log_flush_policy!r}")
+    if cfg.log_message_timestamp_type not in TIMESTAMP_TYPES:
+        raise ConfigError(
+            f"setting log_message_timestamp_type must be {' or '.join(TIMESTAMP_TYPES)}, "
+            f"got {cfg.log_message_timestamp_type!r}"
+        )
+    for name in ("log_message_timestamp_before_max_ms", "log_message_timestamp_after_max_ms"):
+        if getattr(cfg, name) < -1:
+            raise ConfigError(f"setting {name} must be -1 (no bound) or >= 0, got {getattr(cfg, name)}")
     if cfg.session_timeout_ms <= cfg.heartbeat_interval_ms:
         raise ConfigError("setting session_timeout_ms must be larger than heartbeat_interval_ms")
     if not 0 <= cfg.raft_port < 65536:
@@ -388,9 +412,23 @@ TOPIC_CONFIGS: dict[str, TopicConfigSpec] = {
         ),
         TopicConfigSpec(
             "message_timestamp_type",
-            _one_of("CreateTime", "LogAppendTime"),
-            default="CreateTime",
-            doc="Whose clock stamps records.",
+            _one_of(*TIMESTAMP_TYPES),
+            node_default="log_message_timestamp_type",
+            doc="Whose clock stamps records: CreateTime (the producer's) or LogAppendTime (the leader's).",
+        ),
+        TopicConfigSpec(
+            "message_timestamp_before_max_ms",
+            _int_at_least(-1),
+            node_default="log_message_timestamp_before_max_ms",
+            doc="CreateTime: refuse a record timestamp more than this before the leader's clock; "
+            "-1: no bound. Timestamps <= 0 are always refused.",
+        ),
+        TopicConfigSpec(
+            "message_timestamp_after_max_ms",
+            _int_at_least(-1),
+            node_default="log_message_timestamp_after_max_ms",
+            doc="CreateTime: refuse a record timestamp more than this after the leader's clock; "
+            "-1: no bound.",
         ),
         TopicConfigSpec(
             "unclean_leader_election_enable",

@@ -28,6 +28,8 @@ from headwater.client._cluster import CHANNEL_OPTIONS, Cluster, partition_fields
 from headwater.client.errors import (
     ClientClosedError,
     HeadwaterError,
+    InvalidPartitionsError,
+    InvalidReplicationFactorError,
     NodeNotAvailableError,
     RequestTimedOutError,
     UnknownTopicOrPartitionError,
@@ -90,6 +92,18 @@ def _controller_rpc_error(exc: grpc.RpcError, what: str) -> HeadwaterError:
     return error_for_rpc(exc, what)
 
 
+def _zero_count_error(t: NewTopic) -> HeadwaterError | None:
+    """The error for a topic asking for 0 partitions or 0 replicas, refused here: on the wire 0 is
+    what proto3 sends for a field left out, and the node reads it as its default (client.proto)."""
+    if t.partitions == 0 and not t.replica_assignments:
+        return InvalidPartitionsError(f"topic {t.name!r}: 0 partitions; -1 asks for the node's default")
+    if t.replication_factor == 0 and not t.replica_assignments:
+        return InvalidReplicationFactorError(
+            f"topic {t.name!r}: replication factor 0; -1 asks for the node's default"
+        )
+    return None
+
+
 class Admin:
     """Manages topics, their configs and partition leadership, and describes the cluster.
 
@@ -123,7 +137,12 @@ class Admin:
         node has handled every topic of the request (so the others may have been created).
         """
         request = client_pb2.CreateTopicsRequest(timeout_ms=self._timeout_ms, validate_only=validate_only)
+        out: dict[str, uuid.UUID | None | HeadwaterError] = {}
         for t in new_topics:
+            refused = _zero_count_error(t)
+            if refused is not None:
+                out[t.name] = refused
+                continue
             request.topics.add(
                 name=t.name,
                 num_partitions=t.partitions,
@@ -134,10 +153,11 @@ class Admin:
                     for p, r in sorted(t.replica_assignments.items())
                 ],
             )
+        if not request.topics:
+            return self._maybe_raise(out, raise_on_error)
         response = self._cluster.call_any(
             "CreateTopics", lambda stub: stub.CreateTopics(request, timeout=self._timeout_s)
         )
-        out: dict[str, uuid.UUID | None | HeadwaterError] = {}
         for r in response.topics:
             if r.error_code != errors_pb2.ERROR_CODE_NONE:
                 out[r.name] = error_for_code(r.error_code, r.error_message or f"topic {r.name!r}")

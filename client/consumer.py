@@ -36,7 +36,7 @@ from headwater.client.errors import (
 )
 from headwater.client.types import ConsumerRecord, OffsetAndTimestamp, TopicPartition
 from headwater.v1 import client_pb2, errors_pb2, records_pb2
-from headwater.v1.batch import decompress
+from headwater.v1.batch import LOG_APPEND_TIME, decompress
 
 __all__ = ["Consumer", "EARLIEST", "LATEST"]
 
@@ -146,7 +146,9 @@ def _consumer_records(batch: records_pb2.RecordBatch, tp: TopicPartition) -> lis
     )
     topic, partition = tp
     base = batch.base_offset
-    first_ts = batch.first_timestamp_ms
+    # In a LOG_APPEND_TIME batch every record reads the leader's append time (records.proto).
+    log_append_time = batch.timestamp_type == LOG_APPEND_TIME
+    first_ts = batch.max_timestamp_ms if log_append_time else batch.first_timestamp_ms
     make = tuple.__new__
     return [
         make(
@@ -160,7 +162,7 @@ def _consumer_records(batch: records_pb2.RecordBatch, tp: TopicPartition) -> lis
                 tuple((h.key, h.value if h.HasField("value") else None) for h in hs)
                 if (hs := r.headers)
                 else (),
-                first_ts + r.timestamp_delta_ms,
+                first_ts if log_append_time else first_ts + r.timestamp_delta_ms,
             ),
         )
         for r in payload.records

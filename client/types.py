@@ -69,7 +69,8 @@ class OffsetAndTimestamp(NamedTuple):
 
 @dataclass(frozen=True)
 class NewTopic:
-    """A topic to create. -1 for ``partitions`` or ``replication_factor`` means the node's default."""
+    """A topic to create. -1 for ``partitions`` or ``replication_factor`` means the node's default;
+    0 is refused (InvalidPartitionsError, InvalidReplicationFactorError)."""
 
     name: str
     partitions: int = 1

@@ -24,6 +24,7 @@ from headwater.config import (
 from headwater.node.catalog import TopicCatalog, add_topic_metadata, node_infos
 from headwater.node.flow import ReadBudget
 from headwater.node.partition import Partition
+from headwater.node.produce_checks import ProduceRules, check_header, check_payload
 from headwater.raft.commands import NO_LEADER
 from headwater.raft.metadata import ClusterMetadata, PartitionRecord
 from headwater.storage import (
@@ -57,6 +58,12 @@ class _InflateBudget:
 
 def _wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def _expected_epoch(part: pb.FetchPartition | pb.ListOffsetsPartition) -> int:
+    """The leader epoch a request expects, -1 for none. The field is optional (client.proto): absent
+    skips the check, as -1 does, while 0 is the first leader epoch and is checked like any other."""
+    return part.current_leader_epoch if part.HasField("current_leader_epoch") else -1
 
 
 class FetchResult:
@@ -378,8 +385,7 @@ class Broker:
         if not pd.batches:
             return E.ERROR_CODE_INVALID_REQUEST, "no record batches for this partition"
         cfg = self.topic_config(topic)
-        max_message_bytes = cfg["max_message_bytes"]
-        max_records = self.config.max_batch_records
+        rules = ProduceRules.of_topic(cfg, self.config.max_decompressed_bytes, self.config.max_batch_records)
         checked_off_loop = False
         # Validate every batch before appending any, so a bad batch leaves the partition untouched;
         # the answer names the batch that failed, so the producer can resend the others. The cheap
@@ -388,32 +394,15 @@ class Broker:
         # validation thread, so no request holds the event loop (and the node's lease) for long.
         for i, b in enumerate(pd.batches):
             pr.error_batch_index = i
-            size = b.ByteSize()
-            if size > max_message_bytes:
-                return (
-                    E.ERROR_CODE_RECORD_TOO_LARGE,
-                    f"batch of {size} bytes exceeds max_message_bytes={max_message_bytes}",
-                )
-            if b.record_count > max_records:
-                return (
-                    E.ERROR_CODE_RECORD_TOO_LARGE,
-                    f"batch of {b.record_count} records exceeds max_batch_records={max_records}; "
-                    "nothing was stored: split it",
-                )
             records = b.records  # read once: each read of the field copies it
-            if (
-                b.record_count < 1
-                or b.last_offset_delta != b.record_count - 1
-                or not batch_codec.crc_is_valid(b, records)
-            ):
-                return E.ERROR_CODE_CORRUPT_MESSAGE, "batch CRC or header is invalid; nothing was stored"
-            # The leader stores what consumers will decode: records that disagree with their header
-            # (or a payload that inflates past the bound) are refused, never stored.
+            code, why = check_header(b, rules, records)
+            if code != E.ERROR_CODE_NONE:
+                return code, why
             left = budget.left
             if b.compression == COMPRESSION_NONE:
-                problem, inflated = batch_codec.check_records(b, left, records)
+                code, why, inflated = check_payload(b, rules, now_ms, left, records)
             else:
-                problem, inflated = await self._check_off_loop(b, left, records)
+                code, why, inflated = await self._check_off_loop(b, rules, now_ms, left, records)
                 checked_off_loop = True
             budget.left -= inflated
             if inflated > left and left < self.config.max_decompressed_bytes:
@@ -422,8 +411,8 @@ class Broker:
                     "this request's batches inflate past max_decompressed_bytes="
                     f"{self.config.max_decompressed_bytes} together; nothing was stored: send fewer",
                 )
-            if problem:
-                return E.ERROR_CODE_CORRUPT_MESSAGE, f"{problem}; nothing was stored"
+            if code != E.ERROR_CODE_NONE:
+                return code, why
         pr.ClearField("error_batch_index")
         if checked_off_loop:
             # Leadership may have moved while the records were checked off the loop.
@@ -446,7 +435,7 @@ class Broker:
                     f"acks=all needs the in-sync replicas {list(isr)} to hold the write, and followers "
                     "do not copy the log yet: use acks=1, or replication_factor=1",
                 )
-        log_append_time = cfg["message_timestamp_type"] == "LogAppendTime"
+        log_append_time = rules.log_append_time
         sync = cfg["flush_policy"] == "fsync"
         batches = list(pd.batches)
         try:
@@ -484,12 +473,17 @@ class Broker:
         return E.ERROR_CODE_NONE, ""
 
     async def _check_off_loop(
-        self, batch: records_pb2.RecordBatch, max_size: int, records: bytes
-    ) -> tuple[str, int]:
-        """``check_records`` on the validation thread: one at a time, so a flood of compressed
+        self,
+        batch: records_pb2.RecordBatch,
+        rules: ProduceRules,
+        now_ms: int,
+        max_inflated: int,
+        records: bytes,
+    ) -> tuple[errors_pb2.ErrorCode, str, int]:
+        """``check_payload`` on the validation thread: one at a time, so a flood of compressed
         batches queues there instead of taking every core, and the event loop stays free."""
         return await asyncio.get_running_loop().run_in_executor(
-            self._validator, batch_codec.check_records, batch, max_size, records
+            self._validator, check_payload, batch, rules, now_ms, max_inflated, records
         )
 
     def _maybe_recover_store(self) -> None:
@@ -549,7 +543,9 @@ class Broker:
         total = 0
         touched: list[Partition] = []
         errored = False
-        is_follower = req.replica_id >= 0
+        # replica_id is optional (client.proto): absent, like -1, is a consumer, which reads only up to
+        # the high watermark; 0 alone would make every consumer that leaves it out follower 0.
+        is_follower = req.HasField("replica_id") and req.replica_id >= 0
         for t in req.topics:
             tr = resp.add_topic(t.topic)
             for fp in t.partitions:
@@ -568,7 +564,7 @@ class Broker:
                     pr.leader_id, pr.leader_epoch = self._leader_of(t.topic, fp.partition)
                     errored = True
                     continue
-                check = p.check_leader(fp.current_leader_epoch)
+                check = p.check_leader(_expected_epoch(fp))
                 pr.leader_id, pr.leader_epoch = p.leader_id, p.leader_epoch
                 if check.error_code != E.ERROR_CODE_NONE:
                     pr.error_code, pr.error_message = check.error_code, check.message
@@ -679,7 +675,7 @@ class Broker:
                 if p is None:
                     pr.error_code, pr.error_message = code, why
                     continue
-                check = p.check_leader(lp.current_leader_epoch)
+                check = p.check_leader(_expected_epoch(lp))
                 if check.error_code != E.ERROR_CODE_NONE:
                     pr.error_code, pr.error_message = check.error_code, check.message
                     continue
@@ -740,7 +736,11 @@ class Broker:
                     r.entries.add(name=name, value=str(value), source=pb.CONFIG_SOURCE_NODE, read_only=True)
             else:
                 r.error_code = E.ERROR_CODE_INVALID_REQUEST
-                r.error_message = f"unsupported resource type {res.resource_type}"
+                r.error_message = (
+                    "resource_type is required: RESOURCE_TYPE_TOPIC or RESOURCE_TYPE_NODE"
+                    if res.resource_type == pb.RESOURCE_TYPE_UNKNOWN
+                    else f"unsupported resource type {res.resource_type}"
+                )
         return resp
 
     # ----------------------------------------------------------------- retention

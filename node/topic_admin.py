@@ -29,6 +29,8 @@ __all__ = ["create_topics", "delete_topics", "alter_configs", "check_topic_confi
 
 E = errors_pb2
 log = logging.getLogger("headwater.node.controller")
+# num_partitions and replication_factor values that ask for the node's default.
+_DEFAULT = (0, -1)
 
 
 def check_topic_configs(configs: dict[str, str], config: NodeConfig) -> dict[str, str]:
@@ -59,17 +61,20 @@ def _offset(o: Outcome, last: int) -> int:
 def _shape(
     t: pb.CreatableTopic, config: NodeConfig
 ) -> tuple[int, int, tuple[tuple[int, ...], ...] | None, str]:
-    """Partition count, replication factor and explicit assignments of a topic, or why they are bad."""
-    rf = config.default_replication_factor if t.replication_factor == -1 else t.replication_factor
+    """Partition count, replication factor and explicit assignments of a topic, or why they are bad.
+
+    0 (what proto3 sends for a field left out) and -1 both mean the node's default: no topic has 0
+    partitions or 0 replicas (client.proto)."""
+    rf = config.default_replication_factor if t.replication_factor in _DEFAULT else t.replication_factor
     if t.assignments:
         by_partition = {a.partition: tuple(a.replicas) for a in t.assignments}
         n = len(by_partition)
         if len(t.assignments) != n or set(by_partition) != set(range(n)):
             return n, rf, None, "assignments must name partitions 0..n-1 once each"
-        if t.num_partitions not in (-1, 0, n):
+        if t.num_partitions not in (*_DEFAULT, n):
             return n, rf, None, f"num_partitions={t.num_partitions} disagrees with {n} assignments"
         return n, len(by_partition[0]), tuple(by_partition[i] for i in range(n)), ""
-    partitions = config.default_num_partitions if t.num_partitions == -1 else t.num_partitions
+    partitions = config.default_num_partitions if t.num_partitions in _DEFAULT else t.num_partitions
     return partitions, rf, None, ""
 
 
@@ -154,7 +159,11 @@ async def alter_configs(
         r = resp.results.add(resource_type=res.resource_type, resource_name=res.resource_name)
         if res.resource_type != pb.RESOURCE_TYPE_TOPIC:
             r.error_code = E.ERROR_CODE_INVALID_REQUEST
-            r.error_message = "only topic configs can be altered; node settings come from its config"
+            r.error_message = (
+                "resource_type is required: RESOURCE_TYPE_TOPIC (only topic configs can be altered)"
+                if res.resource_type == pb.RESOURCE_TYPE_UNKNOWN
+                else "only topic configs can be altered; node settings come from its config"
+            )
             continue
         record = runtime.quorum.metadata.topic(res.resource_name)
         if record is None:

@@ -59,6 +59,7 @@ __all__ = [
     "SnapshotError",
     "SNAPSHOT_VERSION",
     "MAX_PRODUCER_ID_BLOCK",
+    "FIRST_PRODUCER_ID",
     "place_replicas",
     "choose_leader",
     "topic_name_problem",
@@ -69,6 +70,9 @@ E = errors_pb2
 SNAPSHOT_VERSION = 1
 # Largest producer-id block one command may take (Kafka hands out 1000 at a time).
 MAX_PRODUCER_ID_BLOCK = 1_000_000
+# Producer ids are allocated from 1: 0 is what a producer that never set one sends (proto3's default),
+# and it means "no producer id", as -1 does (records.proto).
+FIRST_PRODUCER_ID = 1
 _MAX_PRODUCER_ID = 2**63 - 1
 _TOPIC_ID_LENGTH = 16
 MAX_TOPIC_NAME_LENGTH = 249
@@ -257,7 +261,7 @@ class ClusterMetadata:
         self.topics: dict[bytes, TopicRecord] = {}
         self.topic_ids: dict[str, bytes] = {}
         # The first producer id no node has been given yet.
-        self.next_producer_id = 0
+        self.next_producer_id = FIRST_PRODUCER_ID
 
     # ---------------------------------------------------------------- reading
 
@@ -302,7 +306,7 @@ class ClusterMetadata:
     def check_invariants(self) -> None:
         """Assert every invariant of the whole state (O(partitions); the tests call it after each apply)."""
         assert self.metadata_offset >= -1
-        assert self.next_producer_id >= 0
+        assert self.next_producer_id >= FIRST_PRODUCER_ID
         for node_id, n in self.nodes.items():
             assert node_id == n.node_id
             assert 0 <= n.broker_epoch <= self.metadata_offset, n
@@ -709,7 +713,10 @@ class ClusterMetadata:
         m = cls()
         try:
             m.metadata_offset = int(doc["metadata_offset"])
-            m.next_producer_id = int(doc["next_producer_id"])
+            # A snapshot written before ids started at 1 holds 0 when no block was handed out yet: it
+            # reads as 1, the same on every voter. (An older block may hold id 0; no node gives ids to
+            # clients yet, so none is in use.)
+            m.next_producer_id = max(FIRST_PRODUCER_ID, int(doc["next_producer_id"]))
             for node_id, inc, host, port, rack, epoch, fenced in doc["nodes"]:
                 m.nodes[int(node_id)] = NodeRecord(
                     int(node_id),

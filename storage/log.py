@@ -33,7 +33,14 @@ from headwater.storage.errors import (
     OffsetOutOfRangeError,
     StorageError,
 )
-from headwater.v1.batch import RecordBatch, batch_crc, crc_is_valid, decode_records
+from headwater.v1.batch import (
+    CREATE_TIME,
+    LOG_APPEND_TIME,
+    RecordBatch,
+    batch_crc,
+    crc_is_valid,
+    decode_records,
+)
 
 if TYPE_CHECKING:
     from headwater.storage.store import LogStore, _Handles
@@ -147,6 +154,8 @@ def _check_fresh(batch: RecordBatch) -> None:
         raise CorruptRecordError(
             f"last_offset_delta={batch.last_offset_delta} does not match record_count={batch.record_count}"
         )
+    if batch.timestamp_type != CREATE_TIME:
+        raise CorruptRecordError("timestamp_type is the leader's to set: a producer sends CREATE_TIME")
 
 
 class PartitionLog:
@@ -268,11 +277,11 @@ class PartitionLog:
         Checks each CRC and header (``record_count >= 1``, ``last_offset_delta == record_count - 1``)
         and raises ``CorruptRecordError`` storing nothing. Stamps each batch in place with
         ``base_offset`` (from the log end on) and ``partition_leader_epoch`` (the CRC does not cover
-        them) and never re-encodes its ``records``. With ``log_append_time`` the batch's timestamps
-        become the append time: ``first_timestamp_ms = now_ms`` and ``max_timestamp_ms`` moves by the
-        same amount (records carry deltas from ``first_timestamp_ms`` and are not re-encoded, so each
-        record reads ``now_ms`` plus its producer-given delta and ``max_timestamp_ms`` stays the
-        largest of them); the CRC covers timestamps, so it is recomputed. Data, counters, epoch-cache
+        them) and never re-encodes its ``records``. With ``log_append_time`` the batch becomes a
+        LOG_APPEND_TIME batch, as in Kafka: ``timestamp_type`` says so, ``first_timestamp_ms`` and
+        ``max_timestamp_ms`` are ``now_ms``, and every record reads ``max_timestamp_ms`` (its
+        producer-given delta is ignored, records.proto); the CRC covers timestamps, so it is
+        recomputed. Data, counters, epoch-cache
         and time-index entries of every batch go in ONE atomic WriteBatch through the WAL (fsynced
         when ``sync``): once this returns the batches survive a crash of the process, and a failure
         stores none of them. On any error the batches' fields are restored and the log is as it was.
@@ -286,7 +295,14 @@ class PartitionLog:
         with self._store._writing() as h, self._lock:
             self._check_live()
             saved = [
-                (b.base_offset, b.partition_leader_epoch, b.first_timestamp_ms, b.max_timestamp_ms, b.crc)
+                (
+                    b.base_offset,
+                    b.partition_leader_epoch,
+                    b.first_timestamp_ms,
+                    b.max_timestamp_ms,
+                    b.crc,
+                    b.timestamp_type,
+                )
                 for b in batches
             ]
             try:
@@ -296,11 +312,8 @@ class PartitionLog:
                     batch.partition_leader_epoch = leader_epoch
                     next_offset += batch.last_offset_delta + 1
                     if log_append_time:
-                        span = batch.max_timestamp_ms - batch.first_timestamp_ms
-                        if not _I64_MIN <= now_ms + span <= _I64_MAX:
-                            raise CorruptRecordError("batch timestamps out of range for log-append time")
-                        batch.first_timestamp_ms = now_ms
-                        batch.max_timestamp_ms = now_ms + span
+                        batch.timestamp_type = LOG_APPEND_TIME
+                        batch.first_timestamp_ms = batch.max_timestamp_ms = now_ms
                         batch.crc = batch_crc(batch)
                 return self._append_locked(h, batches, sync)
             except BaseException:
@@ -311,6 +324,7 @@ class PartitionLog:
                         b.first_timestamp_ms,
                         b.max_timestamp_ms,
                         b.crc,
+                        b.timestamp_type,
                     ) = fields
                 raise
 

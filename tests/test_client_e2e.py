@@ -199,3 +199,52 @@ def test_every_future_completes_when_close_races_send(node) -> None:  # type: ig
             t.join()
         _, pending = concurrent.futures.wait(futures, timeout=10)
         assert not pending, f"{len(pending)} futures never completed"
+
+
+def test_the_producer_stamps_records_it_is_given_no_time_for(node) -> None:  # type: ignore[no-untyped-def]
+    """A record sent without a timestamp carries the producer's clock, never 0 (which a CreateTime
+    topic refuses); one sent with 0 fails with InvalidTimestampError and is not retried."""
+    from headwater.client.errors import InvalidTimestampError
+
+    topic = create(node.bootstrap)
+    before = int(time.time() * 1000)
+    with Producer(node.bootstrap, linger_ms=0) as producer:
+        meta = producer.send(topic, b"now").result(10)
+        after = int(time.time() * 1000)
+        assert before <= meta.timestamp_ms <= after
+        with pytest.raises(InvalidTimestampError, match="record timestamp 0"):
+            producer.send(topic, b"epoch", timestamp_ms=0).result(10)
+    with Consumer(node.bootstrap, auto_offset_reset="earliest") as consumer:
+        consumer.assign([TopicPartition(topic, 0)])
+        (got,) = consume(consumer, 1)
+        assert (got.value, got.timestamp_ms) == (b"now", meta.timestamp_ms)
+
+
+def test_a_log_append_time_topic_reads_back_the_time_the_producer_was_told(node) -> None:  # type: ignore[no-untyped-def]
+    topic = create(node.bootstrap, message_timestamp_type="LogAppendTime")
+    with Producer(node.bootstrap, linger_ms=5) as producer:
+        futures = [producer.send(topic, b"%d" % i, timestamp_ms=1 + i) for i in range(5)]
+        producer.flush(10)
+        metas = [f.result(0) for f in futures]
+    assert all(m.timestamp_ms > 1_000_000 for m in metas)  # the node's clock, not the ones sent
+    with Consumer(node.bootstrap, auto_offset_reset="earliest") as consumer:
+        consumer.assign([TopicPartition(topic, 0)])
+        records = consume(consumer, 5)
+    assert [(r.offset, r.timestamp_ms) for r in records] == [(m.offset, m.timestamp_ms) for m in metas]
+
+
+def test_the_admin_refuses_zero_partitions_or_replicas_itself(node) -> None:  # type: ignore[no-untyped-def]
+    """0 on the wire means the node's default (client.proto), so the client must not send a 0 it
+    was given: it refuses it, and the other topics of the call go on."""
+    from headwater.client.errors import InvalidReplicationFactorError
+
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    with Admin(node.bootstrap) as admin:
+        results = admin.create_topics(
+            [NewTopic("zero-p", partitions=0), NewTopic("zero-rf", replication_factor=0), NewTopic(name)],
+            raise_on_error=False,
+        )
+        assert isinstance(results["zero-p"], InvalidPartitionsError)
+        assert isinstance(results["zero-rf"], InvalidReplicationFactorError)
+        assert isinstance(results[name], uuid.UUID)
+        assert "zero-p" not in admin.list_topics() and "zero-rf" not in admin.list_topics()

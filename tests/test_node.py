@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from headwater.v1 import batch as codec
 from headwater.v1 import client_pb2 as pb
-from headwater.v1 import client_pb2_grpc
+from headwater.v1 import client_pb2_grpc, records_pb2
 from headwater.v1 import errors_pb2 as E
 
 ALL = -1
@@ -446,7 +446,7 @@ def test_longest_legal_topic_name_is_accepted(stub: client_pb2_grpc.HeadwaterSer
     assert create(stub, "a." + "b_-" * 82 + "c").error_code == E.ERROR_CODE_NONE  # 249 characters
 
 
-@pytest.mark.parametrize("partitions", [0, -5, 10_001])
+@pytest.mark.parametrize("partitions", [-2, -5, 10_001])
 def test_bad_partition_counts_are_refused(
     stub: client_pb2_grpc.HeadwaterServiceStub, partitions: int
 ) -> None:
@@ -708,6 +708,185 @@ def test_invalid_acks_is_refused(stub: client_pb2_grpc.HeadwaterServiceStub) -> 
     create(stub, "acks")
     assert produce(stub, "acks", [b"x"], acks=2).error_code == E.ERROR_CODE_INVALID_REQUIRED_ACKS
     assert fetch(stub, "acks", 0).high_watermark == 0
+
+
+# ------------------------------------------------------------------ fields left out (proto3 sends 0)
+
+
+def _bare_batch(*values: bytes) -> records_pb2.RecordBatch:
+    """A batch as a quick client in another language builds it: records, count, delta and CRC, and
+    nothing else. Its timestamps, producer id, epoch and sequence are left out, so they travel as 0."""
+    payload = records_pb2.Records(
+        records=[records_pb2.Record(offset_delta=i, value=v) for i, v in enumerate(values)]
+    ).SerializeToString()
+    b = records_pb2.RecordBatch(record_count=len(values), last_offset_delta=len(values) - 1, records=payload)
+    b.crc = codec.batch_crc(b)
+    return b
+
+
+def _grpcurl_fetch(stub: client_pb2_grpc.HeadwaterServiceStub, topic: str) -> pb.FetchPartitionResponse:
+    """A fetch with every field it can do without left out: no replica_id, no current_leader_epoch."""
+    req = pb.FetchRequest(topics=[pb.FetchTopic(topic=topic, partitions=[pb.FetchPartition()])])
+    assert not req.HasField("replica_id") and not req.topics[0].partitions[0].HasField("current_leader_epoch")
+    return stub.Fetch(req, timeout=10).topics[0].partitions[0]
+
+
+def test_a_batch_without_timestamps_is_refused_never_acknowledged_and_never_stored(
+    stub: client_pb2_grpc.HeadwaterServiceStub,
+) -> None:
+    create(stub, "untimed")
+    r = produce(stub, "untimed", [], batch=_bare_batch(b"a", b"b"))
+    assert r.error_code == E.ERROR_CODE_INVALID_TIMESTAMP, r
+    assert "record timestamp 0" in r.error_message and "CreateTime" in r.error_message
+    assert r.error_batch_index == 0 and r.base_offset == -1
+    got = _grpcurl_fetch(stub, "untimed")
+    assert (got.error_code, got.high_watermark, len(got.batches)) == (E.ERROR_CODE_NONE, 0, 0)
+    # The same batch with its create time set is taken, and a fetch that leaves its fields out reads it.
+    timed = _bare_batch(b"a", b"b")
+    timed.first_timestamp_ms = timed.max_timestamp_ms = int(time.time() * 1000)
+    timed.crc = codec.batch_crc(timed)
+    assert produce(stub, "untimed", [], batch=timed).error_code == E.ERROR_CODE_NONE
+    assert values_of(_grpcurl_fetch(stub, "untimed")) == [b"a", b"b"]
+
+
+def test_timestamp_bounds_are_topic_configs_shown_by_describe_and_alterable(
+    stub: client_pb2_grpc.HeadwaterServiceStub,
+) -> None:
+    assert create(stub, "bounded", **{"message.timestamp.before.max.ms": "60000"}).error_code == (
+        E.ERROR_CODE_NONE
+    )
+    topic = pb.ConfigResource(resource_type=pb.RESOURCE_TYPE_TOPIC, resource_name="bounded")
+
+    def entries() -> dict[str, pb.ConfigEntry]:
+        result = stub.DescribeConfigs(pb.DescribeConfigsRequest(resources=[topic]), timeout=5).results[0]
+        return {e.name: e for e in result.entries}
+
+    def alter(name: str, value: str) -> pb.AlterConfigsResult:
+        return stub.AlterConfigs(
+            pb.AlterConfigsRequest(
+                resources=[
+                    pb.AlterConfigsResource(
+                        resource_type=pb.RESOURCE_TYPE_TOPIC,
+                        resource_name="bounded",
+                        configs=[pb.AlterableConfig(name=name, value=value)],
+                    )
+                ]
+            ),
+            timeout=10,
+        ).results[0]
+
+    shown = {name: (e.value, e.source) for name, e in entries().items()}
+    assert shown["message_timestamp_before_max_ms"] == ("60000", pb.CONFIG_SOURCE_TOPIC)
+    assert shown["message_timestamp_after_max_ms"] == ("3600000", pb.CONFIG_SOURCE_NODE)
+    assert shown["message_timestamp_type"] == ("CreateTime", pb.CONFIG_SOURCE_NODE)
+    now = int(time.time() * 1000)
+    old = produce(stub, "bounded", [b"old"], ts=now - 3_600_000)
+    assert old.error_code == E.ERROR_CODE_INVALID_TIMESTAMP
+    assert "message_timestamp_before_max_ms=60000" in old.error_message
+    future = produce(stub, "bounded", [b"future"], ts=now + 2 * 3_600_000)
+    assert future.error_code == E.ERROR_CODE_INVALID_TIMESTAMP
+    assert "message_timestamp_after_max_ms=3600000" in future.error_message
+    assert fetch(stub, "bounded", 0).high_watermark == 0
+    bad = alter("message_timestamp_after_max_ms", "-2")
+    assert (
+        bad.error_code == E.ERROR_CODE_INVALID_CONFIG
+        and "message_timestamp_after_max_ms" in bad.error_message
+    )
+    assert alter("message_timestamp_after_max_ms", "-1").error_code == E.ERROR_CODE_NONE
+    assert entries()["message_timestamp_after_max_ms"].value == "-1"
+    assert produce(stub, "bounded", [b"future"], ts=now + 2 * 3_600_000).error_code == E.ERROR_CODE_NONE
+    assert produce(stub, "bounded", [b"zero"], ts=0).error_code == E.ERROR_CODE_INVALID_TIMESTAMP  # always
+
+
+def test_a_log_append_time_topic_stamps_batches_and_reads_return_the_stamp(
+    stub: client_pb2_grpc.HeadwaterServiceStub,
+) -> None:
+    create(stub, "stamped", message_timestamp_type="LogAppendTime")
+    before = int(time.time() * 1000)
+    sent = codec.build_batch([(None, b"a", None, 5), (None, b"b", None, 9)])
+    r = produce(stub, "stamped", [], batch=sent)
+    after = int(time.time() * 1000)
+    assert r.error_code == E.ERROR_CODE_NONE and before <= r.log_append_time_ms <= after
+    unset = produce(stub, "stamped", [], batch=_bare_batch(b"c"))  # the producer's clock is not asked
+    assert unset.error_code == E.ERROR_CODE_NONE
+    b0, b1 = fetch(stub, "stamped", 0).batches
+    assert b0.timestamp_type == records_pb2.TIMESTAMP_TYPE_LOG_APPEND_TIME and codec.crc_is_valid(b0)
+    assert [x.timestamp_ms for x in codec.decode_records(b0)] == [r.log_append_time_ms] * 2
+    assert [x.timestamp_ms for x in codec.decode_records(b1)] == [unset.log_append_time_ms]
+    stream = stub.Subscribe(pb.SubscribeRequest(topic="stamped", offset=-2, decode=True), timeout=10)
+    first = next(iter(stream))
+    stream.cancel()
+    assert [x.timestamp_ms for x in first.records][:2] == [r.log_append_time_ms] * 2
+
+
+def test_create_topics_with_counts_left_out_gets_the_node_defaults(node_factory: object) -> None:
+    n: NodeProcess = node_factory(  # type: ignore[operator]
+        extra_args=["--default-num-partitions", "3", "--log-message-timestamp-after-max-ms", "1000"]
+    )
+    with grpc.insecure_channel(n.bootstrap) as ch:
+        s = client_pb2_grpc.HeadwaterServiceStub(ch)
+        left_out = pb.CreatableTopic(name="plain")
+        assert (left_out.num_partitions, left_out.replication_factor) == (0, 0)
+        minus_one = pb.CreatableTopic(name="minus-one", num_partitions=-1, replication_factor=-1)
+        resp = s.CreateTopics(pb.CreateTopicsRequest(topics=[left_out, minus_one]), timeout=10)
+        for t in resp.topics:
+            assert (t.error_code, t.num_partitions, t.replication_factor) == (E.ERROR_CODE_NONE, 3, 1), t
+        md = s.Metadata(pb.MetadataRequest(topics=["plain"]), timeout=5)
+        assert len(md.topics[0].partitions) == 3
+        # The node's timestamp default reaches its topics.
+        described = s.DescribeConfigs(
+            pb.DescribeConfigsRequest(
+                resources=[
+                    pb.ConfigResource(
+                        resource_type=pb.RESOURCE_TYPE_TOPIC,
+                        resource_name="plain",
+                        config_names=["message.timestamp.after.max.ms"],
+                    )
+                ]
+            ),
+            timeout=5,
+        ).results[0]
+        assert [(e.name, e.value, e.source) for e in described.entries] == [
+            ("message_timestamp_after_max_ms", "1000", pb.CONFIG_SOURCE_NODE)
+        ]
+        r = produce(s, "plain", [b"soon"], ts=int(time.time() * 1000) + 60_000)
+        assert r.error_code == E.ERROR_CODE_INVALID_TIMESTAMP and "=1000" in r.error_message
+
+
+def test_a_config_resource_without_its_type_is_refused_saying_so(
+    stub: client_pb2_grpc.HeadwaterServiceStub,
+) -> None:
+    create(stub, "typed")
+    described = stub.DescribeConfigs(
+        pb.DescribeConfigsRequest(resources=[pb.ConfigResource(resource_name="typed")]), timeout=5
+    ).results[0]
+    assert described.error_code == E.ERROR_CODE_INVALID_REQUEST and "resource_type" in described.error_message
+    altered = stub.AlterConfigs(
+        pb.AlterConfigsRequest(
+            resources=[
+                pb.AlterConfigsResource(
+                    resource_name="typed", configs=[pb.AlterableConfig(name="retention_ms", value="1")]
+                )
+            ]
+        ),
+        timeout=10,
+    ).results[0]
+    assert altered.error_code == E.ERROR_CODE_INVALID_REQUEST and "resource_type" in altered.error_message
+
+
+def test_producer_id_0_means_none_and_below_minus_1_is_refused(
+    stub: client_pb2_grpc.HeadwaterServiceStub,
+) -> None:
+    create(stub, "pids")
+    now = int(time.time() * 1000)
+    zero = codec.build_batch([(None, b"z", None, now)], producer_id=0, producer_epoch=0, base_sequence=0)
+    assert produce(stub, "pids", [], batch=zero).error_code == E.ERROR_CODE_NONE
+    bad = codec.build_batch([(None, b"x", None, now)], producer_id=-2)
+    r = produce(stub, "pids", [], batch=bad)
+    assert r.error_code == E.ERROR_CODE_INVALID_REQUEST and "producer_id -2" in r.error_message
+    half = codec.build_batch([(None, b"x", None, now)], producer_id=0, base_sequence=3)
+    assert produce(stub, "pids", [], batch=half).error_code == E.ERROR_CODE_INVALID_REQUEST
+    assert fetch(stub, "pids", 0).high_watermark == 1
 
 
 def test_fetch_offset_out_of_range(stub: client_pb2_grpc.HeadwaterServiceStub) -> None:

@@ -6,6 +6,8 @@ A refused command must leave the state as it was: those tests compare snapshots 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from headwater.raft.commands import (
@@ -24,6 +26,7 @@ from headwater.raft.commands import (
     encode_command,
 )
 from headwater.raft.metadata import (
+    FIRST_PRODUCER_ID,
     ClusterMetadata,
     PartitionRecord,
     Result,
@@ -375,15 +378,24 @@ def test_alter_configs_sets_and_deletes(c: Cluster) -> None:
 # ------------------------------------------------------------------ producer ids
 
 
-def test_producer_id_blocks_never_overlap(c: Cluster) -> None:
+def test_producer_id_blocks_never_overlap_and_start_at_1(c: Cluster) -> None:
     a = c.apply(AllocateProducerIds(1, c.epochs[1], 1000))
     b = c.apply(AllocateProducerIds(2, c.epochs[2], 10))
-    assert (a.producer_id_start, a.producer_id_count) == (0, 1000)
-    assert (b.producer_id_start, b.producer_id_count) == (1000, 10)
+    # 0 and -1 mean "no producer id" on the wire (records.proto): the first id is 1.
+    assert (a.producer_id_start, a.producer_id_count) == (1, 1000)
+    assert (b.producer_id_start, b.producer_id_count) == (1001, 10)
     c.refused(AllocateProducerIds(1, c.epochs[1], 0), E.ERROR_CODE_INVALID_REQUEST)
     c.refused(AllocateProducerIds(1, c.epochs[1], 10**9), E.ERROR_CODE_INVALID_REQUEST)
     c.refused(AllocateProducerIds(9, 0, 10), E.ERROR_CODE_NODE_NOT_AVAILABLE)
-    assert c.m.next_producer_id == 1010
+    assert c.m.next_producer_id == 1011
+
+
+def test_a_snapshot_from_when_ids_started_at_0_hands_out_1_first() -> None:
+    old = json.loads(ClusterMetadata().to_snapshot())
+    old["next_producer_id"] = 0
+    m = ClusterMetadata.from_snapshot(json.dumps(old, separators=(",", ":")).encode())
+    m.check_invariants()
+    assert m.next_producer_id == FIRST_PRODUCER_ID == 1
 
 
 # ------------------------------------------------------------------ snapshots and encoding

@@ -31,7 +31,13 @@ from headwater.raft.commands import (
     decode_command,
     encode_command,
 )
-from headwater.raft.metadata import ClusterMetadata, Result, choose_leader, place_replicas
+from headwater.raft.metadata import (
+    FIRST_PRODUCER_ID,
+    ClusterMetadata,
+    Result,
+    choose_leader,
+    place_replicas,
+)
 from headwater.v1 import errors_pb2 as E
 
 SEEDS = 200
@@ -84,7 +90,7 @@ class Simulation:
         # Highest epochs seen, to check they never go down.
         self.seen_partition_epochs: dict[tuple[bytes, int], tuple[int, int]] = {}
         self.seen_broker_epochs: dict[int, int] = {}
-        self.next_producer_id = 0
+        self.next_producer_id = FIRST_PRODUCER_ID  # ids start at 1: 0 means none
         self.mid_snapshot = b""
         self.mid_offset = -1
 

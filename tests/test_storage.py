@@ -24,7 +24,7 @@ from headwater.storage import (
     StorageError,
 )
 from headwater.v1 import errors_pb2
-from headwater.v1.batch import RecordBatch, build_batch, crc_is_valid, decode_records
+from headwater.v1.batch import LOG_APPEND_TIME, RecordBatch, build_batch, crc_is_valid, decode_records
 
 TOPIC = uuid.UUID(int=0xFEED).bytes
 OTHER = uuid.UUID(int=0xBEEF).bytes
@@ -94,15 +94,31 @@ def test_append_assigns_dense_offsets_and_stamps_only_offset_and_epoch(log: Part
     assert [r.offset for r in decode_records(RecordBatch.FromString(log.read(3, 1)[0]))] == [3]
 
 
-def test_log_append_time_restamps_timestamps_and_keeps_crc_valid(log: PartitionLog) -> None:
+def test_log_append_time_stamps_every_record_with_the_append_time_and_keeps_crc_valid(
+    log: PartitionLog,
+) -> None:
     log.append(batch(1), 0, now_ms=5)
-    r = log.append(batch(100, 103, 101), 0, now_ms=5_000, log_append_time=True)
-    assert r.max_timestamp_ms == 5_003
+    sent = batch(100, 103, 101)
+    records = sent.records
+    r = log.append(sent, 0, now_ms=5_000, log_append_time=True)
+    assert r.max_timestamp_ms == 5_000
     stored = RecordBatch.FromString(log.read(1, 1 << 20)[0])
-    assert crc_is_valid(stored)
-    assert (stored.first_timestamp_ms, stored.max_timestamp_ms) == (5_000, 5_003)
-    assert [x.timestamp_ms for x in decode_records(stored)] == [5_000, 5_003, 5_001]
-    assert log.offset_for_timestamp(5_002) == (2, 5_003)
+    assert crc_is_valid(stored) and stored.records == records  # stamped, never re-encoded
+    assert stored.timestamp_type == LOG_APPEND_TIME
+    assert (stored.first_timestamp_ms, stored.max_timestamp_ms) == (5_000, 5_000)
+    # As in Kafka: each record reads the batch's max timestamp, whatever its producer-given delta.
+    assert [x.timestamp_ms for x in decode_records(stored)] == [5_000, 5_000, 5_000]
+    assert log.offset_for_timestamp(4_000) == (1, 5_000)
+    assert log.offset_for_timestamp(5_001) is None
+    assert log.max_timestamp() == (1, 5_000)
+
+
+def test_a_producer_batch_that_claims_log_append_time_is_refused(log: PartitionLog) -> None:
+    b = batch(10)
+    b.timestamp_type = LOG_APPEND_TIME  # not covered by the CRC: the leader's field
+    with pytest.raises(CorruptRecordError):
+        log.append(b, 0, now_ms=5_000)
+    assert log.log_end_offset == 0
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,7 @@ from hypothesis.stateful import (
 )
 
 from headwater.storage import InvalidAppendError, LogStore, OffsetOutOfRangeError
-from headwater.v1.batch import RecordBatch, batch_crc, build_batch
+from headwater.v1.batch import LOG_APPEND_TIME, RecordBatch, batch_crc, build_batch
 
 TOPIC = uuid.UUID(int=7).bytes
 
@@ -171,9 +171,10 @@ class LogMachine(RuleBasedStateMachine):
         expected.base_offset, expected.partition_leader_epoch = self.model.end, self.epoch
         stored_ts = list(ts)
         if log_append_time:
-            shift = self.clock_ms - ts[0]
-            stored_ts = [t + shift for t in ts]
-            expected.first_timestamp_ms, expected.max_timestamp_ms = stored_ts[0], max(stored_ts)
+            # Kafka's LogAppendTime: every record reads the append time, the batch's max timestamp.
+            stored_ts = [self.clock_ms] * len(ts)
+            expected.timestamp_type = LOG_APPEND_TIME
+            expected.first_timestamp_ms = expected.max_timestamp_ms = self.clock_ms
             expected.crc = batch_crc(expected)
         data = expected.SerializeToString()
         assert (r.base_offset, r.last_offset, r.size_bytes) == (

@@ -13,6 +13,7 @@ import threading
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import crc32c as _crc32c
 import lz4.frame as _lz4
@@ -36,12 +37,26 @@ __all__ = [
     "encode_varint",
     "crc_is_valid",
     "records_problem",
+    "check_records",
+    "RecordsCheck",
+    "has_producer_id",
+    "CREATE_TIME",
+    "LOG_APPEND_TIME",
     "InflateLimitError",
     "COMPRESSION_BY_NAME",
 ]
 
 RecordBatch = records_pb2.RecordBatch
 NO_PRODUCER_ID = -1
+CREATE_TIME = records_pb2.TIMESTAMP_TYPE_CREATE_TIME
+LOG_APPEND_TIME = records_pb2.TIMESTAMP_TYPE_LOG_APPEND_TIME
+
+
+def has_producer_id(producer_id: int) -> bool:
+    """Whether a batch's ``producer_id`` names a producer: ids are allocated from 1, and 0 (proto3's
+    default) and -1 both mean none (records.proto)."""
+    return producer_id > 0
+
 
 # The fields covered by the CRC, in order: see records.proto.
 _CRC_HEADER = struct.Struct(">iqqqiiii")
@@ -156,53 +171,70 @@ def decompress(compression: int, data: bytes, max_size: int = 1 << 30) -> bytes:
 
 
 def records_problem(batch: records_pb2.RecordBatch, max_size: int, records: bytes | None = None) -> str:
-    """Why a batch's records disagree with its header, or "" when they agree (``check_records``)."""
-    return check_records(batch, max_size, records)[0]
+    """Why a batch's records disagree with its header, or "" when they agree (see ``check_records``)."""
+    return check_records(batch, max_size, records).problem
+
+
+class RecordsCheck(NamedTuple):
+    """What ``check_records`` found: why the records disagree with their header ("" when they
+    agree), the bytes the payload inflated to (0 when it could not be inflated, ``max_size + 1``
+    when it inflates past ``max_size``), and the smallest create time among the records (the
+    header's ``first_timestamp_ms`` when they could not be read)."""
+
+    problem: str
+    inflated: int
+    min_timestamp_ms: int
 
 
 def check_records(
     batch: records_pb2.RecordBatch, max_size: int, records: bytes | None = None
-) -> tuple[str, int]:
-    """Why a batch's records disagree with its header ("" when they agree), and the bytes the
-    payload inflated to (0 when it could not be inflated, ``max_size + 1`` when it inflates past
-    ``max_size``).
+) -> RecordsCheck:
+    """Check a producer's batch's records against its header (``RecordsCheck``).
 
     Checks what a node must before storing a batch it will never re-encode: the payload inflates
     within ``max_size``, parses, holds ``record_count`` records with offset deltas 0..n-1, and its
-    largest timestamp is the header's ``max_timestamp_ms``. ``records`` as for ``batch_crc``.
-    The cost is linear in the inflated bytes and the record count: bound both before calling it.
+    largest timestamp is the header's ``max_timestamp_ms``. The smallest timestamp comes from the
+    same pass, for the timestamp bounds (records.proto). ``records`` as for ``batch_crc``. The cost
+    is linear in the inflated bytes and the record count: bound both before calling it.
     """
     data = batch.records if records is None else records
+    first = batch.first_timestamp_ms
     try:
         inflated = decompress(batch.compression, data, max_size)
     except InflateLimitError as e:
-        return f"records payload cannot be read: {e}", max_size + 1
+        return RecordsCheck(f"records payload cannot be read: {e}", max_size + 1, first)
     except Exception as e:  # damaged frame, unknown codec
-        return f"records payload cannot be read: {e}", 0
+        return RecordsCheck(f"records payload cannot be read: {e}", 0, first)
     # Count the records before parsing them: a small payload can hold millions of empty records,
     # and parsing those costs far more than their bytes suggest.
     held = _count_records(inflated, batch.record_count)
     if held != batch.record_count:
         more = "more than " if held > batch.record_count else ""
-        return f"header says {batch.record_count} records, payload holds {more}{held}", len(inflated)
+        return RecordsCheck(
+            f"header says {batch.record_count} records, payload holds {more}{held}", len(inflated), first
+        )
     try:
         payload = records_pb2.Records.FromString(inflated)
     except Exception as e:  # not a Records message
-        return f"records payload cannot be read: {e}", len(inflated)
+        return RecordsCheck(f"records payload cannot be read: {e}", len(inflated), first)
     records_ = payload.records
     if len(records_) != batch.record_count:
-        return f"header says {batch.record_count} records, payload holds {len(records_)}", len(inflated)
-    max_delta = None
+        return RecordsCheck(
+            f"header says {batch.record_count} records, payload holds {len(records_)}", len(inflated), first
+        )
+    max_delta = min_delta = None
     for i, r in enumerate(records_):
         if r.offset_delta != i:
-            return f"record {i} has offset delta {r.offset_delta}", len(inflated)
+            return RecordsCheck(f"record {i} has offset delta {r.offset_delta}", len(inflated), first)
         d = r.timestamp_delta_ms
         if max_delta is None or d > max_delta:
             max_delta = d
-    assert max_delta is not None
-    if batch.first_timestamp_ms + max_delta != batch.max_timestamp_ms:
-        return "max_timestamp_ms disagrees with the records' timestamps", len(inflated)
-    return "", len(inflated)
+        if min_delta is None or d < min_delta:
+            min_delta = d
+    assert max_delta is not None and min_delta is not None
+    if first + max_delta != batch.max_timestamp_ms:
+        return RecordsCheck("max_timestamp_ms disagrees with the records' timestamps", len(inflated), first)
+    return RecordsCheck("", len(inflated), first + min_delta)
 
 
 def _count_records(data: bytes, limit: int) -> int:
@@ -339,7 +371,9 @@ def build_batch(
     return batch
 
 
-_RECORDS_TAG = b"\x62"  # RecordBatch.records: field 12, length-delimited; the last field by number
+# RecordBatch.records: field 12, length-delimited. The last field a producer sets (timestamp_type, 13,
+# is the leader's and stays CREATE_TIME, so unset), so header + records is the whole message.
+_RECORDS_TAG = b"\x62"
 
 
 def encode_batch_parts(
@@ -383,11 +417,14 @@ RecordFields = tuple[int, int, "bytes | None", "bytes | None", tuple[Header, ...
 def record_tuples(batch: records_pb2.RecordBatch, max_size: int = 1 << 30) -> list[RecordFields]:
     """The records of a batch as ``(offset, timestamp_ms, key, value, headers)`` tuples.
 
-    The fast path for consumers: one plain tuple per record, no intermediate objects.
+    The fast path for consumers: one plain tuple per record, no intermediate objects. A record's
+    timestamp is ``first_timestamp_ms`` plus its delta, except in a LOG_APPEND_TIME batch, where every
+    record reads ``max_timestamp_ms``, the leader's append time (records.proto, as in Kafka).
     """
     payload = records_pb2.Records.FromString(decompress(batch.compression, batch.records, max_size))
     base = batch.base_offset
-    first_ts = batch.first_timestamp_ms
+    log_append_time = batch.timestamp_type == LOG_APPEND_TIME
+    first_ts = batch.max_timestamp_ms if log_append_time else batch.first_timestamp_ms
     out: list[RecordFields] = []
     append = out.append
     for r in payload.records:
@@ -395,7 +432,7 @@ def record_tuples(batch: records_pb2.RecordBatch, max_size: int = 1 << 30) -> li
         append(
             (
                 base + r.offset_delta,
-                first_ts + r.timestamp_delta_ms,
+                first_ts if log_append_time else first_ts + r.timestamp_delta_ms,
                 r.key if r.HasField("key") else None,
                 r.value if r.HasField("value") else None,
                 tuple((h.key, h.value if h.HasField("value") else None) for h in hs) if hs else (),

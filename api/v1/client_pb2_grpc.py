@@ -30,6 +30,11 @@ class HeadwaterServiceStub:
 
     Every response carries an ErrorCode per topic, partition or resource; gRPC status codes are used
     only when the whole request is refused.
+
+    Proto3 sends no field left at zero, so a caller that leaves a field out (grpcurl, a quick client
+    in any language) sends 0. Each field below says what 0 means; where 0 would be a valid value with
+    another meaning than "absent" (an epoch, a node id), the field is `optional` and absent is told
+    apart from 0.
     """
 
     def __init__(self, channel):
@@ -95,6 +100,11 @@ class HeadwaterServiceServicer:
 
     Every response carries an ErrorCode per topic, partition or resource; gRPC status codes are used
     only when the whole request is refused.
+
+    Proto3 sends no field left at zero, so a caller that leaves a field out (grpcurl, a quick client
+    in any language) sends 0. Each field below says what 0 means; where 0 would be a valid value with
+    another meaning than "absent" (an epoch, a node id), the field is `optional` and absent is told
+    apart from 0.
     """
 
     def CreateTopics(self, request, context):
@@ -235,6 +245,11 @@ class HeadwaterService:
 
     Every response carries an ErrorCode per topic, partition or resource; gRPC status codes are used
     only when the whole request is refused.
+
+    Proto3 sends no field left at zero, so a caller that leaves a field out (grpcurl, a quick client
+    in any language) sends 0. Each field below says what 0 means; where 0 would be a valid value with
+    another meaning than "absent" (an epoch, a node id), the field is `optional` and absent is told
+    apart from 0.
     """
 
     @staticmethod

@@ -24,23 +24,25 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aheadwater/v1/records.proto\x12\x0cheadwater.v1\"\xbf\x02\n\x0bRecordBatch\x12\x13\n\x0b\x62\x61se_offset\x18\x01 \x01(\x03\x12\x1e\n\x16partition_leader_epoch\x18\x02 \x01(\x05\x12\x19\n\x11last_offset_delta\x18\x03 \x01(\x05\x12\x1a\n\x12\x66irst_timestamp_ms\x18\x04 \x01(\x03\x12\x18\n\x10max_timestamp_ms\x18\x05 \x01(\x03\x12\x13\n\x0bproducer_id\x18\x06 \x01(\x03\x12\x16\n\x0eproducer_epoch\x18\x07 \x01(\x05\x12\x15\n\rbase_sequence\x18\x08 \x01(\x05\x12\x32\n\x0b\x63ompression\x18\t \x01(\x0e\x32\x1d.headwater.v1.CompressionType\x12\x14\n\x0crecord_count\x18\n \x01(\x05\x12\x0b\n\x03\x63rc\x18\x0b \x01(\x07\x12\x0f\n\x07records\x18\x0c \x01(\x0c\"0\n\x07Records\x12%\n\x07records\x18\x01 \x03(\x0b\x32\x14.headwater.v1.Record\"\x9f\x01\n\x06Record\x12\x14\n\x0coffset_delta\x18\x01 \x01(\x05\x12\x1a\n\x12timestamp_delta_ms\x18\x02 \x01(\x03\x12\x10\n\x03key\x18\x03 \x01(\x0cH\x00\x88\x01\x01\x12\x12\n\x05value\x18\x04 \x01(\x0cH\x01\x88\x01\x01\x12+\n\x07headers\x18\x05 \x03(\x0b\x32\x1a.headwater.v1.RecordHeaderB\x06\n\x04_keyB\x08\n\x06_value\"9\n\x0cRecordHeader\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x12\n\x05value\x18\x02 \x01(\x0cH\x00\x88\x01\x01\x42\x08\n\x06_value\"\xb1\x01\n\x0e\x43onsumerRecord\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x14\n\x0ctimestamp_ms\x18\x02 \x01(\x03\x12\x10\n\x03key\x18\x03 \x01(\x0cH\x00\x88\x01\x01\x12\x12\n\x05value\x18\x04 \x01(\x0cH\x01\x88\x01\x01\x12+\n\x07headers\x18\x05 \x03(\x0b\x32\x1a.headwater.v1.RecordHeader\x12\x14\n\x0cleader_epoch\x18\x06 \x01(\x05\x42\x06\n\x04_keyB\x08\n\x06_value*|\n\x0f\x43ompressionType\x12\x19\n\x15\x43OMPRESSION_TYPE_NONE\x10\x00\x12\x19\n\x15\x43OMPRESSION_TYPE_GZIP\x10\x01\x12\x18\n\x14\x43OMPRESSION_TYPE_LZ4\x10\x02\x12\x19\n\x15\x43OMPRESSION_TYPE_ZSTD\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aheadwater/v1/records.proto\x12\x0cheadwater.v1\"\xf4\x02\n\x0bRecordBatch\x12\x13\n\x0b\x62\x61se_offset\x18\x01 \x01(\x03\x12\x1e\n\x16partition_leader_epoch\x18\x02 \x01(\x05\x12\x19\n\x11last_offset_delta\x18\x03 \x01(\x05\x12\x1a\n\x12\x66irst_timestamp_ms\x18\x04 \x01(\x03\x12\x18\n\x10max_timestamp_ms\x18\x05 \x01(\x03\x12\x13\n\x0bproducer_id\x18\x06 \x01(\x03\x12\x16\n\x0eproducer_epoch\x18\x07 \x01(\x05\x12\x15\n\rbase_sequence\x18\x08 \x01(\x05\x12\x32\n\x0b\x63ompression\x18\t \x01(\x0e\x32\x1d.headwater.v1.CompressionType\x12\x14\n\x0crecord_count\x18\n \x01(\x05\x12\x0b\n\x03\x63rc\x18\x0b \x01(\x07\x12\x0f\n\x07records\x18\x0c \x01(\x0c\x12\x33\n\x0etimestamp_type\x18\r \x01(\x0e\x32\x1b.headwater.v1.TimestampType\"0\n\x07Records\x12%\n\x07records\x18\x01 \x03(\x0b\x32\x14.headwater.v1.Record\"\x9f\x01\n\x06Record\x12\x14\n\x0coffset_delta\x18\x01 \x01(\x05\x12\x1a\n\x12timestamp_delta_ms\x18\x02 \x01(\x03\x12\x10\n\x03key\x18\x03 \x01(\x0cH\x00\x88\x01\x01\x12\x12\n\x05value\x18\x04 \x01(\x0cH\x01\x88\x01\x01\x12+\n\x07headers\x18\x05 \x03(\x0b\x32\x1a.headwater.v1.RecordHeaderB\x06\n\x04_keyB\x08\n\x06_value\"9\n\x0cRecordHeader\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x12\n\x05value\x18\x02 \x01(\x0cH\x00\x88\x01\x01\x42\x08\n\x06_value\"\xb1\x01\n\x0e\x43onsumerRecord\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x14\n\x0ctimestamp_ms\x18\x02 \x01(\x03\x12\x10\n\x03key\x18\x03 \x01(\x0cH\x00\x88\x01\x01\x12\x12\n\x05value\x18\x04 \x01(\x0cH\x01\x88\x01\x01\x12+\n\x07headers\x18\x05 \x03(\x0b\x32\x1a.headwater.v1.RecordHeader\x12\x14\n\x0cleader_epoch\x18\x06 \x01(\x05\x42\x06\n\x04_keyB\x08\n\x06_value*S\n\rTimestampType\x12\x1e\n\x1aTIMESTAMP_TYPE_CREATE_TIME\x10\x00\x12\"\n\x1eTIMESTAMP_TYPE_LOG_APPEND_TIME\x10\x01*|\n\x0f\x43ompressionType\x12\x19\n\x15\x43OMPRESSION_TYPE_NONE\x10\x00\x12\x19\n\x15\x43OMPRESSION_TYPE_GZIP\x10\x01\x12\x18\n\x14\x43OMPRESSION_TYPE_LZ4\x10\x02\x12\x19\n\x15\x43OMPRESSION_TYPE_ZSTD\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'headwater.v1.records_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_COMPRESSIONTYPE']._serialized_start=817
-  _globals['_COMPRESSIONTYPE']._serialized_end=941
+  _globals['_TIMESTAMPTYPE']._serialized_start=870
+  _globals['_TIMESTAMPTYPE']._serialized_end=953
+  _globals['_COMPRESSIONTYPE']._serialized_start=955
+  _globals['_COMPRESSIONTYPE']._serialized_end=1079
   _globals['_RECORDBATCH']._serialized_start=45
-  _globals['_RECORDBATCH']._serialized_end=364
-  _globals['_RECORDS']._serialized_start=366
-  _globals['_RECORDS']._serialized_end=414
-  _globals['_RECORD']._serialized_start=417
-  _globals['_RECORD']._serialized_end=576
-  _globals['_RECORDHEADER']._serialized_start=578
-  _globals['_RECORDHEADER']._serialized_end=635
-  _globals['_CONSUMERRECORD']._serialized_start=638
-  _globals['_CONSUMERRECORD']._serialized_end=815
+  _globals['_RECORDBATCH']._serialized_end=417
+  _globals['_RECORDS']._serialized_start=419
+  _globals['_RECORDS']._serialized_end=467
+  _globals['_RECORD']._serialized_start=470
+  _globals['_RECORD']._serialized_end=629
+  _globals['_RECORDHEADER']._serialized_start=631
+  _globals['_RECORDHEADER']._serialized_end=688
+  _globals['_CONSUMERRECORD']._serialized_start=691
+  _globals['_CONSUMERRECORD']._serialized_end=868
 # @@protoc_insertion_point(module_scope)

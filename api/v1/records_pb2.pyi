@@ -7,19 +7,26 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class TimestampType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TIMESTAMP_TYPE_CREATE_TIME: _ClassVar[TimestampType]
+    TIMESTAMP_TYPE_LOG_APPEND_TIME: _ClassVar[TimestampType]
+
 class CompressionType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     COMPRESSION_TYPE_NONE: _ClassVar[CompressionType]
     COMPRESSION_TYPE_GZIP: _ClassVar[CompressionType]
     COMPRESSION_TYPE_LZ4: _ClassVar[CompressionType]
     COMPRESSION_TYPE_ZSTD: _ClassVar[CompressionType]
+TIMESTAMP_TYPE_CREATE_TIME: TimestampType
+TIMESTAMP_TYPE_LOG_APPEND_TIME: TimestampType
 COMPRESSION_TYPE_NONE: CompressionType
 COMPRESSION_TYPE_GZIP: CompressionType
 COMPRESSION_TYPE_LZ4: CompressionType
 COMPRESSION_TYPE_ZSTD: CompressionType
 
 class RecordBatch(_message.Message):
-    __slots__ = ("base_offset", "partition_leader_epoch", "last_offset_delta", "first_timestamp_ms", "max_timestamp_ms", "producer_id", "producer_epoch", "base_sequence", "compression", "record_count", "crc", "records")
+    __slots__ = ("base_offset", "partition_leader_epoch", "last_offset_delta", "first_timestamp_ms", "max_timestamp_ms", "producer_id", "producer_epoch", "base_sequence", "compression", "record_count", "crc", "records", "timestamp_type")
     BASE_OFFSET_FIELD_NUMBER: _ClassVar[int]
     PARTITION_LEADER_EPOCH_FIELD_NUMBER: _ClassVar[int]
     LAST_OFFSET_DELTA_FIELD_NUMBER: _ClassVar[int]
@@ -32,6 +39,7 @@ class RecordBatch(_message.Message):
     RECORD_COUNT_FIELD_NUMBER: _ClassVar[int]
     CRC_FIELD_NUMBER: _ClassVar[int]
     RECORDS_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_TYPE_FIELD_NUMBER: _ClassVar[int]
     base_offset: int
     partition_leader_epoch: int
     last_offset_delta: int
@@ -44,7 +52,8 @@ class RecordBatch(_message.Message):
     record_count: int
     crc: int
     records: bytes
-    def __init__(self, base_offset: _Optional[int] = ..., partition_leader_epoch: _Optional[int] = ..., last_offset_delta: _Optional[int] = ..., first_timestamp_ms: _Optional[int] = ..., max_timestamp_ms: _Optional[int] = ..., producer_id: _Optional[int] = ..., producer_epoch: _Optional[int] = ..., base_sequence: _Optional[int] = ..., compression: _Optional[_Union[CompressionType, str]] = ..., record_count: _Optional[int] = ..., crc: _Optional[int] = ..., records: _Optional[bytes] = ...) -> None: ...
+    timestamp_type: TimestampType
+    def __init__(self, base_offset: _Optional[int] = ..., partition_leader_epoch: _Optional[int] = ..., last_offset_delta: _Optional[int] = ..., first_timestamp_ms: _Optional[int] = ..., max_timestamp_ms: _Optional[int] = ..., producer_id: _Optional[int] = ..., producer_epoch: _Optional[int] = ..., base_sequence: _Optional[int] = ..., compression: _Optional[_Union[CompressionType, str]] = ..., record_count: _Optional[int] = ..., crc: _Optional[int] = ..., records: _Optional[bytes] = ..., timestamp_type: _Optional[_Union[TimestampType, str]] = ...) -> None: ...
 
 class Records(_message.Message):
     __slots__ = ("records",)
