@@ -508,7 +508,9 @@ class Broker:
         deadline = loop.time() + max_wait_ms / 1000
         budget = self.read_budget
         while True:
-            granted = await budget.acquire(reader, max(max_bytes, cfg.max_message_bytes))
+            # At least one batch's worth, so a reader always progresses; up to what it asked for.
+            least = cfg.max_message_bytes
+            granted = await budget.acquire(reader, max(max_bytes, least), least)
             try:
                 resp, total, touched, errored = self._read_fetch(req, min(max_bytes, granted))
             except BaseException:
@@ -635,7 +637,9 @@ class Broker:
             if check.error_code != E.ERROR_CODE_NONE:
                 yield check.error_code, check.message, -1, []
                 return
-            granted = held = await budget.acquire(reader, max(max_bytes, self.config.max_message_bytes))
+            granted = held = await budget.acquire(
+                reader, max(max_bytes, self.config.max_message_bytes), self.config.max_message_bytes
+            )
             try:
                 try:
                     raw = p.log.read(offset, min(max_bytes, granted), p.high_watermark)

@@ -25,13 +25,14 @@ __all__ = ["ReadBudget"]
 class _Waiter:
     key: str
     size: int
-    future: asyncio.Future[None]
+    least: int
+    future: asyncio.Future[int]
 
 
 class ReadBudget:
     """``total`` bytes for all readers; ``per_connection`` bytes for the readers of one connection
-    (``key``). A request for more than ``per_connection`` is clipped to it: ``acquire`` returns the
-    bytes granted, and the reader reads no more than that."""
+    (``key``). ``acquire`` grants between ``least`` and ``size`` bytes (both clipped to
+    ``per_connection``) and returns how many: the reader reads no more than that."""
 
     def __init__(self, total: int, per_connection: int) -> None:
         if total <= 0 or not 0 < per_connection <= total:
@@ -42,34 +43,35 @@ class ReadBudget:
         self.held: dict[str, int] = {}
         self._waiters: deque[_Waiter] = deque()
 
-    def _fits(self, key: str, size: int) -> bool:
-        return size <= self.free and self.held.get(key, 0) + size <= self.per_connection
+    def _room(self, key: str) -> int:
+        return min(self.free, self.per_connection - self.held.get(key, 0))
 
     def _take(self, key: str, size: int) -> None:
         self.free -= size
         self.held[key] = self.held.get(key, 0) + size
 
-    async def acquire(self, key: str, size: int) -> int:
-        """Wait until ``size`` bytes (at least 1, at most ``per_connection``) fit, take them and
+    async def acquire(self, key: str, size: int, least: int | None = None) -> int:
+        """Wait until at least ``least`` bytes (default ``size``) fit, take up to ``size`` and
         return how many. Waiters are served in order, except that one whose connection is at its
         share lets the next go first."""
         size = max(1, min(size, self.per_connection))
-        if not self._waiters and self._fits(key, size):
-            self._take(key, size)
-            return size
-        waiter = _Waiter(key, size, asyncio.get_running_loop().create_future())
+        least = size if least is None else max(1, min(least, size))
+        if not self._waiters and self._room(key) >= least:
+            granted = min(size, self._room(key))
+            self._take(key, granted)
+            return granted
+        waiter = _Waiter(key, size, least, asyncio.get_running_loop().create_future())
         self._waiters.append(waiter)
         self._wake()  # it may go ahead of waiters whose connections are at their share
         try:
-            await waiter.future
+            return await waiter.future
         except BaseException:
             if waiter.future.done() and not waiter.future.cancelled():
-                self.release(key, size)  # granted as it was cancelled: hand the bytes back
+                self.release(key, waiter.future.result())  # granted as it was cancelled: give back
             else:
                 with contextlib.suppress(ValueError):
                     self._waiters.remove(waiter)
             raise
-        return size
 
     def release(self, key: str, size: int) -> None:
         """Give back ``size`` bytes taken for ``key`` and wake the waiters that now fit."""
@@ -91,14 +93,16 @@ class ReadBudget:
             if w.future.done():
                 self._waiters.remove(w)
                 continue
-            if w.size > self.free:
+            if w.least > self.free:
                 break  # in order: a smaller request behind does not overtake a large one
-            if w.key in blocked or not self._fits(w.key, w.size):
+            room = self._room(w.key)
+            if w.key in blocked or room < w.least:
                 blocked.add(w.key)  # this connection is at its share; others may go
                 continue
             self._waiters.remove(w)
-            self._take(w.key, w.size)
-            w.future.set_result(None)
+            granted = min(w.size, room)
+            self._take(w.key, granted)
+            w.future.set_result(granted)
 
     @contextlib.asynccontextmanager
     async def hold(self, key: str, size: int) -> AsyncIterator[int]:

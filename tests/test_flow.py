@@ -82,3 +82,18 @@ def test_random_readers_never_exceed_the_bounds_and_all_finish(seed: int) -> Non
         assert b.free == 1000 and b.held == {}
 
     run(main())
+
+
+def test_a_reader_gets_what_is_left_when_at_least_its_minimum_fits() -> None:
+    async def main() -> None:
+        b = ReadBudget(total=100, per_connection=50)
+        assert await b.acquire("a", 30) == 30
+        # 20 left in a's share: a request for 50 with a minimum of 10 gets the 20 at once.
+        assert await b.acquire("a", 50, least=10) == 20
+        waiting = asyncio.ensure_future(b.acquire("a", 50, least=10))
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        b.release("a", 15)
+        assert await waiting == 15
+
+    run(main())

@@ -214,7 +214,9 @@ def fetch_request(topic: str, partition: int = 0, **fields: int) -> pb.FetchRequ
 
 
 def fetch(broker: Broker, req: pb.FetchRequest) -> pb.FetchPartitionResponse:
-    return asyncio.run(broker.fetch(req)).to_message().topics[0].partitions[0]
+    result = asyncio.run(broker.fetch(req))
+    broker.read_budget.release("", result.held)  # as the service does once the answer is out
+    return result.to_message().topics[0].partitions[0]
 
 
 def test_a_refused_batch_is_never_stored_and_the_answer_names_it(broker: Broker) -> None:
