@@ -637,9 +637,8 @@ class Broker:
             if check.error_code != E.ERROR_CODE_NONE:
                 yield check.error_code, check.message, -1, []
                 return
-            granted = held = await budget.acquire(
-                reader, max(max_bytes, self.config.max_message_bytes), self.config.max_message_bytes
-            )
+            # The whole answer's worth: a stream holds at most one answer between read and write.
+            granted = held = await budget.acquire(reader, max(max_bytes, self.config.max_message_bytes))
             try:
                 try:
                     raw = p.log.read(offset, min(max_bytes, granted), p.high_watermark)
