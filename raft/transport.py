@@ -319,37 +319,37 @@ class BoundedConnection:
     def _subscribe(self, events: int) -> None:
         self._poller.subscribe(self._fileno, self._on_event, events)
 
+    # A callback may close this connection, and closing a connection the transport dials redials it
+    # at once on this same object with a new socket: each step below checks that the socket it
+    # started with is still this connection's (``sock``) before it goes on.
+
     def _on_event(self, descr: int, event: int) -> None:
-        if descr != self._fileno:
+        sock = self._sock
+        if descr != self._fileno or sock is None:
             self._poller.unsubscribe(descr)
             return
-        if event & POLL_EVENT_TYPE.ERROR or self._sock is None:
-            self.disconnect()
-            return
-        if self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+        if event & POLL_EVENT_TYPE.ERROR or sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
             self.disconnect()
             return
         if self._state == CONNECTION_STATE.CONNECTING:
             if self._on_connected is not None:
                 self._on_connected()
-            if self._state == CONNECTION_STATE.DISCONNECTED:
-                return
-            self._state = CONNECTION_STATE.CONNECTED
-            self._last_read_at = self._clock()
+            if self._sock is sock:
+                self._state = CONNECTION_STATE.CONNECTED
+                self._last_read_at = self._clock()
             return
         if event & POLL_EVENT_TYPE.WRITE:
             self._flush()
-            if self._state == CONNECTION_STATE.DISCONNECTED:
-                return
-        if event & POLL_EVENT_TYPE.READ:
-            self._read()
-            if self._state == CONNECTION_STATE.DISCONNECTED:
-                return
-            self._deliver_frames()
+        if event & POLL_EVENT_TYPE.READ and self._sock is sock:
+            self._read(sock)
+            if self._sock is sock:
+                self._deliver_frames(sock)
 
     def _flush(self) -> None:
         sock = self._sock
-        while self._write_buf and sock is not None:
+        if sock is None:
+            return
+        while self._write_buf:
             try:
                 sent = sock.send(self._write_buf)
             except (BlockingIOError, InterruptedError):
@@ -360,19 +360,18 @@ class BoundedConnection:
             if sent <= 0:
                 break
             del self._write_buf[:sent]  # CPython drops a bytearray's head without copying the rest
-        if self._fileno is not None:
-            events = POLL_EVENT_TYPE.READ | POLL_EVENT_TYPE.ERROR
-            if self._write_buf:
-                events |= POLL_EVENT_TYPE.WRITE
-            self._subscribe(events)
+        events = POLL_EVENT_TYPE.READ | POLL_EVENT_TYPE.ERROR
+        if self._write_buf:
+            events |= POLL_EVENT_TYPE.WRITE
+        self._subscribe(events)
 
-    def _read(self) -> None:
+    def _read(self, sock: socket.socket) -> None:
         """Read at most one event's budget, refusing an oversized frame as soon as its length is in."""
         budget = self._limits.max_read_bytes_per_event
-        while budget > 0 and self._sock is not None:
+        while budget > 0:
             want = min(self._recv_buffer_bytes, budget)
             try:
-                chunk = self._sock.recv(want)
+                chunk = sock.recv(want)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
@@ -384,10 +383,9 @@ class BoundedConnection:
             self._read_buf += chunk
             budget -= len(chunk)
             self._last_read_at = self._clock()
-            if self._frame_length() is None and self._state == CONNECTION_STATE.DISCONNECTED:
-                return
-            if len(chunk) < want:
-                return  # drained: skip the recv that would only say EAGAIN
+            self._frame_length()  # closes the connection if the frame being read breaks a bound
+            if self._sock is not sock or len(chunk) < want:
+                return  # closed, or drained (skip the recv that would only say EAGAIN)
 
     def _frame_length(self) -> int | None:
         """The length of the frame at the read position, or None if its header is not in yet or it
@@ -408,8 +406,8 @@ class BoundedConnection:
             return None
         return int(length)
 
-    def _deliver_frames(self) -> None:
-        while self._state != CONNECTION_STATE.DISCONNECTED:
+    def _deliver_frames(self, sock: socket.socket) -> None:
+        while self._sock is sock:
             length = self._frame_length()
             if length is None:
                 break
@@ -423,7 +421,7 @@ class BoundedConnection:
                 return
             if self._on_message is not None:
                 self._on_message(message)
-        if self._read_pos and self._state != CONNECTION_STATE.DISCONNECTED:
+        if self._read_pos and self._sock is sock:
             del self._read_buf[: self._read_pos]
             self._read_pos = 0
 
@@ -633,13 +631,6 @@ class BoundedTransport(TCPTransport):  # type: ignore[misc]
         closed = [c for c in self._incoming if c.state == CONNECTION_STATE.DISCONNECTED]
         for conn in closed:
             del self._incoming[conn]
-
-    @property
-    def unauthenticated_connections(self) -> int:
-        """Accepted connections still waiting to authenticate (for tests and status)."""
-        return sum(
-            1 for c in self._incoming if not c.authenticated and c.state != CONNECTION_STATE.DISCONNECTED
-        )
 
     def destroy(self) -> None:
         super().destroy()
