@@ -3,6 +3,7 @@ on loopback ports in this process. No stranger holds the secret; none may stall 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import select
@@ -11,17 +12,20 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from cryptography.fernet import Fernet
+from pysyncobj.poller import POLL_EVENT_TYPE
+from pysyncobj.tcp_connection import CONNECTION_STATE
 from pysyncobj.transport import TCPTransport
 from test_raft_quorum import Cluster, register, wait_until
 
 import headwater.raft.quorum as quorum_module
 from headwater.raft.quorum import MetadataQuorum, QuorumSettings
+from headwater.raft.transport import BoundedConnection, TransportLimits, _Warnings
 
 AUTH_TIMEOUT_S = 2.0
 SETTINGS = QuorumSettings(connection_retry_s=0.5, auth_timeout_s=AUTH_TIMEOUT_S)
@@ -256,3 +260,165 @@ def test_a_voter_on_pysyncobjs_own_transport_still_works_with_bounded_ones(
         assert all(q.status()["connected_voters"] for q in c.up.values())
     finally:
         c.close()
+
+
+# ------------------------------------------------------------- one connection, no cluster, no tick
+
+
+class FakePoller:
+    """pysyncobj's poller interface; a test fires events by hand."""
+
+    def __init__(self) -> None:
+        self.callbacks: dict[int, Callable[[int, int], None]] = {}
+        self.masks: dict[int, int] = {}
+
+    def subscribe(self, descr: int, callback: Callable[[int, int], None], mask: int) -> None:
+        self.callbacks[descr] = callback
+        self.masks[descr] = mask
+
+    def unsubscribe(self, descr: int) -> None:
+        self.callbacks.pop(descr, None)
+        self.masks.pop(descr, None)
+
+    def fire(self, conn: BoundedConnection, event: int = POLL_EVENT_TYPE.READ) -> None:
+        fd = conn.fileno()
+        assert fd is not None
+        self.callbacks[fd](fd, event)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+LIMITS = TransportLimits(
+    max_frame_bytes_before_auth=4096,
+    max_frame_bytes=1024 * 1024,
+    max_read_bytes_per_event=64 * 1024,
+    auth_timeout_s=3.0,
+    idle_timeout_s=3.5,
+    max_unauthenticated_connections=4,
+    listen_backlog=8,
+    warning_interval_s=10.0,
+)
+
+
+@dataclass
+class Pair:
+    """An accepted BoundedConnection (``conn``) and the raw socket of the peer (``peer``)."""
+
+    conn: BoundedConnection
+    peer: socket.socket
+    poller: FakePoller
+    clock: FakeClock
+    received: list[object]
+
+
+@pytest.fixture
+def pair() -> Iterator[Pair]:
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    poller, clock, received = FakePoller(), FakeClock(), []
+    conn = BoundedConnection(
+        poller, LIMITS, _Warnings(LIMITS.warning_interval_s, clock), sock=ours, peer="peer:1", clock=clock
+    )
+    conn.encryptor = Fernet(Fernet.generate_key())
+    conn.setOnMessageReceivedCallback(received.append)
+    yield Pair(conn, theirs, poller, clock, received)
+    conn.disconnect()
+    theirs.close()
+
+
+def handshake(p: Pair) -> bytes:
+    """Play the dialling peer of pysyncobj's handshake until ``p.conn`` is authenticated."""
+    enc = p.conn.encryptor
+    their_key = os.urandom(32)
+    p.peer.sendall(_framed(enc.encrypt(zlib.compress(pickle.dumps(their_key, 2)))))
+    p.poller.fire(p.conn)
+    assert p.received == [their_key] and not p.conn.authenticated
+    p.conn.sendRandKey, p.conn.recvRandKey = their_key, os.urandom(32)  # what the transport does
+    p.peer.sendall(_framed(enc.encrypt(zlib.compress(pickle.dumps((p.conn.recvRandKey, "hello"), 2)))))
+    p.poller.fire(p.conn)
+    assert p.received[-1] == "hello" and p.conn.authenticated
+    return their_key
+
+
+def test_a_connection_authenticates_only_with_its_own_key_and_then_takes_larger_frames(pair: Pair) -> None:
+    handshake(pair)
+    big = os.urandom(200 * 1024)  # incompressible: a frame far above the bound before authentication
+    token = pair.conn.encryptor.encrypt(zlib.compress(pickle.dumps((pair.conn.recvRandKey, big), 2)))
+    data = memoryview(_framed(token))
+    pair.peer.setblocking(False)
+    for _ in range(1000):  # the peer writes what the socket pair takes, the connection reads
+        with contextlib.suppress(BlockingIOError):
+            data = data[pair.peer.send(data) :]
+        pair.poller.fire(pair.conn)
+        if pair.received[-1] == big:
+            break
+    assert pair.received[-1] == big
+    assert pair.conn.state == CONNECTION_STATE.CONNECTED
+
+
+def test_a_replayed_handshake_carrying_another_key_does_not_authenticate(pair: Pair) -> None:
+    enc = pair.conn.encryptor
+    pair.peer.sendall(_framed(enc.encrypt(zlib.compress(pickle.dumps(os.urandom(32), 2)))))
+    pair.poller.fire(pair.conn)
+    pair.conn.recvRandKey = os.urandom(32)
+    recorded = enc.encrypt(zlib.compress(pickle.dumps((os.urandom(32), "hello"), 2)))
+    pair.peer.sendall(_framed(recorded))
+    pair.poller.fire(pair.conn)
+    assert pair.conn.state == CONNECTION_STATE.DISCONNECTED and not pair.conn.authenticated
+
+
+def test_one_event_reads_at_most_its_budget(pair: Pair) -> None:
+    handshake(pair)
+    pair.peer.setblocking(False)
+    pair.peer.sendall(struct.pack("i", 900 * 1024))
+    with contextlib.suppress(BlockingIOError):
+        for _ in range(64):
+            pair.peer.send(b"\0" * 16384)  # as much as the socket pair holds, up to 1 MiB
+    pair.poller.fire(pair.conn)
+    assert len(pair.conn._read_buf) <= LIMITS.max_read_bytes_per_event
+    pair.poller.fire(pair.conn)
+    assert len(pair.conn._read_buf) <= 2 * LIMITS.max_read_bytes_per_event
+
+
+def test_the_length_is_refused_before_the_body_arrives(pair: Pair) -> None:
+    pair.peer.sendall(struct.pack("i", 4097))
+    pair.poller.fire(pair.conn)
+    assert pair.conn.state == CONNECTION_STATE.DISCONNECTED
+
+
+def test_deadlines_close_an_unauthenticated_then_an_idle_connection(pair: Pair) -> None:
+    pair.clock.now += LIMITS.auth_timeout_s
+    pair.conn.check_deadlines(pair.clock.now)
+    assert pair.conn.state == CONNECTION_STATE.CONNECTED
+    pair.clock.now += 0.01
+    pair.conn.check_deadlines(pair.clock.now)
+    assert pair.conn.state == CONNECTION_STATE.DISCONNECTED
+
+
+def test_an_authenticated_connection_is_closed_when_idle_only(pair: Pair) -> None:
+    handshake(pair)
+    pair.clock.now += LIMITS.idle_timeout_s
+    pair.conn.check_deadlines(pair.clock.now)
+    assert pair.conn.state == CONNECTION_STATE.CONNECTED
+    pair.clock.now += 0.01
+    pair.conn.check_deadlines(pair.clock.now)
+    assert pair.conn.state == CONNECTION_STATE.DISCONNECTED
+
+
+def test_warnings_are_rate_limited_and_count_what_they_left_out(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("WARNING", logger=TRANSPORT_LOGGER)
+    clock = FakeClock()
+    warnings = _Warnings(10.0, clock)
+    for n in range(5):
+        warnings.connection_closed(f"10.0.0.{n}:1", "a bound")
+    clock.now += 10.0
+    warnings.connection_closed("10.0.0.9:1", "a bound")
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2
+    assert "10.0.0.0:1" in messages[0] and "10.0.0.9:1" in messages[1] and "4 more" in messages[1]
