@@ -171,7 +171,7 @@ class QuorumSettings:
     raft_max_timeout_s: float = 1.4
     # Leader heartbeat (empty append_entries) period.
     append_entries_period_s: float = 0.1
-    # A peer connection that reads nothing for this long is dropped.
+    # A peer connection that reads nothing for this long is dropped (checked on every tick).
     connection_timeout_s: float = 3.5
     # How often to redial a voter that is down (pysyncobj's default of 5 s slows a rejoin).
     connection_retry_s: float = 1.0
@@ -195,12 +195,13 @@ class QuorumSettings:
     # Accepted connections waiting to authenticate; one more closes the oldest of them.
     max_unauthenticated_connections: int = 64
     raft_listen_backlog: int = 128
-    # Largest frame before authentication: the handshake's frames are ~150-400 bytes.
+    # Largest frame before authentication: the handshake's frames are ~230-340 bytes framed.
     max_frame_bytes_before_auth: int = 4 * 1024
-    # Largest frame after it. pysyncobj sends append_entries batches of 64 KiB of entries plus the
-    # entry that crosses that mark, a lone entry above 64 KiB and dump transfers in 64 KiB chunks
-    # (~104 KiB a frame once pickled, compressed and encrypted); the largest command, a CreateTopic
-    # of 100 000 partitions, is ~2.7 MB of JSON (~0.5 MB framed). 16 MiB is far above all of them.
+    # Largest frame after it. pysyncobj (appendEntriesBatchSizeBytes, logCompactionBatchSize) sends
+    # append_entries batches of 64 KiB of entries plus the entry that crosses that mark, and a lone
+    # entry of 64 KiB or more, like a dump transfer, in 64 KiB chunks (~104 KiB a frame once
+    # pickled, compressed and encrypted). The largest command, a CreateTopic of 100 000 partitions
+    # of five replicas, is ~2.7 MB of JSON (~0.5 MB framed). 16 MiB is far above all of them.
     max_frame_bytes: int = 16 * 1024 * 1024
     # Bytes read from one connection per poll event before the tick thread moves on.
     max_read_bytes_per_event: int = 256 * 1024
