@@ -11,6 +11,10 @@ Rules of this binding:
   decrypt closes the connection before anything is unpickled) and binds only this voter's own Raft
   address, never ``0.0.0.0``. The secret is handed to pysyncobj and dropped: it is not kept on this
   object, in its ``repr``, its ``status()`` or any log line.
+- **A bounded Raft port.** pysyncobj runs on ``transport.BoundedTransport``: same wire format, but a
+  stranger's frame may announce a few KiB at most, one connection is read a bounded amount per poll
+  event, and a connection that does not authenticate within ``auth_timeout_s`` or goes idle is
+  closed on the tick. A stranger cannot freeze the tick thread that runs Raft.
 - **Leader only.** ``propose`` raises ``NotLeaderError(leader_id)`` on a voter that is not the Raft
   leader instead of letting pysyncobj forward the command: the active controller is the Raft
   leader, and a voter that is not must not act (KIP-631). A leadership change in the ~50 ms between
@@ -70,6 +74,7 @@ from headwater.v1 import errors_pb2
 from .commands import Command, decode_command, encode_command
 from .journal import SyncedJournal, fsync_dir
 from .metadata import ClusterMetadata, Result
+from .transport import TransportLimits, bounded_transport_class
 
 __all__ = [
     "MetadataQuorum",
@@ -166,7 +171,7 @@ class QuorumSettings:
     raft_max_timeout_s: float = 1.4
     # Leader heartbeat (empty append_entries) period.
     append_entries_period_s: float = 0.1
-    # A peer connection that reads nothing for this long is dropped.
+    # A peer connection that reads nothing for this long is dropped (checked on every tick).
     connection_timeout_s: float = 3.5
     # How often to redial a voter that is down (pysyncobj's default of 5 s slows a rejoin).
     connection_retry_s: float = 1.0
@@ -183,6 +188,38 @@ class QuorumSettings:
     append_entries_use_batch: bool = False
     # Bind attempts, one a second, before the constructor gives up on a busy port.
     bind_attempts: int = 5
+    # The Raft port's bounds (transport.py). "Authenticated": a message on the connection decrypted
+    # with the cluster secret and carried this side's handshake key.
+    # A connection that is not authenticated this long after it opened is closed.
+    auth_timeout_s: float = 3.0
+    # Accepted connections waiting to authenticate; one more closes the oldest of them.
+    max_unauthenticated_connections: int = 64
+    raft_listen_backlog: int = 128
+    # Largest frame before authentication: the handshake's frames are ~230-340 bytes framed.
+    max_frame_bytes_before_auth: int = 4 * 1024
+    # Largest frame after it. pysyncobj (appendEntriesBatchSizeBytes, logCompactionBatchSize) sends
+    # append_entries batches of 64 KiB of entries plus the entry that crosses that mark, and a lone
+    # entry of 64 KiB or more, like a dump transfer, in 64 KiB chunks (~104 KiB a frame once
+    # pickled, compressed and encrypted). The largest command, a CreateTopic of 100 000 partitions
+    # of five replicas, is ~2.7 MB of JSON (~0.5 MB framed). 16 MiB is far above all of them.
+    max_frame_bytes: int = 16 * 1024 * 1024
+    # Bytes read from one connection per poll event before the tick thread moves on.
+    max_read_bytes_per_event: int = 256 * 1024
+    # At most one warning per this interval for connections closed for breaking a bound.
+    bound_warning_interval_s: float = 10.0
+
+    def transport_limits(self) -> TransportLimits:
+        """The bounds above, for the transport."""
+        return TransportLimits(
+            max_frame_bytes_before_auth=self.max_frame_bytes_before_auth,
+            max_frame_bytes=self.max_frame_bytes,
+            max_read_bytes_per_event=self.max_read_bytes_per_event,
+            auth_timeout_s=self.auth_timeout_s,
+            idle_timeout_s=self.connection_timeout_s,
+            max_unauthenticated_connections=self.max_unauthenticated_connections,
+            listen_backlog=self.raft_listen_backlog,
+            warning_interval_s=self.bound_warning_interval_s,
+        )
 
 
 # ------------------------------------------------------------------------------------ voters
@@ -268,10 +305,11 @@ class _Raft(SyncObj):  # type: ignore[misc]
         self_address: str,
         others: list[str],
         conf: SyncObjConf,
+        limits: TransportLimits,
     ):
         # Set before SyncObj.__init__: its tick thread may apply journal entries at once.
         self._headwater_apply = apply
-        super().__init__(self_address, others, conf)
+        super().__init__(self_address, others, conf, transportClass=bounded_transport_class(limits))
 
     @replicated  # type: ignore[untyped-decorator]
     def apply_encoded(self, raw: bytes) -> tuple[Any, ...]:
@@ -339,6 +377,7 @@ class MetadataQuorum:
         if node_id not in checked:
             raise ValueError(f"node {node_id} is not one of the voters {sorted(checked)}")
         self._settings = s = settings or QuorumSettings()
+        limits = s.transport_limits()  # raises ValueError on nonsense bounds, before anything opens
         self._node_id = node_id
         self._voters = checked
         self._id_by_address = {a: i for i, a in checked.items()}
@@ -391,7 +430,7 @@ class MetadataQuorum:
         others = [a for i, a in checked.items() if i != node_id]
         journal_path = os.path.join(self._data_dir, JOURNAL_FILE)
         try:
-            self._raft = _Raft(self._apply_entry, self._address, others, conf)
+            self._raft = _Raft(self._apply_entry, self._address, others, conf, limits)
         except BaseException:
             with _JOURNALS_LOCK:
                 _JOURNALS.pop(journal_path, None)
