@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from headwater.node.metrics_http import MetricsEndpoint
 
 if TYPE_CHECKING:
     from headwater.node.broker import Broker
@@ -79,5 +81,10 @@ class NodeMetrics:
         self.records_in = Counter("headwater_records_in", "Records appended.", registry=self.registry)
         self.registry.register(_LogCollector(broker))
 
-    def serve_http(self, host: str, port: int) -> None:
-        start_http_server(port, addr=host, registry=self.registry)
+    async def serve_http(
+        self, host: str, port: int, max_connections: int, timeout_s: float
+    ) -> MetricsEndpoint:
+        """Serve the registry on ``host:port`` from the running event loop (see metrics_http.py)."""
+        endpoint = MetricsEndpoint(self.registry, max_connections, timeout_s)
+        await endpoint.start(host, port)
+        return endpoint

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from headwater._ratelog import RateLimitedLog
 from headwater.node.broker import Broker, FetchResult
 from headwater.node.cluster import ClusterLink, timeout_of
 from headwater.node.metrics import NodeMetrics
@@ -72,6 +73,9 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
         self._streams = 0
         # Set when the node stops: open ProduceStreams end after the request in hand (close_streams).
         self._stopping = asyncio.Event()
+        # A request that fails on the node is logged with its traceback at a bounded rate per RPC: a
+        # caller who found a request that fails could otherwise fill the disk with tracebacks.
+        self._failures = RateLimitedLog(log, broker.config.log_repeat_interval_ms / 1000)
 
     def close_streams(self) -> None:
         """The node is stopping: each ProduceStream ends after its request in hand, so that an idle
@@ -101,7 +105,7 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
             raise
         except Exception:
             outcome = "error"
-            log.exception("%s failed", rpc)
+            self._failures.exception(rpc, "%s failed", rpc)
             await context.abort(grpc.StatusCode.INTERNAL, f"{rpc} failed on the node; see its log")
             raise  # unreachable: abort raises
         finally:
@@ -242,6 +246,11 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
                 source = self._subscribe(request)
             async for out in source:
                 yield out
+        except asyncio.CancelledError:
+            # The subscriber went away (it cancelled, its deadline passed, or its connection closed):
+            # the usual end of a stream, not a failure of the node.
+            log.debug("Subscribe to %s-%d cancelled by its caller", request.topic, request.partition)
+            raise
         finally:
             self._streams -= 1
 

@@ -1,0 +1,103 @@
+"""The metrics port: Prometheus text over HTTP, served on the node's event loop.
+
+prometheus_client's own server starts a thread per connection and never times one out, so idle
+connections to the metrics port pile up threads and descriptors without bound. This endpoint
+serves the same answers (prometheus_client's WSGI app: content negotiation, gzip, ``name[]``
+filters, the same content type) with no thread at all, one request per connection (as
+prometheus_client's server does), at most ``max_connections`` connections at once (past it a new
+one is closed at accept), and ``timeout_s`` for a connection to send its request and take the
+answer; a connection that is slower is cut.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+from urllib.parse import unquote
+
+from prometheus_client import CollectorRegistry, make_wsgi_app
+
+__all__ = ["MetricsEndpoint"]
+
+log = logging.getLogger("headwater.node")
+# Longest request line plus headers accepted; a scraper sends a few hundred bytes.
+_MAX_HEAD_BYTES = 16 * 1024
+
+
+class MetricsEndpoint:
+    """An asyncio HTTP/1.1 server of one registry's metrics."""
+
+    def __init__(self, registry: CollectorRegistry, max_connections: int, timeout_s: float) -> None:
+        assert max_connections > 0 and timeout_s > 0
+        self._app = make_wsgi_app(registry)
+        self.max_connections = max_connections
+        self.timeout_s = timeout_s
+        # Connections being served now; invariant: 0 <= open_connections <= max_connections.
+        self.open_connections = 0
+        # Connections closed at accept because max_connections were open.
+        self.refused_connections = 0
+        self._server: asyncio.Server | None = None
+
+    async def start(self, host: str, port: int) -> None:
+        self._server = await asyncio.start_server(self._serve, host, port, limit=_MAX_HEAD_BYTES)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.open_connections >= self.max_connections:
+            self.refused_connections += 1
+            writer.transport.abort()
+            return
+        self.open_connections += 1
+        assert self.open_connections <= self.max_connections
+        done = False
+        try:
+            # drain() returns once every byte is with the kernel, so the timeout covers a slow reader.
+            writer.transport.set_write_buffer_limits(0)
+            await asyncio.wait_for(self._exchange(reader, writer), self.timeout_s)
+            done = True
+        except (TimeoutError, OSError, EOFError, ValueError, asyncio.LimitOverrunError):
+            pass  # a slow, silent, broken or oversized request: the connection is cut
+        finally:
+            self.open_connections -= 1
+            if done:
+                writer.close()
+            else:
+                writer.transport.abort()
+
+    async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        method, target, _version = lines[0].split(" ", 2)
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if sep:
+                headers[name.strip().lower()] = value.strip()
+        path, _, query = target.partition("?")
+        environ: dict[str, Any] = {
+            "REQUEST_METHOD": method,
+            "PATH_INFO": unquote(path),
+            "QUERY_STRING": query,
+        }
+        if "accept" in headers:
+            environ["HTTP_ACCEPT"] = headers["accept"]
+        if "accept-encoding" in headers:
+            environ["HTTP_ACCEPT_ENCODING"] = headers["accept-encoding"]
+        answer: list[Any] = []
+
+        def start_response(status: str, response_headers: list[tuple[str, str]]) -> None:
+            answer[:] = [status, response_headers]
+
+        body = b"".join(self._app(environ, start_response))
+        status, response_headers = answer
+        out = [f"HTTP/1.1 {status}"]
+        out += [f"{k}: {v}" for k, v in response_headers]
+        out += [f"Content-Length: {len(body)}", "Connection: close", "", ""]
+        writer.write("\r\n".join(out).encode("latin-1") + body)
+        await writer.drain()
