@@ -4,9 +4,12 @@ prometheus_client's own server starts a thread per connection and never times on
 connections to the metrics port pile up threads and descriptors without bound. This endpoint
 serves the same answers (prometheus_client's WSGI app: content negotiation, gzip, ``name[]``
 filters, the same content type) with no thread at all, one request per connection (as
-prometheus_client's server does), at most ``max_connections`` connections at once (past it a new
-one is closed at accept), and ``timeout_s`` for a connection to send its request and take the
-answer; a connection that is slower is cut.
+prometheus_client's server does), at most ``max_connections`` connections at once, and
+``timeout_s`` for a connection to send its request and take the answer; a slower one is cut.
+
+When ``max_connections`` are open, a new connection takes the place of the one that has waited
+longest for its request: a scraper sends its request at once, so idle connections cannot lock it
+out. Only when every open connection is being answered is the new one closed at accept.
 """
 
 from __future__ import annotations
@@ -33,11 +36,18 @@ class MetricsEndpoint:
         self._app = make_wsgi_app(registry)
         self.max_connections = max_connections
         self.timeout_s = timeout_s
-        # Connections being served now; invariant: 0 <= open_connections <= max_connections.
-        self.open_connections = 0
-        # Connections closed at accept because max_connections were open.
+        # Open connections, oldest first, each with whether it still waits for its request.
+        # Invariant: len(self._open) <= max_connections.
+        self._open: dict[asyncio.StreamWriter, bool] = {}
+        # Connections closed at accept because max_connections were open and all being answered.
         self.refused_connections = 0
+        # Connections cut to make room for a newer one while still waiting for their request.
+        self.evicted_connections = 0
         self._server: asyncio.Server | None = None
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._open)
 
     async def start(self, host: str, port: int) -> None:
         self._server = await asyncio.start_server(self._serve, host, port, limit=_MAX_HEAD_BYTES)
@@ -45,16 +55,28 @@ class MetricsEndpoint:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
+            for writer in list(self._open):
+                writer.transport.abort()
             await self._server.wait_closed()
             self._server = None
 
+    def _make_room(self) -> bool:
+        """Cut the oldest connection still waiting for its request; False when none waits."""
+        oldest = next((w for w, waiting in self._open.items() if waiting), None)
+        if oldest is None:
+            return False
+        del self._open[oldest]
+        self.evicted_connections += 1
+        oldest.transport.abort()  # its _serve ends on the lost connection
+        return True
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.open_connections >= self.max_connections:
+        if len(self._open) >= self.max_connections and not self._make_room():
             self.refused_connections += 1
             writer.transport.abort()
             return
-        self.open_connections += 1
-        assert self.open_connections <= self.max_connections
+        self._open[writer] = True
+        assert len(self._open) <= self.max_connections
         done = False
         try:
             # drain() returns once every byte is with the kernel, so the timeout covers a slow reader.
@@ -64,7 +86,7 @@ class MetricsEndpoint:
         except (TimeoutError, OSError, EOFError, ValueError, asyncio.LimitOverrunError):
             pass  # a slow, silent, broken or oversized request: the connection is cut
         finally:
-            self.open_connections -= 1
+            self._open.pop(writer, None)
             if done:
                 writer.close()
             else:
@@ -72,6 +94,8 @@ class MetricsEndpoint:
 
     async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
+        if writer in self._open:
+            self._open[writer] = False  # being answered: no longer a candidate to make room
         lines = head.decode("latin-1").split("\r\n")
         method, target, _version = lines[0].split(" ", 2)
         headers: dict[str, str] = {}
