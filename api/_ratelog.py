@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Callable, Hashable
 
-__all__ = ["RateLimitedLog", "RateLimitFilter"]
+__all__ = ["RateLimitedLog"]
 
 
 class RateLimitedLog:
@@ -59,33 +59,3 @@ class RateLimitedLog:
     def exception(self, key: Hashable, msg: str, *args: object) -> bool:
         """An ERROR with the traceback of the exception being handled."""
         return self.log(logging.ERROR, key, msg, *args, exc_info=True)
-
-
-class RateLimitFilter(logging.Filter):
-    """A filter for a library's logger whose lines a flood can cause (gRPC logs each handler that
-    ends unexpectedly): at most one record per message and ``interval_s``; the ones let through
-    after a gap say how many were dropped."""
-
-    def __init__(
-        self, interval_s: float, clock: Callable[[], float] = time.monotonic, max_keys: int = 1024
-    ) -> None:
-        super().__init__()
-        assert interval_s >= 0 and max_keys > 0
-        self._interval_s = interval_s
-        self._clock = clock
-        self._max_keys = max_keys
-        self._last: dict[Hashable, tuple[float, int]] = {}
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        key = (record.name, record.levelno, str(record.msg)[:200])
-        now = self._clock()
-        last = self._last.get(key)
-        if last is not None and now - last[0] < self._interval_s:
-            self._last[key] = (last[0], last[1] + 1)
-            return False
-        if last is None and len(self._last) >= self._max_keys:
-            self._last.clear()
-        self._last[key] = (now, 0)
-        if last is not None and last[1]:
-            record.msg = f"{record.msg} (and {last[1]} more like it in the last {now - last[0]:.0f} s)"
-        return True
