@@ -1531,7 +1531,10 @@ def cmd_local_up(args: argparse.Namespace) -> int:
             raise CliError(
                 f"raft port {n.raft_port} on 127.0.0.1 is already in use; choose another with --raft-port"
             )
-    os.makedirs(data_dir, exist_ok=True)
+    from headwater.node.limits import restrict_new_files, secure_data_dir
+
+    restrict_new_files()  # the nodes' logs, local.json and what the nodes write: this user's alone
+    secure_data_dir(data_dir)
     secret_file = _cluster_secret_file(data_dir)
     cluster_args = [
         "--voters", ",".join(f"{n.node_id}@{n.raft}" for n in nodes if n.raft_port),

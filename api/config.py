@@ -137,6 +137,27 @@ class NodeConfig:
         "under CreateTime, how far (ms) a record's timestamp may lie after the leader's clock (-1: no bound)",
     )
 
+    # --- connections (see "Limits and hardening" in the README)
+    # A client connection must send the HTTP/2 preface and settings within this, or it is closed: a
+    # connection that never speaks holds a file descriptor and nothing else.
+    handshake_timeout_ms: int = 5_000
+    # The node pings a connection after this long without traffic, and closes it when the ping is
+    # not answered within keepalive_timeout_ms (a peer that vanished, or one that never answers).
+    keepalive_time_ms: int = 30_000
+    keepalive_timeout_ms: int = 10_000
+    # A connection with no call in flight for this long is told to go away (clients reconnect).
+    max_connection_idle_ms: int = 300_000
+    # Client connections open at once; past it a new one is closed at accept. 0: the process's
+    # descriptor limit less a reserve for log files, Raft and metrics (see node/limits.py).
+    max_connections: int = 0
+    # The metrics port: connections served at once (past it a new one is closed at accept), and
+    # the time one has to send its request and take the answer.
+    metrics_max_connections: int = 32
+    metrics_timeout_ms: int = 5_000
+    # A warning that a flood of requests can cause (a refused controller call, a failed request)
+    # is logged once per this interval and kind, with a count of the ones left out.
+    log_repeat_interval_ms: int = 10_000
+
     # --- shutdown
     shutdown_grace_s: float = _setting(
         10.0, "how long a stopping node waits to hand over its leaderships, then lets requests finish"
@@ -216,6 +237,12 @@ def _validate(cfg: NodeConfig) -> NodeConfig:
         "max_batch_records",
         "retention_check_interval_ms",
         "heartbeat_interval_ms",
+        "handshake_timeout_ms",
+        "keepalive_time_ms",
+        "keepalive_timeout_ms",
+        "max_connection_idle_ms",
+        "metrics_max_connections",
+        "metrics_timeout_ms",
     ]
     for name in positive:
         if getattr(cfg, name) <= 0:
@@ -263,6 +290,10 @@ def _validate(cfg: NodeConfig) -> NodeConfig:
             raise ConfigError(
                 "several voters need a cluster secret: set cluster_secret_file or HEADWATER_CLUSTER_SECRET"
             )
+    if cfg.max_connections < 0:
+        raise ConfigError(f"setting max_connections must be >= 0, got {cfg.max_connections}")
+    if cfg.log_repeat_interval_ms < 0:
+        raise ConfigError(f"setting log_repeat_interval_ms must be >= 0, got {cfg.log_repeat_interval_ms}")
     if cfg.fetch_max_wait_ms < 0:
         raise ConfigError("setting fetch_max_wait_ms must be >= 0")
     return cfg

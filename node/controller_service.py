@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 
+from headwater._ratelog import RateLimitedLog
 from headwater.config import NodeConfig
 from headwater.node import topic_admin
 from headwater.node.auth import NodeAuth
@@ -54,13 +55,16 @@ class ControllerServiceServicer:
         self.config = config or NodeConfig()
         # When set, RegisterNode, NodeHeartbeat and AlterPartition need a node token (auth.py).
         self.auth = auth
+        # Refusals are logged at a bounded rate: anyone who reaches the port can cause them.
+        self._refusals = RateLimitedLog(log, self.config.log_repeat_interval_ms / 1000)
 
     async def _authenticate(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         if self.auth is None:
             return
         problem = self.auth.problem(context.invocation_metadata(), request)
         if problem:
-            log.warning("refused a controller request (%s): %s", type(request).__name__, problem)
+            kind = type(request).__name__
+            self._refusals.warning(kind, "refused a controller request (%s): %s", kind, problem)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
 
     def _hint(self) -> Any:

@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from headwater.node.metrics_http import MetricsEndpoint
 
 if TYPE_CHECKING:
     from headwater.node.broker import Broker
@@ -89,5 +91,10 @@ class NodeMetrics:
         )
         gap.set_function(lambda: link.heartbeat_gap_max_s)
 
-    def serve_http(self, host: str, port: int) -> None:
-        start_http_server(port, addr=host, registry=self.registry)
+    async def serve_http(
+        self, host: str, port: int, max_connections: int, timeout_s: float
+    ) -> MetricsEndpoint:
+        """Serve the registry on ``host:port`` from the running event loop (see metrics_http.py)."""
+        endpoint = MetricsEndpoint(self.registry, max_connections, timeout_s)
+        await endpoint.start(host, port)
+        return endpoint

@@ -23,7 +23,9 @@ from headwater.node.broker import Broker
 from headwater.node.cluster import ClusterLink
 from headwater.node.controller_service import SERVICE_NAME as CONTROLLER_SERVICE_NAME
 from headwater.node.controller_service import add_controller_to_server
+from headwater.node.limits import connection_cap, raise_descriptor_limit, restrict_new_files, secure_data_dir
 from headwater.node.metrics import NodeMetrics
+from headwater.node.metrics_http import MetricsEndpoint
 from headwater.node.service import HeadwaterService, add_to_server
 from headwater.raft.quorum import QuorumError
 from headwater.storage import LogStore, StorageError
@@ -38,14 +40,33 @@ _NODE_ID_KEY = b"node/id"
 _LEGACY_TOPIC_KEY = b"catalog/topic/"
 
 
-def grpc_server_options(config: NodeConfig) -> list[tuple[str, int]]:
-    return [
+def grpc_server_options(config: NodeConfig, max_connections: int = 0) -> list[tuple[str, int]]:
+    """gRPC core settings of the client port. Each bound was checked against the grpcio in use by
+    opening idle connections to a server (see tests/test_limits.py); names that grpc ignores fail
+    silently, so a new grpcio is checked the same way."""
+    options = [
         ("grpc.max_receive_message_length", config.max_request_bytes),
         ("grpc.max_send_message_length", config.max_request_bytes),
         ("grpc.so_reuseport", 0),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+        # A connection that does not send the HTTP/2 preface in time is closed; without these a
+        # silent connection stays open indefinitely. The settings timeout covers one that sends the
+        # preface and then never acknowledges the node's SETTINGS.
+        ("grpc.server_handshake_timeout_ms", config.handshake_timeout_ms),
+        ("grpc.http2.settings_timeout", config.handshake_timeout_ms),
+        # Keepalive pings find peers that vanished or never answer, with calls in flight or not.
+        # The installed grpc enforces the ping's answer time by ping_timeout_ms; keepalive_timeout_ms
+        # alone leaves such a connection open.
+        ("grpc.keepalive_time_ms", config.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", config.keepalive_timeout_ms),
+        ("grpc.http2.ping_timeout_ms", config.keepalive_timeout_ms),
+        ("grpc.max_connection_idle_ms", config.max_connection_idle_ms),
+        # No max_connection_age: it would end long Subscribe and ProduceStream calls.
     ]
+    if max_connections > 0:
+        options.append(("grpc.max_allowed_incoming_connections", max_connections))
+    return options
 
 
 async def _retention_loop(broker: Broker, interval_s: float) -> None:
@@ -91,9 +112,14 @@ def _cluster_id(link: ClusterLink, store: LogStore) -> str:
 
 async def run_node(config: NodeConfig, stop: asyncio.Event) -> None:
     """Serve until ``stop`` is set."""
-    os.makedirs(config.data_dir, exist_ok=True)
+    # Before the first file is made: records, the Raft journal and logs are this user's alone.
+    restrict_new_files()
+    secure_data_dir(config.data_dir)
+    descriptor_limit = raise_descriptor_limit()
+    max_connections = connection_cap(config.max_connections, descriptor_limit)
     store = LogStore(os.path.join(config.data_dir, "log"))
     link: ClusterLink | None = None
+    metrics_endpoint: MetricsEndpoint | None = None
     try:
         _check_store_owner(config, store)
         broker = Broker(config, store)
@@ -102,7 +128,13 @@ async def run_node(config: NodeConfig, stop: asyncio.Event) -> None:
         controller_servicer = link.start_voter(broker.catalog.cluster_id)
         metrics = NodeMetrics(broker)
         metrics.watch_lease(link)
-        server = grpc.aio.server(options=grpc_server_options(config))
+        server = grpc.aio.server(options=grpc_server_options(config, max_connections))
+        log.info(
+            "client connections: at most %s at once, handshake within %d ms, idle ones closed after %d ms",
+            max_connections or "unbounded",
+            config.handshake_timeout_ms,
+            config.max_connection_idle_ms,
+        )
         service = HeadwaterService(broker, metrics, link)
         add_to_server(service, server)
         add_controller_to_server(controller_servicer, server)
@@ -125,7 +157,12 @@ async def run_node(config: NodeConfig, stop: asyncio.Event) -> None:
         await server.start()
         await link.start()
         if config.metrics_port:
-            metrics.serve_http(config.host, config.metrics_port)
+            metrics_endpoint = await metrics.serve_http(
+                config.host,
+                config.metrics_port,
+                config.metrics_max_connections,
+                config.metrics_timeout_ms / 1000,
+            )
         retention = asyncio.create_task(_retention_loop(broker, config.retention_check_interval_ms / 1000))
         log.info("node %d listening on %s; joining the cluster", config.node_id, address)
         ready = asyncio.create_task(link.ready.wait())
@@ -156,6 +193,8 @@ async def run_node(config: NodeConfig, stop: asyncio.Event) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await retention
     finally:
+        if metrics_endpoint is not None:
+            await metrics_endpoint.close()
         if link is not None:
             await link.close()
         store.close()

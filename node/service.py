@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from headwater._ratelog import RateLimitedLog
 from headwater.node.broker import Broker, FetchResult
 from headwater.node.cluster import ClusterLink, timeout_of
 from headwater.node.metrics import NodeMetrics
@@ -76,6 +77,9 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
         self._peer_streams: dict[str, int] = {}
         # Set when the node stops: open ProduceStreams end after the request in hand (close_streams).
         self._stopping = asyncio.Event()
+        # A request that fails on the node is logged with its traceback at a bounded rate per RPC: a
+        # caller who found a request that fails could otherwise fill the disk with tracebacks.
+        self._failures = RateLimitedLog(log, broker.config.log_repeat_interval_ms / 1000)
 
     def close_streams(self) -> None:
         """The node is stopping: each ProduceStream ends after its request in hand, so that an idle
@@ -105,7 +109,7 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
             raise
         except Exception:
             outcome = "error"
-            log.exception("%s failed", rpc)
+            self._failures.exception(rpc, "%s failed", rpc)
             await context.abort(grpc.StatusCode.INTERNAL, f"{rpc} failed on the node; see its log")
             raise  # unreachable: abort raises
         finally:
@@ -272,6 +276,11 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
                             f"the reader accepted no data for subscribe_stall_timeout_ms="
                             f"{cfg.subscribe_stall_timeout_ms}; stream closed",
                         )
+        except asyncio.CancelledError:
+            # The subscriber went away (it cancelled, its deadline passed, or its connection closed):
+            # the usual end of a stream, not a failure of the node.
+            log.debug("Subscribe to %s-%d cancelled by its caller", request.topic, request.partition)
+            raise
         finally:
             self._streams -= 1
             left = self._peer_streams[peer] - 1

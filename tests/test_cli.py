@@ -517,6 +517,10 @@ def test_local_up_serves_a_cluster_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -
         # The secret is in a file only its owner reads, and on no command line.
         secret_file = data_dir / "cluster.secret"
         assert secret_file.stat().st_mode & 0o077 == 0
+        # So are the data dir, local.json and the nodes' logs.
+        assert data_dir.stat().st_mode & 0o777 == 0o700
+        for private in [state_path, *data_dir.glob("node-*.log")]:
+            assert private.stat().st_mode & 0o077 == 0, private
         secret = secret_file.read_text().strip()
         for pid in pids:
             assert secret not in Path(f"/proc/{pid}/cmdline").read_text()
