@@ -292,9 +292,9 @@ def decode_command(raw: bytes) -> Command:
     added = _ADDED_LATER.get(cls, {})
     if not set(shape) - set(added) <= set(body) <= set(shape):
         raise ValueError(f"{cls.__name__} fields are {sorted(shape)}, got {sorted(body)}")
-    cmd = cls(
-        **{name: _from_json(kind, body[name]) if name in body else added[name] for name, kind in shape.items()}
-    )
+    values = {name: added[name] for name in shape if name not in body}
+    values.update({name: _from_json(kind, body[name]) for name, kind in shape.items() if name in body})
+    cmd = cls(**values)
     reason = malformed_reason(cmd)
     if reason:
         raise ValueError(reason)
