@@ -286,8 +286,6 @@ class ClusterMetadata:
         self.topic_ids: dict[str, bytes] = {}
         # The first producer id no node has been given yet.
         self.next_producer_id = 0
-        # Partitions over all topics (derived from ``topics``, kept for the partition limit).
-        self.partition_count = 0
         # (request_id, topic name) -> first answer, oldest first; at most MAX_RECENT_REQUESTS.
         self.recent_requests: dict[tuple[str, str], RequestAnswer] = {}
 
@@ -323,6 +321,11 @@ class ClusterMetadata:
             return None
         return t.partitions[partition]
 
+    @property
+    def partition_count(self) -> int:
+        """Partitions over all topics (O(topics): read once per topic creation, for its limit)."""
+        return sum(len(t.partitions) for t in self.topics.values())
+
     def request_answer(self, request_id: str, name: str) -> RequestAnswer | None:
         """The first answer to topic ``name`` of the forwarded request ``request_id``, if remembered."""
         if not request_id:
@@ -346,7 +349,6 @@ class ClusterMetadata:
             assert node_id == n.node_id
             assert 0 <= n.broker_epoch <= self.metadata_offset, n
         assert len(self.topic_ids) == len(self.topics)
-        assert self.partition_count == sum(len(t.partitions) for t in self.topics.values())
         assert len(self.recent_requests) <= MAX_RECENT_REQUESTS
         for tid, t in self.topics.items():
             assert t.topic_id == tid and self.topic_ids[t.name] == tid, t.name
@@ -627,7 +629,6 @@ class ClusterMetadata:
             configs=tuple(sorted(configs.items())),
         )
         self.topic_ids[cmd.name] = cmd.topic_id
-        self.partition_count += len(partitions)
         return self._ok()
 
     def _delete_topic(self, cmd: DeleteTopic) -> Result:
@@ -638,7 +639,6 @@ class ClusterMetadata:
             return self._reject(
                 E.ERROR_CODE_INCONSISTENT_TOPIC_ID, f"topic {cmd.name!r} has another topic id"
             )
-        self.partition_count -= len(self.topics[tid].partitions)
         del self.topics[tid]
         del self.topic_ids[cmd.name]
         return self._ok()
@@ -829,7 +829,6 @@ class ClusterMetadata:
                     configs=tuple((str(k), str(v)) for k, v in configs),
                 )
                 m.topic_ids[str(name)] = tid
-                m.partition_count += len(m.topics[tid].partitions)
             # Absent from snapshots written before forwarded requests were remembered.
             requests = doc.get("requests", [])
             if type(requests) is not list or len(requests) > MAX_RECENT_REQUESTS:
