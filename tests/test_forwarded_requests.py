@@ -7,6 +7,11 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from conftest import Cluster, eventually
 
 from headwater.raft.commands import (
     AlterConfigs,
@@ -26,6 +31,9 @@ from headwater.raft.metadata import (
     Result,
     place_replicas,
 )
+from headwater.v1 import client_pb2 as pb
+from headwater.v1 import client_pb2_grpc, controller_pb2_grpc
+from headwater.v1 import controller_pb2 as cpb
 from headwater.v1 import errors_pb2 as E
 
 TID = bytes(range(1, 17))
@@ -194,3 +202,127 @@ def test_fencing_a_node_of_large_topics_takes_time_linear_in_the_partitions() ->
     took = time.perf_counter() - started_s
     m.check_invariants()
     assert took < 0.6, f"fence and unfence over 30,000 partitions took {took:.2f} s"
+
+
+# ------------------------------------------------------------------ real clusters
+
+
+def _create(name: str, partitions: int) -> pb.CreatableTopic:
+    return pb.CreatableTopic(name=name, num_partitions=partitions, replication_factor=-1)
+
+
+def _unfenced(c: Cluster, controller: int) -> None:
+    def ready() -> bool:
+        nodes = c.describe(controller).nodes
+        return len(nodes) == len(c.nodes) and not any(n.fenced for n in nodes)
+
+    eventually(ready, 30, "every node registered and unfenced")
+
+
+def test_a_large_create_sent_to_a_non_controller_answers_success_for_every_topic_it_created(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    """The attack report: 5 topics of 10,000 partitions sent to a node that is not the controller
+    took 13.7 s, moved the controller, and answered TOPIC_ALREADY_EXISTS for the topics this very
+    call created (the forwarding node resent it after its per-call timeout). Scaled down here, with
+    a per-call timeout short enough that the forwarding node resends while the controller works."""
+    c = make_cluster(3)
+    for n in c.nodes.values():
+        n.extra_args += ["--controller-call-timeout-ms", "300"]
+    c.start()
+    controller = c.active_controller()
+    _unfenced(c, controller)
+    term = c.describe(controller).raft_term
+    other = next(i for i in c.nodes if i != controller)
+    names = [f"big{i}" for i in range(4)]
+    request = pb.CreateTopicsRequest(topics=[_create(n, 2_000) for n in names], timeout_ms=60_000)
+    started_s = time.monotonic()
+    with grpc.insecure_channel(c.nodes[other].bootstrap) as ch:
+        resp = client_pb2_grpc.HeadwaterServiceStub(ch).CreateTopics(request, timeout=90)
+    took = time.monotonic() - started_s
+    print(f"4 topics x 2,000 partitions through node {other}: {took:.1f} s")
+    answers = {t.name: (E.ErrorCode.Name(t.error_code), t.error_message) for t in resp.topics}
+    assert answers == {n: ("ERROR_CODE_NONE", "") for n in names}
+    md = c.metadata(other, names)
+    assert {t.name: len(t.partitions) for t in md.topics} == {n: 2_000 for n in names}
+    assert {t.name: t.topic_id for t in md.topics} == {t.name: t.topic_id for t in resp.topics}
+    d = c.describe(controller)
+    assert (d.controller_id, d.raft_term) == (controller, term), "the controller changed"
+    assert not [n.node_id for n in d.nodes if n.fenced]
+
+
+def _controller_call(c: Cluster, node_id: int, method: str, request: object) -> Any:
+    with grpc.insecure_channel(c.nodes[node_id].bootstrap) as ch:
+        stub = controller_pb2_grpc.ControllerServiceStub(ch)
+        return getattr(stub, method)(request, timeout=30)
+
+
+def test_a_forwarded_request_whose_answer_was_lost_gets_the_same_answer_and_changes_once(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    """The forwarding node lost the first answer and resends with the same request id: to the same
+    controller, and after that controller died, to the one that took over."""
+    c = make_cluster(3)
+    c.start()
+    controller = c.active_controller()
+    _unfenced(c, controller)
+    create = cpb.ControllerServiceCreateTopicsRequest(
+        request=pb.CreateTopicsRequest(topics=[_create("a", 3), _create("b", 2)]), request_id=RID
+    )
+    first = _controller_call(c, controller, "CreateTopics", create)
+    assert first.error_code == E.ERROR_CODE_NONE
+    assert [t.error_code for t in first.response.topics] == [E.ERROR_CODE_NONE] * 2
+    offset = c.describe(controller).metadata_offset
+    again = _controller_call(c, controller, "CreateTopics", create)
+    assert again == first
+    delete = cpb.ControllerServiceDeleteTopicsRequest(
+        request=pb.DeleteTopicsRequest(names=["b"]), request_id="3-delete-b"
+    )
+    deleted = _controller_call(c, controller, "DeleteTopics", delete)
+    assert [(t.error_code, t.topic_id) for t in deleted.response.topics] == [
+        (E.ERROR_CODE_NONE, first.response.topics[1].topic_id)
+    ]
+    assert _controller_call(c, controller, "DeleteTopics", delete) == deleted
+    # The controller dies; the resends go to the one that takes over, which knows the answers
+    # from the metadata log alone.
+    c.nodes[controller].kill9()
+    survivors = [i for i in c.nodes if i != controller]
+    successor = c.active_controller(among=survivors, timeout_s=30)
+    after_create = _controller_call(c, successor, "CreateTopics", create)
+    assert after_create.error_code == E.ERROR_CODE_NONE
+    assert [(t.name, t.error_code, t.topic_id) for t in after_create.response.topics] == [
+        ("a", E.ERROR_CODE_NONE, first.response.topics[0].topic_id),
+        ("b", E.ERROR_CODE_NONE, first.response.topics[1].topic_id),
+    ]
+    after_delete = _controller_call(c, successor, "DeleteTopics", delete)
+    assert [(t.error_code, t.topic_id) for t in after_delete.response.topics] == [
+        (E.ERROR_CODE_NONE, first.response.topics[1].topic_id)
+    ]
+    md = c.metadata(successor)
+    assert sorted((t.name, len(t.partitions)) for t in md.topics) == [("a", 3)]
+    assert offset > 0
+
+
+def test_partition_limits_refuse_with_the_setting_and_the_count(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    c = make_cluster(1)
+    c.nodes[1].extra_args += ["--max-partitions", "50", "--max-partitions-per-request", "30"]
+    c.start()
+    _unfenced(c, c.active_controller())
+    with grpc.insecure_channel(c.nodes[1].bootstrap) as ch:
+        stub = client_pb2_grpc.HeadwaterServiceStub(ch)
+        too_big = stub.CreateTopics(pb.CreateTopicsRequest(topics=[_create("x", 20), _create("y", 11)]))
+        assert [t.error_code for t in too_big.topics] == [E.ERROR_CODE_POLICY_VIOLATION] * 2
+        assert "would create 31 partitions" in too_big.topics[0].error_message
+        assert "max_partitions_per_request=30" in too_big.topics[0].error_message
+        for name in ("p", "q"):
+            ok = stub.CreateTopics(pb.CreateTopicsRequest(topics=[_create(name, 20)]))
+            assert ok.topics[0].error_code == E.ERROR_CODE_NONE, ok
+        full = stub.CreateTopics(pb.CreateTopicsRequest(topics=[_create("r", 11)]))
+        assert full.topics[0].error_code == E.ERROR_CODE_POLICY_VIOLATION
+        assert "the cluster has 40 partitions" in full.topics[0].error_message
+        assert "max_partitions=50" in full.topics[0].error_message
+        fits = stub.CreateTopics(pb.CreateTopicsRequest(topics=[_create("r", 10)]))
+        assert fits.topics[0].error_code == E.ERROR_CODE_NONE
+    assert sorted(t.name for t in c.metadata(1).topics) == ["p", "q", "r"]
