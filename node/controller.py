@@ -12,7 +12,12 @@ around one ``MetadataQuorum`` voter:
   pysyncobj in queue order (the first step of each proposal, which appends it, runs in the order the
   worker started them: asyncio runs ready callbacks first in, first out). The controller relies on a
   later decision landing later in the log. Up to ``max_in_flight`` proposals wait for their commit
-  at once; each outcome goes back to the controller with ``on_applied``.
+  at once; each outcome goes back to the controller with ``on_applied``. A large command (a
+  ``CreateTopic`` of ``LARGE_COMMAND_PARTITIONS`` or more) is proposed alone: after everything
+  before it has applied, and before anything after it. pysyncobj applies every committed entry in
+  one pass of its tick thread, and a leader busy applying sends no Raft heartbeats; entries of
+  10,000 partitions each (about 80 KB, some 60 ms to decode and apply) committed together would
+  hold it past the followers' election timeout.
 - **Answers.** A request is answered only after the commands it caused have committed and applied
   on this voter (``propose_async`` returns this voter's apply of the committed entry).
 - **Feed.** ``MetadataFeed`` keeps the last ``max_retained`` applied commands for ``WatchMetadata``.
@@ -63,6 +68,7 @@ __all__ = [
     "DEFAULT_MAX_IN_FLIGHT",
     "DEFAULT_MAX_RETAINED_DELTAS",
     "MAX_ELECT_PARTITIONS",
+    "LARGE_COMMAND_PARTITIONS",
 ]
 
 log = logging.getLogger("headwater.node.controller")
@@ -75,6 +81,8 @@ DEFAULT_MAX_QUEUED_COMMANDS = 4096
 DEFAULT_MAX_IN_FLIGHT = 128
 # Applied commands a voter keeps for WatchMetadata; an older offset gets a snapshot first.
 DEFAULT_MAX_RETAINED_DELTAS = 10_000
+# A CreateTopic of this many partitions or more is proposed alone (see the module docstring).
+LARGE_COMMAND_PARTITIONS = 1_000
 # Distinct partitions one ElectLeaders request may name; a longer list is refused as INVALID_REQUEST.
 MAX_ELECT_PARTITIONS = 10_000
 
@@ -390,6 +398,11 @@ class ControllerRuntime:
         window = asyncio.Semaphore(self._max_in_flight)
         while True:
             item = await self._queue.get()
+            large = isinstance(item.command, CreateTopic) and (
+                len(item.command.assignments) >= LARGE_COMMAND_PARTITIONS
+            )
+            if large:
+                await self._drain()
             if item.future.done():
                 continue
             if item.generation != self._generation or self._controller is None:
@@ -400,6 +413,13 @@ class ControllerRuntime:
             task = self._loop.create_task(self._propose_one(item, window))
             self._in_flight.add(task)
             task.add_done_callback(self._in_flight.discard)
+            if large:
+                await self._drain()
+
+    async def _drain(self) -> None:
+        """Wait until every proposal in flight has its outcome."""
+        while self._in_flight:
+            await asyncio.wait(set(self._in_flight))
 
     async def _propose_one(self, item: _Queued, window: asyncio.Semaphore) -> None:
         try:
