@@ -99,6 +99,10 @@ class NodeConfig:
     )
     max_partitions_per_topic: int = _setting(10_000, "most partitions one topic may have")
     max_topics: int = _setting(100_000, "most topics in the cluster")
+    max_partitions: int = _setting(100_000, "most partitions in the cluster, over all topics")
+    max_partitions_per_request: int = _setting(
+        10_000, "most partitions one CreateTopics request may create, over all its topics"
+    )
     default_num_partitions: int = _setting(1, "partitions of a topic created without a count")
     default_replication_factor: int = _setting(1, "replicas of a topic created without a factor")
     max_decompressed_bytes: int = _setting(
@@ -190,6 +194,11 @@ class NodeConfig:
     # The active controller fences a node that misses heartbeats for session_timeout_ms.
     heartbeat_interval_ms: int = _setting(500, "how often a node renews its lease with the active controller")
     session_timeout_ms: int = _setting(3_000, "a node that has not renewed its lease for this long is fenced")
+    controller_call_timeout_ms: int = _setting(
+        5_000,
+        "longest one call to the active controller waits for its answer before it is sent again "
+        "(a forwarded topic change is resent with its request id, so it is applied once)",
+    )
 
     def advertised(self) -> tuple[str, int]:
         return (self.advertised_host or self.host, self.port)
@@ -231,6 +240,9 @@ def _validate(cfg: NodeConfig) -> NodeConfig:
         "subscribe_stall_timeout_ms",
         "max_partitions_per_topic",
         "max_topics",
+        "max_partitions",
+        "max_partitions_per_request",
+        "controller_call_timeout_ms",
         "default_num_partitions",
         "default_replication_factor",
         "max_decompressed_bytes",

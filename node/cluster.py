@@ -44,6 +44,7 @@ from headwater.node.auth import NodeAuth
 from headwater.node.broker import Broker
 from headwater.node.controller import ControllerRuntime, MetadataFeed, monotonic_ms
 from headwater.node.controller_service import BrokerControllerService, ControllerServiceServicer
+from headwater.node.forwarding import FORWARDED_METHODS, new_request_id
 from headwater.raft.commands import NO_LEADER, decode_command
 from headwater.raft.controller import ActiveController
 from headwater.raft.metadata import ClusterMetadata
@@ -58,7 +59,6 @@ cpb: Any = controller_pb2
 
 SECRET_FILE = "cluster.secret"
 VOTERS_FILE = "voters.json"
-_RPC_TIMEOUT_S = 5.0
 _RETRY_S = 0.2
 _MAX_RETRY_S = 2.0
 
@@ -186,7 +186,9 @@ class ClusterLink:
                 session_timeout_ms=cfg.session_timeout_ms,
             )
 
-        self.runtime = ControllerRuntime(self.quorum, factory, monotonic_ms, self._loop, feed=self.feed)
+        self.runtime = ControllerRuntime(
+            self.quorum, factory, monotonic_ms, self._loop, feed=self.feed, max_partitions=cfg.max_partitions
+        )
         self.runtime.cluster_id = cluster_id
         self.runtime.start()
         log.info(
@@ -454,7 +456,16 @@ class ClusterLink:
         self, method: str, request: Any, timeout_s: float, *, authenticate: bool = False
     ) -> Any | None:
         """Send a ControllerService call to the active controller, following hints, until it answers
-        with something other than NOT_CONTROLLER or ``timeout_s`` passes (then None)."""
+        with something other than NOT_CONTROLLER or ``timeout_s`` passes (then None).
+
+        A call that fails (UNAVAILABLE, no answer within ``controller_call_timeout_ms``) or meets
+        NOT_CONTROLLER is sent again, to the next candidate or after a backoff. A call may have
+        taken effect before its answer was lost, so only calls safe to repeat go through here:
+        registration and heartbeats are idempotent by incarnation and broker epoch, and a
+        forwarded topic change must carry its request id (forwarding.py)."""
+        if method in FORWARDED_METHODS and not request.request_id:
+            raise ValueError(f"a forwarded {method} is resent on failure and needs a request id")
+        call_timeout_s = self.config.controller_call_timeout_ms / 1000
         deadline = self._loop.time() + timeout_s
         backoff = _RETRY_S
         while True:
@@ -466,7 +477,7 @@ class ClusterLink:
                 try:
                     metadata = self.auth.metadata(request) if authenticate and self.auth is not None else None
                     resp = await getattr(stub, method)(
-                        request, timeout=min(_RPC_TIMEOUT_S, remaining), metadata=metadata
+                        request, timeout=min(call_timeout_s, remaining), metadata=metadata
                     )
                 except grpc.aio.AioRpcError as e:
                     if e.code() == grpc.StatusCode.UNAUTHENTICATED:
@@ -597,15 +608,19 @@ class ClusterLink:
 
     async def forward(self, method: str, request: Any, timeout_s: float) -> tuple[Any | None, str]:
         """Forward a topic change to the active controller. Returns its inner response (once this
-        node's image has the change) or None and why."""
-        wrapped = getattr(cpb, f"ControllerService{method}Request")(request=request)
+        node's image has the change) or None and why. Every resend carries the one request id
+        given here, so the change is made once and a resend gets the first answer."""
+        deadline = self._loop.time() + timeout_s
+        wrapped = getattr(cpb, f"ControllerService{method}Request")(
+            request=request, request_id=new_request_id(self.config.node_id)
+        )
         resp = await self.call_controller(method, wrapped, timeout_s)
         if resp is None:
             return None, f"no active controller answered within {timeout_s:.1f}s"
         if resp.error_code != E.ERROR_CODE_NONE:
             return None, resp.error_message
         if resp.metadata_offset >= 0:
-            await self.wait_for_offset(resp.metadata_offset, timeout_s)
+            await self.wait_for_offset(resp.metadata_offset, max(0.0, deadline - self._loop.time()))
         return resp.response, ""
 
 

@@ -12,7 +12,12 @@ around one ``MetadataQuorum`` voter:
   pysyncobj in queue order (the first step of each proposal, which appends it, runs in the order the
   worker started them: asyncio runs ready callbacks first in, first out). The controller relies on a
   later decision landing later in the log. Up to ``max_in_flight`` proposals wait for their commit
-  at once; each outcome goes back to the controller with ``on_applied``.
+  at once; each outcome goes back to the controller with ``on_applied``. A large command (a
+  ``CreateTopic`` of ``LARGE_COMMAND_PARTITIONS`` or more) is proposed alone: after everything
+  before it has applied, and before anything after it. pysyncobj applies every committed entry in
+  one pass of its tick thread, and a leader busy applying sends no Raft heartbeats; entries of
+  10,000 partitions each (about 80 KB, some 60 ms to decode and apply) committed together would
+  hold it past the followers' election timeout.
 - **Answers.** A request is answered only after the commands it caused have committed and applied
   on this voter (``propose_async`` returns this voter's apply of the committed entry).
 - **Feed.** ``MetadataFeed`` keeps the last ``max_retained`` applied commands for ``WatchMetadata``.
@@ -63,6 +68,7 @@ __all__ = [
     "DEFAULT_MAX_IN_FLIGHT",
     "DEFAULT_MAX_RETAINED_DELTAS",
     "MAX_ELECT_PARTITIONS",
+    "LARGE_COMMAND_PARTITIONS",
 ]
 
 log = logging.getLogger("headwater.node.controller")
@@ -75,6 +81,8 @@ DEFAULT_MAX_QUEUED_COMMANDS = 4096
 DEFAULT_MAX_IN_FLIGHT = 128
 # Applied commands a voter keeps for WatchMetadata; an older offset gets a snapshot first.
 DEFAULT_MAX_RETAINED_DELTAS = 10_000
+# A CreateTopic of this many partitions or more is proposed alone (see the module docstring).
+LARGE_COMMAND_PARTITIONS = 1_000
 # Distinct partitions one ElectLeaders request may name; a longer list is refused as INVALID_REQUEST.
 MAX_ELECT_PARTITIONS = 10_000
 
@@ -257,6 +265,7 @@ class ControllerRuntime:
         propose_timeout_s: float = DEFAULT_PROPOSE_TIMEOUT_S,
         max_queued_commands: int = DEFAULT_MAX_QUEUED_COMMANDS,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        max_partitions: int | None = None,
     ) -> None:
         if max_queued_commands < 1 or max_in_flight < 1:
             raise ValueError("max_queued_commands and max_in_flight must be >= 1")
@@ -268,6 +277,9 @@ class ControllerRuntime:
         self._tick_interval_ms = tick_interval_ms
         self._propose_timeout_s = propose_timeout_s
         self._max_in_flight = max_in_flight
+        # The cluster's partition limit (None: none), and partitions of creations not applied yet.
+        self.max_partitions = max_partitions
+        self._reserved_partitions = 0
         self._queue: asyncio.Queue[_Queued] = asyncio.Queue(max_queued_commands)
         self._controller: ActiveController | None = None
         # Bumped on every activation and deactivation; queued work of another generation is dropped.
@@ -386,6 +398,11 @@ class ControllerRuntime:
         window = asyncio.Semaphore(self._max_in_flight)
         while True:
             item = await self._queue.get()
+            large = isinstance(item.command, CreateTopic) and (
+                len(item.command.assignments) >= LARGE_COMMAND_PARTITIONS
+            )
+            if large:
+                await self._drain()
             if item.future.done():
                 continue
             if item.generation != self._generation or self._controller is None:
@@ -396,6 +413,13 @@ class ControllerRuntime:
             task = self._loop.create_task(self._propose_one(item, window))
             self._in_flight.add(task)
             task.add_done_callback(self._in_flight.discard)
+            if large:
+                await self._drain()
+
+    async def _drain(self) -> None:
+        """Wait until every proposal in flight has its outcome."""
+        while self._in_flight:
+            await asyncio.wait(set(self._in_flight))
 
     async def _propose_one(self, item: _Queued, window: asyncio.Semaphore) -> None:
         try:
@@ -575,12 +599,26 @@ class ControllerRuntime:
         topic_id: bytes | None = None,
         assignments: tuple[tuple[int, ...], ...] | None = None,
         validate_only: bool = False,
+        request_id: str = "",
     ) -> Outcome:
         """Place and create a topic (or take the ``assignments`` given); the outcome's message is
-        empty on success. ``validate_only`` checks and places, and proposes nothing."""
+        empty on success. ``validate_only`` checks and places, and proposes nothing.
+
+        The cluster keeps at most ``max_partitions``: counted over the applied metadata and the
+        creations this controller has proposed but not yet applied, so concurrent requests cannot
+        pass it together."""
         c = self._check_role()
         if c is None:
             return Outcome(E.ERROR_CODE_NOT_CONTROLLER, _NOT_ACTIVE)
+        count = len(assignments) if assignments else partitions
+        if self.max_partitions is not None:
+            have = self.quorum.metadata.partition_count + self._reserved_partitions
+            if have + count > self.max_partitions:
+                return Outcome(
+                    E.ERROR_CODE_POLICY_VIOLATION,
+                    f"the cluster has {have} partitions; {count} more would pass "
+                    f"max_partitions={self.max_partitions}",
+                )
         configs = tuple(configs)
         decided = c.create_topic(
             name,
@@ -592,31 +630,36 @@ class ControllerRuntime:
         )
         if isinstance(decided, Refusal):
             return Outcome(decided.error_code, decided.message)
-        if assignments:
-            decided = CreateTopic(decided.name, decided.topic_id, assignments, decided.configs)
+        decided = CreateTopic(
+            decided.name, decided.topic_id, assignments or decided.assignments, decided.configs, request_id
+        )
         if validate_only:
             # Dry run on a copy: the state machine's own checks (unknown or fenced nodes in the
             # assignments, a replica named twice) answer, and nothing is proposed.
             dry = self.quorum.metadata.copy().apply(decided)
             return Outcome(dry.error_code, dry.message)
-        return (await self._run([decided]))[0]
+        self._reserved_partitions += count
+        try:
+            return (await self._run([decided]))[0]
+        finally:
+            self._reserved_partitions -= count
 
-    async def delete_topic(self, name: str) -> Outcome:
+    async def delete_topic(self, name: str, request_id: str = "") -> Outcome:
         """Delete a topic by name (the command carries its id, so a newer namesake is safe)."""
         if self._check_role() is None:
             return Outcome(E.ERROR_CODE_NOT_CONTROLLER, _NOT_ACTIVE)
         record = self.quorum.metadata.topic(name)
         if record is None:
             return Outcome(E.ERROR_CODE_UNKNOWN_TOPIC_OR_PARTITION, f"topic {name!r} does not exist")
-        return (await self._run([DeleteTopic(name, record.topic_id)]))[0]
+        return (await self._run([DeleteTopic(name, record.topic_id, request_id)]))[0]
 
     async def alter_configs(
-        self, name: str, set_: Iterable[tuple[str, str]], delete: Iterable[str]
+        self, name: str, set_: Iterable[tuple[str, str]], delete: Iterable[str], request_id: str = ""
     ) -> Outcome:
         """Set and delete topic configs; the state machine validates them."""
         if self._check_role() is None:
             return Outcome(E.ERROR_CODE_NOT_CONTROLLER, _NOT_ACTIVE)
-        return (await self._run([AlterConfigs(name, tuple(set_), tuple(delete))]))[0]
+        return (await self._run([AlterConfigs(name, tuple(set_), tuple(delete), request_id)]))[0]
 
     # ---------------------------------------------------------------- every voter
 

@@ -7,8 +7,9 @@ INVALID_ARGUMENT); everything else is an ``ErrorCode`` in the response.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from typing import Any
 
 import grpc
@@ -19,9 +20,10 @@ from headwater.node import topic_admin
 from headwater.node.auth import NodeAuth
 from headwater.node.catalog import node_infos
 from headwater.node.controller import ControllerRuntime, FeedEntry, Outcome
+from headwater.node.forwarding import ForwardedAnswers
 from headwater.node.rpc import Malformed, add_service
 from headwater.raft.commands import AlterPartition
-from headwater.raft.metadata import ClusterMetadata
+from headwater.raft.metadata import MAX_REQUEST_ID_LENGTH, ClusterMetadata
 from headwater.v1 import controller_pb2, errors_pb2
 
 pb: Any = controller_pb2
@@ -57,6 +59,8 @@ class ControllerServiceServicer:
         self.auth = auth
         # Refusals are logged at a bounded rate: anyone who reaches the port can cause them.
         self._refusals = RateLimitedLog(log, self.config.log_repeat_interval_ms / 1000)
+        # Forwarded requests being or lately answered, by request id (forwarding.py).
+        self.forwarded = ForwardedAnswers()
 
     async def _authenticate(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         if self.auth is None:
@@ -204,12 +208,20 @@ class ControllerServiceServicer:
         request: Any,
         context: grpc.aio.ServicerContext[Any, Any],
         response_type: Any,
-        handle: Callable[[Any], Awaitable[tuple[Any, int]]],
+        handle: Callable[[Any, str], Coroutine[Any, Any, tuple[Any, int]]],
         results: Callable[[Any], Iterable[Any]],
     ) -> Any:
         """A topic change another node forwarded: NOT_CONTROLLER with a hint off the Raft leader,
-        else ``handle``'s per-topic answer (see ``_answer``)."""
+        else ``handle``'s per-topic answer (see ``_answer``). A request with a request id is
+        handled once: a resend waits for, or gets, the first one's answer (forwarding.py)."""
         await _refuse_malformed(request, context)
+        rid = request.request_id
+        if len(rid) > MAX_REQUEST_ID_LENGTH:
+            return response_type(
+                error_code=E.ERROR_CODE_INVALID_REQUEST,
+                error_message=f"request id is longer than {MAX_REQUEST_ID_LENGTH} characters",
+                metadata_offset=-1,
+            )
         if not (self.runtime.active or self.runtime.quorum.is_leader):
             return response_type(
                 error_code=E.ERROR_CODE_NOT_CONTROLLER,
@@ -217,15 +229,30 @@ class ControllerServiceServicer:
                 controller=self._hint(),
                 metadata_offset=-1,
             )
-        resp, offset = await handle(request.request)
-        return self._answer(response_type, resp, [r.error_code for r in results(resp)], offset)
+        if not rid:
+            resp, offset = await handle(request.request, "")
+        else:
+            generation = self.runtime.generation
+            task = self.forwarded.get(rid, generation)
+            if task is None:
+                task = asyncio.get_running_loop().create_task(handle(request.request, rid))
+                self.forwarded.put(rid, generation, task)
+            # Shielded: a caller that gives up (its deadline) does not stop the change halfway;
+            # its resend waits for this same task.
+            resp, offset = await asyncio.shield(task)
+        codes = [r.error_code for r in results(resp)]
+        answer = self._answer(response_type, resp, codes, offset, resend_safe=bool(rid))
+        if rid and answer.error_code == E.ERROR_CODE_NOT_CONTROLLER:
+            # Not an answer to keep: a resend here, once this voter leads again, is done afresh.
+            self.forwarded.forget(rid)
+        return answer
 
     async def CreateTopics(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         return await self._forwarded(
             request,
             context,
             pb.ControllerServiceCreateTopicsResponse,
-            lambda req: topic_admin.create_topics(self.runtime, self.config, req),
+            lambda req, rid: topic_admin.create_topics(self.runtime, self.config, req, request_id=rid),
             lambda resp: resp.topics,
         )
 
@@ -234,7 +261,7 @@ class ControllerServiceServicer:
             request,
             context,
             pb.ControllerServiceDeleteTopicsResponse,
-            lambda req: topic_admin.delete_topics(self.runtime, req),
+            lambda req, rid: topic_admin.delete_topics(self.runtime, req, request_id=rid),
             lambda resp: resp.topics,
         )
 
@@ -243,14 +270,20 @@ class ControllerServiceServicer:
             request,
             context,
             pb.ControllerServiceAlterConfigsResponse,
-            lambda req: topic_admin.alter_configs(self.runtime, self.config, req),
+            lambda req, rid: topic_admin.alter_configs(self.runtime, self.config, req, request_id=rid),
             lambda resp: resp.results,
         )
 
-    def _answer(self, response_type: Any, resp: Any, codes: list[int], offset: int) -> Any:
-        """The whole request is NOT_CONTROLLER when leadership was lost midway for every entry (the
-        caller then goes to the new controller); otherwise the per-topic results stand."""
-        if codes and all(c == E.ERROR_CODE_NOT_CONTROLLER for c in codes):
+    def _answer(
+        self, response_type: Any, resp: Any, codes: list[int], offset: int, *, resend_safe: bool
+    ) -> Any:
+        """The whole request is NOT_CONTROLLER when leadership was lost midway (the caller then
+        goes to the new controller); otherwise the per-topic results stand. With a request id the
+        resend is safe, so one topic lost midway is enough: the new controller answers the topics
+        that committed from the metadata and does the rest. Without one, only when every topic
+        was lost, as a resend would answer TOPIC_ALREADY_EXISTS for those that committed."""
+        lost = [c == E.ERROR_CODE_NOT_CONTROLLER for c in codes]
+        if codes and (any(lost) if resend_safe else all(lost)):
             return response_type(
                 error_code=E.ERROR_CODE_NOT_CONTROLLER,
                 error_message="this voter stopped being the active controller",

@@ -54,6 +54,9 @@ def _warn_unclean(name: str, configs: dict[str, str]) -> None:
         )
 
 
+_Answered = pb.CreatableTopicResult | pb.DeletableTopicResult | pb.AlterConfigsResult
+
+
 def _offset(o: Outcome, last: int) -> int:
     return max(last, o.result.metadata_offset) if o.result is not None else last
 
@@ -78,16 +81,32 @@ def _shape(
     return partitions, rf, None, ""
 
 
+def _first_answer(runtime: ControllerRuntime, request_id: str, name: str, r: _Answered) -> int | None:
+    """A resend of a forwarded request: fill ``r`` with the first answer to topic ``name`` and
+    return its metadata offset, or None when the metadata remembers none (forwarding.py)."""
+    first = runtime.quorum.metadata.request_answer(request_id, name)
+    if first is None:
+        return None
+    r.error_code, r.error_message = cast(errors_pb2.ErrorCode, first.error_code), first.message
+    if first.topic_id and not isinstance(r, pb.AlterConfigsResult):
+        r.topic_id = first.topic_id
+    return first.metadata_offset
+
+
 async def create_topics(
-    runtime: ControllerRuntime, config: NodeConfig, req: pb.CreateTopicsRequest
+    runtime: ControllerRuntime, config: NodeConfig, req: pb.CreateTopicsRequest, *, request_id: str = ""
 ) -> tuple[pb.CreateTopicsResponse, int]:
     resp = pb.CreateTopicsResponse()
     last = -1
     seen: set[str] = set()
+    requested = sum(max(_shape(t, config)[0], 0) for t in req.topics)
     for t in req.topics:
         r = resp.topics.add(name=t.name)
         partitions, rf, assignments, bad_assignment = _shape(t, config)
         r.num_partitions, r.replication_factor = partitions, rf
+        if (first := _first_answer(runtime, request_id, t.name, r)) is not None:
+            last = max(last, first)
+            continue
         code, msg = E.ERROR_CODE_NONE, ""
         problem = topic_name_problem(t.name)
         if problem:
@@ -96,6 +115,12 @@ async def create_topics(
             code, msg = E.ERROR_CODE_INVALID_REQUEST, f"topic {t.name} appears twice in the request"
         elif bad_assignment:
             code, msg = E.ERROR_CODE_INVALID_REPLICA_ASSIGNMENT, bad_assignment
+        elif requested > config.max_partitions_per_request:
+            code, msg = (
+                E.ERROR_CODE_POLICY_VIOLATION,
+                f"the request would create {requested} partitions; one request may create at most "
+                f"max_partitions_per_request={config.max_partitions_per_request}",
+            )
         elif runtime.quorum.metadata.topic(t.name) is not None:
             code, msg = E.ERROR_CODE_TOPIC_ALREADY_EXISTS, f"topic {t.name} already exists"
         elif len(runtime.quorum.metadata.topics) >= config.max_topics:
@@ -122,6 +147,7 @@ async def create_topics(
                 sorted(configs.items()),
                 assignments=assignments,
                 validate_only=req.validate_only,
+                request_id=request_id,
             )
             code, msg = cast(errors_pb2.ErrorCode, o.error_code), o.message
             last = _offset(o, last)
@@ -135,28 +161,35 @@ async def create_topics(
 
 
 async def delete_topics(
-    runtime: ControllerRuntime, req: pb.DeleteTopicsRequest
+    runtime: ControllerRuntime, req: pb.DeleteTopicsRequest, *, request_id: str = ""
 ) -> tuple[pb.DeleteTopicsResponse, int]:
     resp = pb.DeleteTopicsResponse()
     last = -1
     for name in req.names:
         r = resp.topics.add(name=name)
+        if (first := _first_answer(runtime, request_id, name, r)) is not None:
+            last = max(last, first)
+            continue
         record = runtime.quorum.metadata.topic(name)
         if record is not None:
             r.topic_id = record.topic_id
-        o = await runtime.delete_topic(name)
+        o = await runtime.delete_topic(name, request_id=request_id)
         last = _offset(o, last)
         r.error_code, r.error_message = o.error_code, o.message
     return resp, last
 
 
 async def alter_configs(
-    runtime: ControllerRuntime, config: NodeConfig, req: pb.AlterConfigsRequest
+    runtime: ControllerRuntime, config: NodeConfig, req: pb.AlterConfigsRequest, *, request_id: str = ""
 ) -> tuple[pb.AlterConfigsResponse, int]:
     resp = pb.AlterConfigsResponse()
     last = -1
     for res in req.resources:
         r = resp.results.add(resource_type=res.resource_type, resource_name=res.resource_name)
+        if res.resource_type == pb.RESOURCE_TYPE_TOPIC and not req.validate_only:
+            if (first := _first_answer(runtime, request_id, res.resource_name, r)) is not None:
+                last = max(last, first)
+                continue
         if res.resource_type != pb.RESOURCE_TYPE_TOPIC:
             r.error_code = E.ERROR_CODE_INVALID_REQUEST
             r.error_message = (
@@ -195,7 +228,9 @@ async def alter_configs(
             continue
         if req.validate_only:
             continue
-        o = await runtime.alter_configs(record.name, sorted(set_.items()), sorted(set(delete)))
+        o = await runtime.alter_configs(
+            record.name, sorted(set_.items()), sorted(set(delete)), request_id=request_id
+        )
         last = _offset(o, last)
         if o.ok:
             _warn_unclean(record.name, set_)

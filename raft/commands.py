@@ -71,6 +71,8 @@ class CreateTopic:
     topic_id: bytes
     assignments: tuple[tuple[int, ...], ...]
     configs: tuple[tuple[str, str], ...] = ()
+    # The forwarded request this came from ("" for none): a resend gets the first answer.
+    request_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +81,7 @@ class DeleteTopic:
 
     name: str
     topic_id: bytes
+    request_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +115,7 @@ class AlterConfigs:
     name: str
     set: tuple[tuple[str, str], ...] = ()
     delete: tuple[str, ...] = ()
+    request_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,8 +159,14 @@ _SHAPES: dict[type[Any], dict[str, str]] = {
     RegisterNode: {"node_id": "int", "incarnation_id": "bytes", "host": "str", "port": "int", "rack": "str"},
     FenceNode: {"node_id": "int", "broker_epoch": "int"},
     UnfenceNode: {"node_id": "int", "broker_epoch": "int"},
-    CreateTopic: {"name": "str", "topic_id": "bytes", "assignments": "intss", "configs": "pairs"},
-    DeleteTopic: {"name": "str", "topic_id": "bytes"},
+    CreateTopic: {
+        "name": "str",
+        "topic_id": "bytes",
+        "assignments": "intss",
+        "configs": "pairs",
+        "request_id": "str",
+    },
+    DeleteTopic: {"name": "str", "topic_id": "bytes", "request_id": "str"},
     AlterPartition: {
         "topic_id": "bytes",
         "partition": "int",
@@ -173,8 +183,15 @@ _SHAPES: dict[type[Any], dict[str, str]] = {
         "expected_leader_epoch": "int",
         "allow_unclean": "bool",
     },
-    AlterConfigs: {"name": "str", "set": "pairs", "delete": "strs"},
+    AlterConfigs: {"name": "str", "set": "pairs", "delete": "strs", "request_id": "str"},
     AllocateProducerIds: {"node_id": "int", "broker_epoch": "int", "block_size": "int"},
+}
+
+# Fields added after commands were first logged: an entry written before them decodes to the default.
+_ADDED_LATER: dict[type[Any], dict[str, Any]] = {
+    CreateTopic: {"request_id": ""},
+    DeleteTopic: {"request_id": ""},
+    AlterConfigs: {"request_id": ""},
 }
 
 # Plain ints in the metadata stay within a signed 64-bit range, as they will on the wire.
@@ -272,9 +289,12 @@ def decode_command(raw: bytes) -> Command:
     if cls is None or type(body) is not dict:
         raise ValueError("command has no known type")
     shape = _SHAPES[cls]
-    if set(body) != set(shape):
+    added = _ADDED_LATER.get(cls, {})
+    if not set(shape) - set(added) <= set(body) <= set(shape):
         raise ValueError(f"{cls.__name__} fields are {sorted(shape)}, got {sorted(body)}")
-    cmd = cls(**{name: _from_json(kind, body[name]) for name, kind in shape.items()})
+    values = {name: added[name] for name in shape if name not in body}
+    values.update({name: _from_json(kind, body[name]) for name, kind in shape.items() if name in body})
+    cmd = cls(**values)
     reason = malformed_reason(cmd)
     if reason:
         raise ValueError(reason)

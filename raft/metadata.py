@@ -22,6 +22,13 @@ Rules, after Kafka's KRaft controller (KIP-500, KIP-631, KIP-841):
   ``unclean_leader_election_enable``. A fenced node never leads. An ISR with more than one member
   holds only unfenced nodes.
 - A rejected command changes nothing but ``metadata_offset``; its ``Result`` says why.
+- A topic change forwarded from another node (``CreateTopic``, ``DeleteTopic``, ``AlterConfigs``
+  with a ``request_id``) is remembered with its answer, per topic, for the last
+  ``MAX_RECENT_REQUESTS`` of them (oldest forgotten first). A command that carries a remembered
+  ``(request_id, name)`` changes nothing and gets the first answer: the forwarding node may resend
+  a request whose answer it lost (a timeout, a controller change), and every voter that applied the
+  first one answers the resend the same way, whichever of them is the controller by then
+  (KIP-590's forwarding, made safe to retry like an idempotent producer's batch).
 """
 
 from __future__ import annotations
@@ -64,6 +71,9 @@ __all__ = [
     "choose_leader",
     "topic_name_problem",
     "MAX_TOPIC_NAME_LENGTH",
+    "RequestAnswer",
+    "MAX_RECENT_REQUESTS",
+    "MAX_REQUEST_ID_LENGTH",
 ]
 
 E = errors_pb2
@@ -78,6 +88,12 @@ _TOPIC_ID_LENGTH = 16
 MAX_TOPIC_NAME_LENGTH = 249
 _LEGAL_TOPIC = re.compile(r"[a-zA-Z0-9._-]+")
 _UNCLEAN = "unclean_leader_election_enable"
+# Forwarded topic changes remembered with their answers (one entry per topic of a request). Part of
+# the replicated state, so a constant, the same on every voter, not a node setting. A forwarding
+# node resends within its request's timeout, long before this many later topic changes.
+MAX_RECENT_REQUESTS = 4096
+# Longest request id: the forwarding node's id and a UUID fit with room to spare.
+MAX_REQUEST_ID_LENGTH = 64
 
 
 class SnapshotError(ValueError):
@@ -103,6 +119,18 @@ class Result:
     # AllocateProducerIds: ids [producer_id_start, producer_id_start + producer_id_count).
     producer_id_start: int = -1
     producer_id_count: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RequestAnswer:
+    """The first answer to one topic of a forwarded request (see the module docstring)."""
+
+    error_code: int
+    message: str
+    # CreateTopic and DeleteTopic: the topic's id (a DeleteTopic's answer needs it once it is gone).
+    topic_id: bytes
+    # Offset of the command that gave this answer.
+    metadata_offset: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,6 +290,8 @@ class ClusterMetadata:
         self.topic_ids: dict[str, bytes] = {}
         # The first producer id no node has been given yet.
         self.next_producer_id = FIRST_PRODUCER_ID
+        # (request_id, topic name) -> first answer, oldest first; at most MAX_RECENT_REQUESTS.
+        self.recent_requests: dict[tuple[str, str], RequestAnswer] = {}
 
     # ---------------------------------------------------------------- reading
 
@@ -273,6 +303,7 @@ class ClusterMetadata:
             and self.nodes == other.nodes
             and self.topics == other.topics
             and self.next_producer_id == other.next_producer_id
+            and list(self.recent_requests.items()) == list(other.recent_requests.items())
         )
 
     __hash__ = None  # type: ignore[assignment]
@@ -294,6 +325,17 @@ class ClusterMetadata:
             return None
         return t.partitions[partition]
 
+    @property
+    def partition_count(self) -> int:
+        """Partitions over all topics (O(topics): read once per topic creation, for its limit)."""
+        return sum(len(t.partitions) for t in self.topics.values())
+
+    def request_answer(self, request_id: str, name: str) -> RequestAnswer | None:
+        """The first answer to topic ``name`` of the forwarded request ``request_id``, if remembered."""
+        if not request_id:
+            return None
+        return self.recent_requests.get((request_id, name))
+
     def unfenced_nodes(self) -> set[int]:
         return {n.node_id for n in self.nodes.values() if not n.fenced}
 
@@ -311,6 +353,7 @@ class ClusterMetadata:
             assert node_id == n.node_id
             assert 0 <= n.broker_epoch <= self.metadata_offset, n
         assert len(self.topic_ids) == len(self.topics)
+        assert len(self.recent_requests) <= MAX_RECENT_REQUESTS
         for tid, t in self.topics.items():
             assert t.topic_id == tid and self.topic_ids[t.name] == tid, t.name
             assert list(t.configs) == sorted(dict(t.configs).items())
@@ -349,6 +392,8 @@ class ClusterMetadata:
             return self._fence_node(cmd)
         if isinstance(cmd, UnfenceNode):
             return self._unfence_node(cmd)
+        if isinstance(cmd, CreateTopic | DeleteTopic | AlterConfigs) and cmd.request_id:
+            return self._forwarded(cmd)
         if isinstance(cmd, CreateTopic):
             return self._create_topic(cmd)
         if isinstance(cmd, DeleteTopic):
@@ -362,6 +407,31 @@ class ClusterMetadata:
         if isinstance(cmd, AllocateProducerIds):
             return self._allocate_producer_ids(cmd)
         raise AssertionError(f"unhandled command {cmd!r}")  # malformed_reason knows every type
+
+    def _forwarded(self, cmd: CreateTopic | DeleteTopic | AlterConfigs) -> Result:
+        """A topic change with a request id: the first answer again for a resend, else apply and
+        remember the answer (see the module docstring)."""
+        if len(cmd.request_id) > MAX_REQUEST_ID_LENGTH:
+            return self._reject(
+                E.ERROR_CODE_INVALID_REQUEST, f"request id is longer than {MAX_REQUEST_ID_LENGTH} characters"
+            )
+        key = (cmd.request_id, cmd.name)
+        first = self.recent_requests.get(key)
+        if first is not None:
+            ok = first.error_code == E.ERROR_CODE_NONE
+            return Result(ok, first.error_code, first.message, self.metadata_offset)
+        if isinstance(cmd, CreateTopic):
+            result, topic_id = self._create_topic(cmd), cmd.topic_id
+        elif isinstance(cmd, DeleteTopic):
+            result, topic_id = self._delete_topic(cmd), cmd.topic_id
+        else:
+            result, topic_id = self._alter_configs(cmd), b""
+        self.recent_requests[key] = RequestAnswer(
+            result.error_code, result.message, topic_id, result.metadata_offset
+        )
+        while len(self.recent_requests) > MAX_RECENT_REQUESTS:
+            del self.recent_requests[next(iter(self.recent_requests))]
+        return result
 
     def _reject(self, code: int, message: str) -> Result:
         return Result(False, code, message, self.metadata_offset)
@@ -390,17 +460,26 @@ class ClusterMetadata:
         return None
 
     def _put_partition(self, topic_id: bytes, index: int, new: PartitionRecord) -> None:
+        self._put_partitions(topic_id, {index: new})
+
+    def _put_partitions(self, topic_id: bytes, changed: Mapping[int, PartitionRecord]) -> None:
+        """Replace partitions of one topic at once: one copy of its partition tuple, however many
+        change (a copy per partition made fencing a node quadratic in a topic's partitions)."""
         t = self.topics[topic_id]
-        old = t.partitions[index]
-        if new == old:
-            return
-        assert new.replicas == old.replicas
-        # Epochs never decrease; every change bumps partition_epoch, a leader change leader_epoch.
-        assert new.partition_epoch == old.partition_epoch + 1, (old, new)
-        assert new.leader_epoch == old.leader_epoch + (new.leader != old.leader), (old, new)
-        parts = list(t.partitions)
-        parts[index] = new
-        self.topics[topic_id] = replace(t, partitions=tuple(parts))
+        parts: list[PartitionRecord] | None = None
+        for index, new in changed.items():
+            old = t.partitions[index]
+            if new == old:
+                continue
+            assert new.replicas == old.replicas
+            # Epochs never decrease; every change bumps partition_epoch, a leader change leader_epoch.
+            assert new.partition_epoch == old.partition_epoch + 1, (old, new)
+            assert new.leader_epoch == old.leader_epoch + (new.leader != old.leader), (old, new)
+            if parts is None:
+                parts = list(t.partitions)
+            parts[index] = new
+        if parts is not None:
+            self.topics[topic_id] = replace(t, partitions=tuple(parts))
 
     def _changed(self, p: PartitionRecord, leader: int, isr: tuple[int, ...]) -> PartitionRecord:
         """``p`` with a new leader and ISR, epochs bumped as the change requires (or ``p`` unchanged)."""
@@ -460,6 +539,8 @@ class ClusterMetadata:
         self.nodes[node_id] = replace(self.nodes[node_id], fenced=True)
         live = self.unfenced_nodes()
         for tid, t in list(self.topics.items()):
+            changed: dict[int, PartitionRecord] = {}
+            unclean = t.unclean_allowed()
             for i, p in enumerate(t.partitions):
                 if node_id not in p.isr and node_id != p.leader:
                     continue
@@ -468,8 +549,10 @@ class ClusterMetadata:
                     isr = tuple(r for r in isr if r != node_id)
                 leader = p.leader
                 if leader == node_id or leader == NO_LEADER:
-                    leader, isr = choose_leader(p.replicas, isr, live, t.unclean_allowed())
-                self._put_partition(tid, i, self._changed(p, leader, isr))
+                    leader, isr = choose_leader(p.replicas, isr, live, unclean)
+                changed[i] = self._changed(p, leader, isr)
+            if changed:
+                self._put_partitions(tid, changed)
 
     def _unfence_node(self, cmd: UnfenceNode) -> Result:
         bad = self._check_broker_epoch(cmd.node_id, cmd.broker_epoch)
@@ -486,12 +569,15 @@ class ClusterMetadata:
     def _elect_offline(self, topic_id: bytes, only_with: int = NO_LEADER) -> None:
         t = self.topics[topic_id]
         live = self.unfenced_nodes()
+        changed: dict[int, PartitionRecord] = {}
         for i, p in enumerate(t.partitions):
             if p.leader != NO_LEADER or (only_with != NO_LEADER and only_with not in p.replicas):
                 continue
             leader, isr = choose_leader(p.replicas, p.isr, live, t.unclean_allowed())
             if leader != NO_LEADER:
-                self._put_partition(topic_id, i, self._changed(p, leader, isr))
+                changed[i] = self._changed(p, leader, isr)
+        if changed:
+            self._put_partitions(topic_id, changed)
 
     # ---------------------------------------------------------------- topics
 
@@ -698,6 +784,11 @@ class ClusterMetadata:
                 ]
                 for t in sorted(self.topics.values(), key=lambda t: t.name)
             ],
+            # Oldest first: the order decides which answer is forgotten next.
+            "requests": [
+                [rid, name, a.error_code, a.message, a.topic_id.hex(), a.metadata_offset]
+                for (rid, name), a in self.recent_requests.items()
+            ],
         }
         return json.dumps(doc, separators=(",", ":")).encode()
 
@@ -745,6 +836,16 @@ class ClusterMetadata:
                     configs=tuple((str(k), str(v)) for k, v in configs),
                 )
                 m.topic_ids[str(name)] = tid
+            # Absent from snapshots written before forwarded requests were remembered.
+            requests = doc.get("requests", [])
+            if type(requests) is not list or len(requests) > MAX_RECENT_REQUESTS:
+                raise ValueError(f"remembered requests are not a list of at most {MAX_RECENT_REQUESTS}")
+            for rid, name, code, message, tid_hex, offset in requests:
+                if type(rid) is not str or type(name) is not str or type(message) is not str:
+                    raise ValueError("a remembered request's id, topic or message is not a string")
+                m.recent_requests[(rid, name)] = RequestAnswer(
+                    int(code), message, bytes.fromhex(tid_hex), int(offset)
+                )
             m.check_invariants()
         except (KeyError, TypeError, ValueError, AssertionError) as e:
             raise SnapshotError(f"snapshot is inconsistent: {e}") from None

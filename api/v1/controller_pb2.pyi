@@ -224,10 +224,12 @@ class MetadataDelta(_message.Message):
     def __init__(self, metadata_offset: _Optional[int] = ..., command: _Optional[bytes] = ..., error_code: _Optional[_Union[_errors_pb2.ErrorCode, str]] = ..., error_message: _Optional[str] = ...) -> None: ...
 
 class ControllerServiceCreateTopicsRequest(_message.Message):
-    __slots__ = ("request",)
+    __slots__ = ("request", "request_id")
     REQUEST_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     request: _client_pb2.CreateTopicsRequest
-    def __init__(self, request: _Optional[_Union[_client_pb2.CreateTopicsRequest, _Mapping]] = ...) -> None: ...
+    request_id: str
+    def __init__(self, request: _Optional[_Union[_client_pb2.CreateTopicsRequest, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class ControllerServiceCreateTopicsResponse(_message.Message):
     __slots__ = ("error_code", "error_message", "controller", "response", "metadata_offset")
@@ -244,10 +246,12 @@ class ControllerServiceCreateTopicsResponse(_message.Message):
     def __init__(self, error_code: _Optional[_Union[_errors_pb2.ErrorCode, str]] = ..., error_message: _Optional[str] = ..., controller: _Optional[_Union[ControllerHint, _Mapping]] = ..., response: _Optional[_Union[_client_pb2.CreateTopicsResponse, _Mapping]] = ..., metadata_offset: _Optional[int] = ...) -> None: ...
 
 class ControllerServiceDeleteTopicsRequest(_message.Message):
-    __slots__ = ("request",)
+    __slots__ = ("request", "request_id")
     REQUEST_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     request: _client_pb2.DeleteTopicsRequest
-    def __init__(self, request: _Optional[_Union[_client_pb2.DeleteTopicsRequest, _Mapping]] = ...) -> None: ...
+    request_id: str
+    def __init__(self, request: _Optional[_Union[_client_pb2.DeleteTopicsRequest, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class ControllerServiceDeleteTopicsResponse(_message.Message):
     __slots__ = ("error_code", "error_message", "controller", "response", "metadata_offset")
@@ -264,10 +268,12 @@ class ControllerServiceDeleteTopicsResponse(_message.Message):
     def __init__(self, error_code: _Optional[_Union[_errors_pb2.ErrorCode, str]] = ..., error_message: _Optional[str] = ..., controller: _Optional[_Union[ControllerHint, _Mapping]] = ..., response: _Optional[_Union[_client_pb2.DeleteTopicsResponse, _Mapping]] = ..., metadata_offset: _Optional[int] = ...) -> None: ...
 
 class ControllerServiceAlterConfigsRequest(_message.Message):
-    __slots__ = ("request",)
+    __slots__ = ("request", "request_id")
     REQUEST_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     request: _client_pb2.AlterConfigsRequest
-    def __init__(self, request: _Optional[_Union[_client_pb2.AlterConfigsRequest, _Mapping]] = ...) -> None: ...
+    request_id: str
+    def __init__(self, request: _Optional[_Union[_client_pb2.AlterConfigsRequest, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class ControllerServiceAlterConfigsResponse(_message.Message):
     __slots__ = ("error_code", "error_message", "controller", "response", "metadata_offset")
