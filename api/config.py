@@ -142,25 +142,26 @@ class NodeConfig:
     )
 
     # --- connections (see "Limits and hardening" in the README)
-    # A client connection must send the HTTP/2 preface and settings within this, or it is closed: a
-    # connection that never speaks holds a file descriptor and nothing else.
-    handshake_timeout_ms: int = 5_000
-    # The node pings a connection after this long without traffic, and closes it when the ping is
-    # not answered within keepalive_timeout_ms (a peer that vanished, or one that never answers).
-    keepalive_time_ms: int = 30_000
-    keepalive_timeout_ms: int = 10_000
-    # A connection with no call in flight for this long is told to go away (clients reconnect).
-    max_connection_idle_ms: int = 300_000
-    # Client connections open at once; past it a new one is closed at accept. 0: the process's
-    # descriptor limit less a reserve for log files, Raft and metrics (see node/limits.py).
-    max_connections: int = 0
-    # The metrics port: connections served at once (past it a new one is closed at accept), and
-    # the time one has to send its request and take the answer.
-    metrics_max_connections: int = 32
-    metrics_timeout_ms: int = 5_000
-    # A warning that a flood of requests can cause (a refused controller call, a failed request)
-    # is logged once per this interval and kind, with a count of the ones left out.
-    log_repeat_interval_ms: int = 10_000
+    handshake_timeout_ms: int = _setting(
+        5_000, "a client connection must send the HTTP/2 preface and settings within this, or is closed"
+    )
+    keepalive_time_ms: int = _setting(
+        30_000, "a connection quiet this long is pinged (closed when the ping goes unanswered)"
+    )
+    keepalive_timeout_ms: int = _setting(10_000, "how long a keepalive ping may go unanswered")
+    max_connection_idle_ms: int = _setting(
+        300_000, "a connection with no call for this long is told to go away (clients reconnect)"
+    )
+    max_connections: int = _setting(
+        0, "client connections at once (0: the descriptor limit less a reserve); past it one is closed"
+    )
+    metrics_max_connections: int = _setting(32, "metrics connections served at once")
+    metrics_timeout_ms: int = _setting(
+        5_000, "time a metrics connection has to send its request and take the answer"
+    )
+    log_repeat_interval_ms: int = _setting(
+        10_000, "a warning a flood can cause is logged once per this interval and kind, with a count"
+    )
 
     # --- shutdown
     shutdown_grace_s: float = _setting(

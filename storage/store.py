@@ -208,9 +208,13 @@ class LogStore:
             if existing is not None:
                 return existing
             if not p._reload(h):
+                # Not synced: an empty log lost in a crash is made again, empty, when the metadata
+                # places it here, and any synced write after this one (an fsync append) syncs the
+                # write-ahead log up to it. A node opening thousands of new replicas at once would
+                # otherwise wait for thousands of syncs on its event loop.
                 wb = WriteBatch(raw_mode=True)
                 wb.put(K.state_key(pk), K.STATE.pack(0, 0, 0), h.meta_cf)
-                self._write(h, wb, sync=True)
+                self._write(h, wb, sync=False)
             self._partitions[pk] = p
             return p
 
