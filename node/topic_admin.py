@@ -99,7 +99,10 @@ async def create_topics(
     resp = pb.CreateTopicsResponse()
     last = -1
     seen: set[str] = set()
-    requested = sum(max(_shape(t, config)[0], 0) for t in req.topics)
+    # Partitions the request would create: topics whose own count is out of range are refused for
+    # that alone, and do not count against the others.
+    counts = [_shape(t, config)[0] for t in req.topics]
+    requested = sum(n for n in counts if 1 <= n <= config.max_partitions_per_topic)
     for t in req.topics:
         r = resp.topics.add(name=t.name)
         partitions, rf, assignments, bad_assignment = _shape(t, config)
@@ -115,12 +118,6 @@ async def create_topics(
             code, msg = E.ERROR_CODE_INVALID_REQUEST, f"topic {t.name} appears twice in the request"
         elif bad_assignment:
             code, msg = E.ERROR_CODE_INVALID_REPLICA_ASSIGNMENT, bad_assignment
-        elif requested > config.max_partitions_per_request:
-            code, msg = (
-                E.ERROR_CODE_POLICY_VIOLATION,
-                f"the request would create {requested} partitions; one request may create at most "
-                f"max_partitions_per_request={config.max_partitions_per_request}",
-            )
         elif runtime.quorum.metadata.topic(t.name) is not None:
             code, msg = E.ERROR_CODE_TOPIC_ALREADY_EXISTS, f"topic {t.name} already exists"
         elif len(runtime.quorum.metadata.topics) >= config.max_topics:
@@ -129,6 +126,12 @@ async def create_topics(
             code, msg = (
                 E.ERROR_CODE_INVALID_PARTITIONS,
                 f"partition count must be 1..{config.max_partitions_per_topic}, got {partitions}",
+            )
+        elif requested > config.max_partitions_per_request:
+            code, msg = (
+                E.ERROR_CODE_POLICY_VIOLATION,
+                f"the request would create {requested} partitions; one request may create at most "
+                f"max_partitions_per_request={config.max_partitions_per_request}",
             )
         elif rf < 1:
             code, msg = E.ERROR_CODE_INVALID_REPLICATION_FACTOR, f"replication factor must be >= 1, got {rf}"

@@ -193,7 +193,7 @@ def test_a_compression_bomb_costs_the_leader_little_and_stores_nothing(
 def test_a_subscribe_flood_that_never_reads_is_bounded_and_other_readers_go_on(
     make_cluster: Callable[..., Cluster],
 ) -> None:
-    c, victim, _, known = _cluster_with_records(make_cluster)
+    c, victim, metrics, known = _cluster_with_records(make_cluster)
     with Producer(bootstrap=c.bootstrap, acks=1, linger_ms=0, compression="none") as producer:
         for i in range(100):
             producer.send("target", bytes([i]) * 100_000, partition=0)  # 10 MB behind the known records
@@ -246,7 +246,12 @@ def test_a_subscribe_flood_that_never_reads_is_bounded_and_other_readers_go_on(
 
         watch.during(polite_reader, 10.0)
         watch.check()
-        print(f"{len(calls)} idle streams; a polite reader read the partition in {read_s[0]:.2f} s")
+        gap = _metric(metrics[victim], "headwater_lease_heartbeat_gap_max_seconds")
+        print(
+            f"{len(calls)} idle streams; a polite reader read the partition in {read_s[0]:.2f} s; "
+            f"largest heartbeat gap of the victim {gap * 1000:.0f} ms"
+        )
+        assert gap < 0.75, gap
         assert refused == 1
         assert read_s and read_s[0] < 10.0
     finally:
