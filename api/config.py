@@ -82,6 +82,10 @@ class NodeConfig:
     max_fetch_waiters: int = _setting(
         10_000, "parked long-poll fetches across the node (past it, a fetch answers at once)"
     )
+    max_produce_requests: int = _setting(
+        1_000,
+        "Produce requests handled at once (a unary one past it is refused, a ProduceStream waits)",
+    )
     max_subscribe_streams: int = _setting(1_000, "concurrent Subscribe streams")
     max_subscribe_streams_per_connection: int = _setting(
         100, "concurrent Subscribe streams of one client connection (its share of max_subscribe_streams)"
@@ -234,6 +238,7 @@ def _validate(cfg: NodeConfig) -> NodeConfig:
         "fetch_max_bytes",
         "max_partition_fetch_bytes",
         "max_fetch_waiters",
+        "max_produce_requests",
         "max_subscribe_streams",
         "max_subscribe_streams_per_connection",
         "read_buffer_bytes",

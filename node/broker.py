@@ -545,9 +545,6 @@ class Broker:
         total = 0
         touched: list[Partition] = []
         errored = False
-        # replica_id is optional (client.proto): absent, like -1, is a consumer, which reads only up to
-        # the high watermark; 0 alone would make every consumer that leaves it out follower 0.
-        is_follower = req.HasField("replica_id") and req.replica_id >= 0
         for t in req.topics:
             tr = resp.add_topic(t.topic)
             for fp in t.partitions:
@@ -585,7 +582,9 @@ class Broker:
                 if budget <= 0 and total > 0:
                     continue
                 try:
-                    raw = p.log.read(fp.fetch_offset, max(budget, 1), None if is_follower else hw)
+                    # A client never reads past the high watermark, whatever replica_id it sends:
+                    # replicas will read through the authenticated replication service.
+                    raw = p.log.read(fp.fetch_offset, max(budget, 1), hw)
                 except OffsetOutOfRangeError as e:
                     pr.error_code = E.ERROR_CODE_OFFSET_OUT_OF_RANGE
                     pr.error_message = str(e)
@@ -747,6 +746,17 @@ class Broker:
         return resp
 
     # ----------------------------------------------------------------- retention
+
+    def checkpoint_high_watermarks(self, *, sync: bool = False) -> int:
+        """Write every replica's high watermark to its checkpoint; returns how many failed."""
+        failed = 0
+        for (topic, index), p in list(self.partitions.items()):
+            try:
+                p.checkpoint_high_watermark(sync=sync)
+            except (StorageError, ValueError) as e:
+                failed += 1
+                log.debug("high watermark of %s-%d not checkpointed: %s", topic, index, e)
+        return failed
 
     def apply_retention(self) -> int:
         """One pass of time and size retention over every partition; returns batches deleted."""

@@ -60,8 +60,9 @@ class Partition:
         self.isr: tuple[int, ...] = (node_id,)
         # Parked long-poll fetches and Subscribe streams, woken when the high watermark moves.
         self._waiters: set[asyncio.Future[None]] = set()
-        # One node: every record in the local log is committed.
-        self._high_watermark: int = log.log_end_offset
+        # The one high watermark: loaded from the log's checkpoint, written back by
+        # ``checkpoint_high_watermark`` (on a timer and at shutdown).
+        self._high_watermark: int = log.high_watermark
 
     @property
     def high_watermark(self) -> int:
@@ -102,10 +103,10 @@ class Partition:
         moved = role is not self.role or leader_epoch != self.leader_epoch or leader_id != self.leader_id
         self.role, self.leader_id, self.leader_epoch = role, leader_id, leader_epoch
         self.partition_epoch, self.replicas, self.isr = partition_epoch, replicas, isr
+        if role is Role.LEADER and isr == (self.node_id,):
+            # The leader is the whole ISR: every record in its log is in every in-sync replica's.
+            self.advance_high_watermark(self.log.log_end_offset)
         if moved:
-            if role is Role.LEADER:
-                # The leader alone holds the log (followers do not copy it yet): all of it is committed.
-                self._high_watermark = self.log.log_end_offset
             self.wake()
 
     def advance_high_watermark(self, offset: int) -> None:
@@ -120,6 +121,11 @@ class Partition:
         elif offset < self._high_watermark:
             # Only truncation below the high watermark (a lost election in a later issue) moves it back.
             self._high_watermark = offset
+
+    def checkpoint_high_watermark(self, *, sync: bool = False) -> None:
+        """Write the high watermark to the log's checkpoint (where a restart loads it from)."""
+        hw = min(max(self._high_watermark, self.log.log_start_offset), self.log.log_end_offset)
+        self.log.checkpoint_high_watermark(hw, sync=sync)
 
     def on_log_changed(self) -> None:
         """After retention or truncation: keep the high watermark inside the log."""

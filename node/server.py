@@ -70,6 +70,7 @@ def grpc_server_options(config: NodeConfig, max_connections: int = 0) -> list[tu
 
 
 async def _retention_loop(broker: Broker, interval_s: float) -> None:
+    """Retention, then the high-watermark checkpoints, every ``interval_s``."""
     while True:
         await asyncio.sleep(interval_s)
         try:
@@ -78,6 +79,9 @@ async def _retention_loop(broker: Broker, interval_s: float) -> None:
                 log.info("retention deleted %d batches", deleted)
         except Exception:
             log.exception("retention pass failed")
+        failed = broker.checkpoint_high_watermarks()
+        if failed:
+            log.warning("%d high watermarks could not be checkpointed (tried again later)", failed)
 
 
 def _check_store_owner(config: NodeConfig, store: LogStore) -> None:
@@ -192,6 +196,7 @@ async def run_node(config: NodeConfig, stop: asyncio.Event) -> None:
         retention.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await retention
+        broker.checkpoint_high_watermarks(sync=True)
     finally:
         if metrics_endpoint is not None:
             await metrics_endpoint.close()

@@ -74,6 +74,9 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
         # Topic changes go to the active controller through the node's link.
         self.link = link
         self._streams = 0
+        # Produce requests being handled (unary and streamed); see max_produce_requests.
+        self._producing = 0
+        self._produce_slots = asyncio.Semaphore(broker.config.max_produce_requests)
         self._peer_streams: dict[str, int] = {}
         # Set when the node stops: open ProduceStreams end after the request in hand (close_streams).
         self._stopping = asyncio.Event()
@@ -138,6 +141,14 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
     async def Produce(
         self, request: pb.ProduceRequest, context: grpc.aio.ServicerContext
     ) -> pb.ProduceResponse:  # noqa: N802,E501
+        if self._producing >= self.broker.config.max_produce_requests:
+            # A unary request is already in memory when it gets here: refuse past the bound rather
+            # than let waiting requests pile up.
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the node handles max_produce_requests={self.broker.config.max_produce_requests} "
+                "Produce requests at once; retry, or use ProduceStream",
+            )
         return await self._produce("Produce", request, context)
 
     async def ProduceStream(  # noqa: N802
@@ -145,11 +156,14 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
     ) -> AsyncIterator[pb.ProduceStreamResponse]:
         # One request at a time, in arrival order: that order is the stream's promise. The partitions
         # refused so far in this stream refuse their later batches too (see client.proto).
+        # Past max_produce_requests a stream waits for its turn with the one request it has read, and
+        # reads no further, so flow control holds its sender back (an idle stream holds no turn).
         refused: set[tuple[str, int]] = set()
         incoming = aiter(requests)
         while (message := await self._next_unless_stopping(incoming)) is not None:
             request = message if isinstance(message, Malformed) else message.request
-            response = await self._produce("ProduceStream", request, context, refused)
+            async with self._produce_slots:
+                response = await self._produce("ProduceStream", request, context, refused)
             yield pb.ProduceStreamResponse(response=response)
 
     async def _next_unless_stopping(self, incoming: AsyncIterator[T]) -> T | None:
@@ -174,6 +188,19 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
         request: pb.ProduceRequest | Malformed,
         context: grpc.aio.ServicerContext,
         refused: set[tuple[str, int]] | None = None,
+    ) -> pb.ProduceResponse:
+        self._producing += 1
+        try:
+            return await self._produce_counted(rpc, request, context, refused)
+        finally:
+            self._producing -= 1
+
+    async def _produce_counted(
+        self,
+        rpc: str,
+        request: pb.ProduceRequest | Malformed,
+        context: grpc.aio.ServicerContext,
+        refused: set[tuple[str, int]] | None,
     ) -> pb.ProduceResponse:
         def produce() -> Awaitable[pb.ProduceResponse]:
             assert not isinstance(request, Malformed)  # _handle aborts a malformed call first

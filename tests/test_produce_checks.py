@@ -258,18 +258,22 @@ def test_log_append_time_stamps_the_batch_and_every_record_reads_the_stamp(broke
     assert (found.topics[0].partitions[0].offset, found.topics[0].partitions[0].timestamp_ms) == (0, NOW)
 
 
-def test_a_fetch_without_replica_id_is_a_consumer_not_follower_0(broker: Broker) -> None:
+def test_a_client_fetch_never_reads_past_the_high_watermark_whatever_replica_id_says(
+    broker: Broker,
+) -> None:
     broker.apply_image(image(CreateTopic("t", TID, ((1,),))), caught_up=True)
     assert produce(broker, "t", batch(NOW), batch(NOW)).error_code == E.ERROR_CODE_NONE
-    # Pretend the second batch is not committed yet: only a follower may read past the high watermark.
+    # Pretend the second batch is not committed yet: no client reads past the high watermark.
     p = broker.partitions[("t", 0)]
     p.advance_high_watermark(1)
     assert p.high_watermark == 1
     consumer = fetch(broker, fetch_request("t"))
     assert consumer.high_watermark == 1 and [b.base_offset for b in consumer.batches] == [0]
     assert [b.base_offset for b in fetch(broker, fetch_request("t", replica_id=-1)).batches] == [0]
-    follower_0 = fetch(broker, fetch_request("t", replica_id=0))
-    assert [b.base_offset for b in follower_0.batches] == [0, 1]
+    # A caller claiming to be replica 0 or 1 is still a client: replicas copy through their own service.
+    for replica in (0, 1):
+        claimed = fetch(broker, fetch_request("t", replica_id=replica))
+        assert [b.base_offset for b in claimed.batches] == [0]
 
 
 def test_an_absent_current_leader_epoch_skips_the_check_while_0_is_checked(broker: Broker) -> None:
