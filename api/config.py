@@ -98,6 +98,10 @@ class NodeConfig:
     read_buffer_bytes_per_connection: int = _setting(
         32 * 1024 * 1024, "one client connection's share of read_buffer_bytes"
     )
+    subscribe_max_bytes: int = _setting(
+        10 * 1024 * 1024,
+        "largest answer of a Subscribe stream (a larger max_bytes is capped to it)",
+    )
     subscribe_stall_timeout_ms: int = _setting(
         60_000, "a Subscribe stream whose reader accepts no data for this long is closed"
     )
@@ -244,6 +248,7 @@ def _validate(cfg: NodeConfig) -> NodeConfig:
         "read_buffer_bytes",
         "read_buffer_bytes_per_connection",
         "subscribe_stall_timeout_ms",
+        "subscribe_max_bytes",
         "max_partitions_per_topic",
         "max_topics",
         "max_partitions",

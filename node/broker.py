@@ -620,11 +620,8 @@ class Broker:
             offset = p.log.log_start_offset
         elif offset == LATEST:
             offset = p.high_watermark
-        max_bytes = (
-            self.config.max_partition_fetch_bytes
-            if max_bytes <= 0
-            else min(max_bytes, self.config.max_partition_fetch_bytes)
-        )
+        cap = min(self.config.subscribe_max_bytes, self.config.max_partition_fetch_bytes)
+        max_bytes = cap if max_bytes <= 0 else min(max_bytes, cap)
         loop = asyncio.get_running_loop()
         budget = self.read_budget
         while not self._closing:

@@ -41,7 +41,9 @@ class ReadBudget:
         self.per_connection = per_connection
         self.free = total
         self.held: dict[str, int] = {}
-        self._waiters: deque[_Waiter] = deque()
+        # Waiters by connection, each queue in arrival order; connections in turn (a connection
+        # served goes to the back). Waking costs one look per connection, not one per waiter.
+        self._queues: dict[str, deque[_Waiter]] = {}
 
     def _room(self, key: str) -> int:
         return min(self.free, self.per_connection - self.held.get(key, 0))
@@ -52,16 +54,16 @@ class ReadBudget:
 
     async def acquire(self, key: str, size: int, least: int | None = None) -> int:
         """Wait until at least ``least`` bytes (default ``size``) fit, take up to ``size`` and
-        return how many. Waiters are served in order, except that one whose connection is at its
-        share lets the next go first."""
+        return how many. One connection's waiters are served in order; waiting connections take
+        turns, and one at its share lets the others go first."""
         size = max(1, min(size, self.per_connection))
         least = size if least is None else max(1, min(least, size))
-        if not self._waiters and self._room(key) >= least:
+        if key not in self._queues and self._room(key) >= least:
             granted = min(size, self._room(key))
             self._take(key, granted)
             return granted
         waiter = _Waiter(key, size, least, asyncio.get_running_loop().create_future())
-        self._waiters.append(waiter)
+        self._queues.setdefault(key, deque()).append(waiter)
         self._wake()  # it may go ahead of waiters whose connections are at their share
         try:
             return await waiter.future
@@ -69,8 +71,12 @@ class ReadBudget:
             if waiter.future.done() and not waiter.future.cancelled():
                 self.release(key, waiter.future.result())  # granted as it was cancelled: give back
             else:
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(waiter)
+                queue = self._queues.get(key)
+                if queue is not None:
+                    with contextlib.suppress(ValueError):
+                        queue.remove(waiter)
+                    if not queue:
+                        del self._queues[key]
             raise
 
     def release(self, key: str, size: int) -> None:
@@ -88,21 +94,26 @@ class ReadBudget:
         self._wake()
 
     def _wake(self) -> None:
-        blocked: set[str] = set()
-        for w in list(self._waiters):
-            if w.future.done():
-                self._waiters.remove(w)
-                continue
-            if w.least > self.free:
-                break  # in order: a smaller request behind does not overtake a large one
-            room = self._room(w.key)
-            if w.key in blocked or room < w.least:
-                blocked.add(w.key)  # this connection is at its share; others may go
-                continue
-            self._waiters.remove(w)
-            granted = min(w.size, room)
-            self._take(w.key, granted)
-            w.future.set_result(granted)
+        """Serve each waiting connection's queue in order, as far as its share and the budget
+        allow; the connections are visited in turn, and each goes to the back once visited."""
+        for key in list(self._queues):
+            if self.free <= 0:
+                return
+            queue = self._queues.pop(key)
+            while queue:
+                w = queue[0]
+                if w.future.done():  # cancelled while queued
+                    queue.popleft()
+                    continue
+                room = self._room(key)
+                if room < w.least:
+                    break  # this connection is at its share, or the budget is short
+                queue.popleft()
+                granted = min(w.size, room)
+                self._take(key, granted)
+                w.future.set_result(granted)
+            if queue:
+                self._queues[key] = queue
 
     @contextlib.asynccontextmanager
     async def hold(self, key: str, size: int) -> AsyncIterator[int]:

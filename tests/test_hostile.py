@@ -24,6 +24,7 @@ E = errors_pb2
 # Bounds the tests hold a node to while it is attacked.
 MAX_RSS_BYTES = 700 * 1024 * 1024
 MAX_CLIENT_WAIT_S = 1.0
+DEFAULT_LEASE = ["--heartbeat-interval-ms", "500", "--session-timeout-ms", "3000"]
 
 
 def _rss_bytes(pid: int) -> int:
@@ -66,8 +67,8 @@ class Watch:
     """Samples a cluster while it is attacked: fencing, controller changes, one node's memory and
     how long a plain client waits for Metadata from it."""
 
-    def __init__(self, c: Cluster, victim: int) -> None:
-        self.c, self.victim = c, victim
+    def __init__(self, c: Cluster, victim: int, max_wait_s: float = MAX_CLIENT_WAIT_S) -> None:
+        self.c, self.victim, self.max_wait_s = c, victim, max_wait_s
         self.controller = c.active_controller()
         self.rss_max = 0
         self.wait_max = 0.0
@@ -115,16 +116,16 @@ class Watch:
         assert not self.fenced, f"nodes {self.fenced} were fenced"
         assert self.controllers == {self.controller}, f"the controller moved: {self.controllers}"
         assert self.rss_max < MAX_RSS_BYTES, self.rss_max
-        assert self.wait_max < MAX_CLIENT_WAIT_S, self.wait_max
+        assert self.wait_max < self.max_wait_s, self.wait_max
 
 
 def _cluster_with_records(
-    make_cluster: Callable[..., Cluster],
+    make_cluster: Callable[..., Cluster], lease: list[str] | None = None
 ) -> tuple[Cluster, int, dict[int, int], list[bytes]]:
     c = make_cluster(3)
     metrics = {i: free_port() for i in c.nodes}
     for i, n in c.nodes.items():
-        n.extra_args += ["--metrics-port", str(metrics[i])]
+        n.extra_args += ["--metrics-port", str(metrics[i]), *(lease or [])]
     c.start()
     with Admin(c.bootstrap) as admin:
         admin.create_topics([NewTopic("target", partitions=1, replication_factor=1)])
@@ -193,7 +194,9 @@ def test_a_compression_bomb_costs_the_leader_little_and_stores_nothing(
 def test_a_subscribe_flood_that_never_reads_is_bounded_and_other_readers_go_on(
     make_cluster: Callable[..., Cluster],
 ) -> None:
-    c, victim, metrics, known = _cluster_with_records(make_cluster)
+    # The default lease (heartbeat 500 ms, session 3 s): reading at full speed for 500 streams is
+    # heavy, legitimate-looking load on a 2-core machine, and the node must keep its lease through it.
+    c, victim, metrics, known = _cluster_with_records(make_cluster, DEFAULT_LEASE)
     with Producer(bootstrap=c.bootstrap, acks=1, linger_ms=0, compression="none") as producer:
         for i in range(100):
             producer.send("target", bytes([i]) * 100_000, partition=0)  # 10 MB behind the known records
@@ -231,7 +234,7 @@ def test_a_subscribe_flood_that_never_reads_is_bounded_and_other_readers_go_on(
                 refused += 1
             stop.wait()
 
-        watch = Watch(c, victim)
+        watch = Watch(c, victim, max_wait_s=2.0)
         read_s: list[float] = []
 
         def polite_reader(stop: threading.Event) -> None:
@@ -251,7 +254,7 @@ def test_a_subscribe_flood_that_never_reads_is_bounded_and_other_readers_go_on(
             f"{len(calls)} idle streams; a polite reader read the partition in {read_s[0]:.2f} s; "
             f"largest heartbeat gap of the victim {gap * 1000:.0f} ms"
         )
-        assert gap < 0.75, gap
+        assert gap < 1.5, gap  # half the session timeout
         assert refused == 1
         assert read_s and read_s[0] < 10.0
     finally:
