@@ -49,13 +49,13 @@ leadership ends it. The rules follow Kafka's ``Partition`` and ``Replica``:
 
 ``end_offset_for_epoch`` and ``diverging_epoch`` are the epoch rules as pure functions of a leader
 epoch cache (``[(epoch, start_offset)]``, oldest first) and a log end offset, for this module, the
-fetch server and tests.
+fetch server and tests; ``truncation_offset`` is the follower's side of the same rule (KIP-279).
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, replace
 
 from headwater.raft.commands import AlterPartition
@@ -68,6 +68,7 @@ __all__ = [
     "EpochEndOffset",
     "end_offset_for_epoch",
     "diverging_epoch",
+    "truncation_offset",
     "FollowerState",
     "AckRelease",
     "FetchOutcome",
@@ -154,6 +155,34 @@ def diverging_epoch(
     if found.epoch < last_fetched_epoch or found.end_offset < fetch_offset:
         return found
     return None
+
+
+def truncation_offset(
+    epoch_entries: Sequence[tuple[int, int]],
+    log_end_offset: int,
+    diverging: EpochEndOffset,
+    *,
+    high_watermark: int,
+) -> int:
+    """Where a follower whose log is ``epoch_entries`` up to ``log_end_offset`` truncates on a
+    ``diverging`` answer (Kafka's ``getOffsetTruncationState``, KIP-279).
+
+    If the follower has the leader's epoch, both copies of it agree up to the smaller end. If not
+    (the follower skipped it), truncate to the end of the follower's own largest earlier epoch: the
+    next fetch, with that epoch as ``last_fetched_epoch``, asks again, one epoch further back at a
+    time. An answer with no offset (the leader knows no such epoch) keeps only what was committed:
+    the follower's ``high_watermark``.
+    """
+    if diverging.end_offset < 0:
+        return min(high_watermark, log_end_offset)
+    if diverging.epoch < 0:
+        return min(diverging.end_offset, log_end_offset)
+    own = end_offset_for_epoch(epoch_entries, log_end_offset, diverging.epoch)
+    if own.epoch < 0:
+        return min(diverging.end_offset, log_end_offset)
+    if own.epoch != diverging.epoch:
+        return min(own.end_offset, log_end_offset)
+    return min(own.end_offset, diverging.end_offset, log_end_offset)
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,17 +310,25 @@ class ReplicaState:
             if r != self.node_id and not self.is_caught_up(r, now_ms, replica_lag_time_max_ms)
         )
 
-    def expand_candidates(self) -> tuple[int, ...]:
+    def expand_candidates(self, ineligible: Collection[int] = ()) -> tuple[int, ...]:
         """Followers out of the committed ISR whose log end reached the high watermark and the start
-        of this leader epoch (so they copied this epoch's log, not a suffix another leader wrote)."""
+        of this leader epoch (so they copied this epoch's log, not a suffix another leader wrote).
+
+        ``ineligible``: nodes the metadata says may not join (fenced, shutting down), left out as
+        Kafka's ``isReplicaIsrEligible`` does; the controller would refuse them (INELIGIBLE_REPLICA).
+        """
         floor = max(self.high_watermark, self.leader_epoch_start_offset)
         return tuple(
-            r for r in self.replicas if r not in self.isr and self._followers[r].log_end_offset >= floor
+            r
+            for r in self.replicas
+            if r not in self.isr and r not in ineligible and self._followers[r].log_end_offset >= floor
         )
 
     # ------------------------------------------------------------------ ISR changes
 
-    def propose_isr_change(self, now_ms: int, replica_lag_time_max_ms: int) -> AlterPartition | None:
+    def propose_isr_change(
+        self, now_ms: int, replica_lag_time_max_ms: int, *, ineligible: Collection[int] = ()
+    ) -> AlterPartition | None:
         """The ``AlterPartition`` to send, or None (nothing to change, or a change is in flight).
 
         Removes the shrink candidates and adds the expand candidates in one compare-and-set on the
@@ -301,7 +338,7 @@ class ReplicaState:
         if self.pending is not None:
             return None
         out = set(self.shrink_candidates(now_ms, replica_lag_time_max_ms))
-        add = set(self.expand_candidates())
+        add = set(self.expand_candidates(ineligible))
         if not out and not add:
             return None
         new_isr = tuple(r for r in self.replicas if (r in self.isr and r not in out) or r in add)
@@ -443,7 +480,7 @@ class ReplicaState:
         if not 0 <= fetch_offset <= self.log_end_offset:
             return FetchOutcome(
                 E.ERROR_CODE_OFFSET_OUT_OF_RANGE,
-                f"fetch offset {fetch_offset} is past the leader's log end {self.log_end_offset}",
+                f"fetch offset {fetch_offset} is outside [0, {self.log_end_offset}], the leader's log",
             )
         f = self._followers[replica_id]
         caught_up = f.last_caught_up_time_ms
