@@ -32,7 +32,10 @@ leadership ends it. The rules follow Kafka's ``Partition`` and ``Replica``:
   that says the proposal was not applied at the current partition epoch (INELIGIBLE_REPLICA,
   INVALID_REQUEST) drops the pending change so a new one can be proposed. A refusal that says the
   leader is behind (FENCED_LEADER_EPOCH, INVALID_UPDATE_VERSION, NOT_LEADER_OR_FOLLOWER, ...) keeps
-  the change pending until the metadata brings the newer state, as Kafka does.
+  the change pending until the metadata brings the newer state, as Kafka does. Dropping is safe only
+  if the refused proposal is never applied later: a resent copy of it must not be applied after
+  the controller refused one (Kafka gets this from one request at a time on one connection; a
+  resent command in the metadata log needs the controller to remember the refusal).
 - **acks=all** (KIP-497's *effective* ISR is the committed one). A produce is refused before the
   append with NOT_ENOUGH_REPLICAS when the committed ISR is smaller than ``min_insync_replicas``.
   A parked acks=all request is released once the high watermark reaches its ``required_offset`` (its
@@ -197,6 +200,8 @@ class FollowerState:
     # Time of its last fetch, and the leader's log end offset at that time (-1: none yet).
     last_fetch_time_ms: int = 0
     last_fetch_leader_log_end_offset: int = UNDEFINED_OFFSET
+    # The current_leader_epoch its last fetch named (-1: none named, or no fetch yet).
+    last_fetch_leader_epoch: int = UNDEFINED_EPOCH
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,8 +234,7 @@ class ReplicaState:
 
     Invariants (checked by ``check_invariants``):
     ``0 <= high_watermark <= log_end_offset``; the leader is in the committed ISR; the committed ISR
-    is a subset of replicas; the high watermark never exceeds the log end offset of a maximal-ISR
-    follower known to this leadership.
+    is a subset of replicas; every replica but the leader has a ``FollowerState``.
     """
 
     def __init__(
@@ -273,6 +277,8 @@ class ReplicaState:
         self.isr: tuple[int, ...] = record.isr
         # The AlterPartition sent and not yet answered or superseded; None when none is in flight.
         self.pending: AlterPartition | None = None
+        # True once the leadership ended (``resign``): every request is refused from then on.
+        self.resigned = False
         self._followers: dict[int, FollowerState] = {}
         self._reset_followers(now_ms)
         # acks=all waiters: (required_offset, waiter_id, min_insync_replicas), smallest offset first.
@@ -311,8 +317,9 @@ class ReplicaState:
         )
 
     def expand_candidates(self, ineligible: Collection[int] = ()) -> tuple[int, ...]:
-        """Followers out of the committed ISR whose log end reached the high watermark and the start
-        of this leader epoch (so they copied this epoch's log, not a suffix another leader wrote).
+        """Followers out of the committed ISR whose last fetch named this leader epoch and whose log
+        end reached the high watermark and the start of this epoch (so they copied this epoch's log,
+        not a suffix another leader wrote).
 
         ``ineligible``: nodes the metadata says may not join (fenced, shutting down), left out as
         Kafka's ``isReplicaIsrEligible`` does; the controller would refuse them (INELIGIBLE_REPLICA).
@@ -321,7 +328,10 @@ class ReplicaState:
         return tuple(
             r
             for r in self.replicas
-            if r not in self.isr and r not in ineligible and self._followers[r].log_end_offset >= floor
+            if r not in self.isr
+            and r not in ineligible
+            and self._followers[r].log_end_offset >= floor
+            and self._followers[r].last_fetch_leader_epoch == self.leader_epoch
         )
 
     # ------------------------------------------------------------------ ISR changes
@@ -351,7 +361,6 @@ class ReplicaState:
             partition_epoch=self.partition_epoch,
             new_isr=new_isr,
         )
-        # A joining member may hold the high watermark back; it never moves it, and never forward.
         self.check_invariants()
         return self.pending
 
@@ -406,13 +415,9 @@ class ReplicaState:
                 del self._followers[r]
         return self._advance()
 
-    @property
-    def resigned(self) -> bool:
-        return self.leader_epoch < 0
-
     def resign(self) -> tuple[AckRelease, ...]:
         """This node stops leading: release every waiter with NOT_LEADER_OR_FOLLOWER."""
-        self.leader_epoch = -1
+        self.resigned = True
         self.pending = None
         out = tuple(
             AckRelease(waiter_id, required, E.ERROR_CODE_NOT_LEADER_OR_FOLLOWER)
@@ -461,9 +466,11 @@ class ReplicaState:
     ) -> FetchOutcome:
         """A follower fetches from ``fetch_offset``; ``epoch_entries`` is the leader's epoch cache.
 
-        Checks epochs and membership, then divergence, then the offset; only an accepted fetch
-        updates the follower's state (its log end and caught-up time), which may move the high
-        watermark. Read records for it only when ``outcome.ok``.
+        Checks epochs and membership, then divergence, then the offset (as Kafka does: a follower
+        past the leader's log end in the leader's epoch is told to truncate, not refused). Only an
+        accepted fetch updates the follower's state (its log end and caught-up time), which may move
+        the high watermark. Read records for it only when ``outcome.ok``. The log start is not known
+        here: the fetch server refuses a fetch below it (OFFSET_OUT_OF_RANGE) without calling this.
         """
         code, message = self.check_fetch(replica_id, current_leader_epoch)
         if code != E.ERROR_CODE_NONE:
@@ -494,6 +501,7 @@ class ReplicaState:
             last_caught_up_time_ms=caught_up,
             last_fetch_time_ms=now_ms,
             last_fetch_leader_log_end_offset=max(self.log_end_offset, f.last_fetch_leader_log_end_offset),
+            last_fetch_leader_epoch=current_leader_epoch,
         )
         return FetchOutcome(E.ERROR_CODE_NONE, "", None, self._advance())
 

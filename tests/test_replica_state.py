@@ -223,6 +223,16 @@ def test_a_follower_at_the_log_end_is_never_a_shrink_candidate_however_long_ago_
     assert s.shrink_candidates(clock.now_ms, LAG_MS) == ()
 
 
+def test_an_isr_member_silent_since_the_leader_took_office_is_shrunk_after_the_lag_time() -> None:
+    clock = Clock()
+    s = leader(clock, log_end_offset=10, high_watermark=10)
+    released(s, clock, 2, 10)
+    clock.advance(LAG_MS)
+    assert s.shrink_candidates(clock.now_ms, LAG_MS) == ()
+    clock.advance(1)
+    assert s.shrink_candidates(clock.now_ms, LAG_MS) == (3,)
+
+
 def test_shrink_is_proposed_with_the_epochs_the_leader_holds_and_committed() -> None:
     clock = Clock()
     s = leader(clock, log_end_offset=10, high_watermark=10)
@@ -273,6 +283,15 @@ def test_a_follower_past_the_high_watermark_but_short_of_this_epochs_start_does_
     assert s.high_watermark == 4
     assert s.expand_candidates() == ()
     released(s, clock, 3, 10)
+    assert s.expand_candidates() == (3,)
+
+
+def test_only_a_fetch_naming_this_leader_epoch_qualifies_a_follower_to_join() -> None:
+    clock = Clock()
+    s = leader(clock, (1, 2), log_end_offset=10, high_watermark=10)
+    assert fetch(s, clock, 3, 10, epoch=-1).ok
+    assert s.follower(3).log_end_offset == 10 and s.expand_candidates() == ()
+    assert fetch(s, clock, 3, 10).ok
     assert s.expand_candidates() == (3,)
 
 
@@ -346,6 +365,19 @@ def test_stale_metadata_is_ignored_and_a_new_leader_ends_the_leadership() -> Non
     )
     assert s.resigned and s.ack_waiter_count == 0
     assert fetch(s, clock, 2, 10, epoch=-1).error_code == E.ERROR_CODE_NOT_LEADER_OR_FOLLOWER
+
+
+def test_a_new_leader_epoch_on_the_same_leader_ends_this_leadership() -> None:
+    """Kafka resets every follower's state on a new leader epoch; here the caller starts a new
+    ReplicaState, and parked producers retry against it."""
+    clock = Clock()
+    s = leader(clock, log_end_offset=10, high_watermark=0)
+    s.add_ack_waiter(1, 10, 1)
+    assert s.on_metadata(record(leader_epoch=6, partition_epoch=10), clock.now_ms) == (
+        AckRelease(1, 10, E.ERROR_CODE_NOT_LEADER_OR_FOLLOWER),
+    )
+    assert s.resigned
+    assert s.add_ack_waiter(2, 10, 1) == (AckRelease(2, 10, E.ERROR_CODE_NOT_LEADER_OR_FOLLOWER),)
 
 
 def test_reassignment_in_the_metadata_adds_and_drops_followers() -> None:
