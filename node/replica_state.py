@@ -376,10 +376,12 @@ class ReplicaState:
         """The controller's answer to ``proposal`` (a ``Result``'s fields): adopt a committed state
         newer than ours, or drop the pending change when the refusal says it was not applied.
 
-        An answer to anything but the pending proposal is stale and changes nothing. A committed
-        shrink may move the high watermark: the released acks=all waiters are returned.
+        ``proposal`` is the very object ``propose_isr_change`` returned (a resend sends that object
+        again). An answer to anything else is stale and changes nothing, even one to an earlier
+        proposal equal to it: a refusal of that one says nothing about this one. A committed shrink
+        may move the high watermark: the released acks=all waiters are returned.
         """
-        if proposal != self.pending:
+        if proposal is not self.pending:
             return ()
         if error_code == E.ERROR_CODE_NONE:
             if leader_epoch == self.leader_epoch and partition_epoch > self.partition_epoch:

@@ -20,8 +20,15 @@ from headwater.node.replica_state import (
     end_offset_for_epoch,
     truncation_offset,
 )
-from headwater.raft.commands import AlterPartition, CreateTopic, FenceNode, RegisterNode, UnfenceNode
-from headwater.raft.metadata import ClusterMetadata, PartitionRecord
+from headwater.raft.commands import (
+    AlterPartition,
+    CreateTopic,
+    ElectLeader,
+    FenceNode,
+    RegisterNode,
+    UnfenceNode,
+)
+from headwater.raft.metadata import ClusterMetadata, PartitionRecord, Result
 from headwater.v1 import errors_pb2 as E
 
 TID = bytes(range(1, 17))
@@ -327,6 +334,22 @@ def test_refused_alter_partition_not_applied_is_dropped_and_may_be_proposed_agai
     assert s.on_alter_partition_answer(p, E.ERROR_CODE_INELIGIBLE_REPLICA) == ()
     assert s.pending is None and s.isr == (1, 2) and s.maximal_isr == (1, 2)
     assert s.propose_isr_change(clock.now_ms, LAG_MS) == p
+
+
+def test_a_late_refusal_of_an_equal_earlier_proposal_does_not_drop_the_pending_one() -> None:
+    clock = Clock()
+    s = leader(clock, (1, 2), log_end_offset=10, high_watermark=10)
+    released(s, clock, 2, 10)
+    released(s, clock, 3, 10)
+    first = s.propose_isr_change(clock.now_ms, LAG_MS)
+    assert first is not None
+    # The first is refused (3 was fenced), then proposed again: equal, but a new proposal.
+    s.on_alter_partition_answer(first, E.ERROR_CODE_INELIGIBLE_REPLICA)
+    second = s.propose_isr_change(clock.now_ms, LAG_MS)
+    assert second == first and second is not first
+    # A second copy of the first one's refusal arrives late: it says nothing about the second.
+    assert s.on_alter_partition_answer(first, E.ERROR_CODE_INELIGIBLE_REPLICA) == ()
+    assert s.pending is second and s.maximal_isr == (1, 2, 3)
 
 
 def test_refusal_because_the_leader_is_behind_waits_for_the_metadata() -> None:
@@ -672,6 +695,45 @@ def test_the_fetch_server_and_the_core_agree_on_divergence() -> None:
 # ------------------------------------------------------------------ simulation
 
 
+class Channel:
+    """AlterPartition commands on their way to the controller, applied in any order, some resent.
+
+    A resend is the very object the leader still holds as ``pending``; a new proposal is a new
+    object even when equal to an old one (a real controller tells them apart by a request id). The
+    controller remembers which proposals it refused as not applied and never applies a copy of
+    one later: the contract ``ReplicaState.on_alter_partition_answer`` relies on.
+    """
+
+    def __init__(self) -> None:
+        self._known: list[AlterPartition] = []
+        self._in_flight: list[tuple[int, AlterPartition]] = []
+        self._refused: set[int] = set()
+
+    def __bool__(self) -> bool:
+        return bool(self._in_flight)
+
+    def send(self, p: AlterPartition) -> None:
+        token = next((i for i, q in enumerate(self._known) if q is p), None)
+        if token is None:
+            token = len(self._known)
+            self._known.append(p)
+        self._in_flight.append((token, p))
+
+    def apply_one(
+        self, rng: random.Random, metadata: ClusterMetadata
+    ) -> tuple[AlterPartition, int, Result | None]:
+        """The controller applies one command in flight: ``(proposal, error_code, result)``; the
+        result is None for a copy of a proposal it refused before (it answers with that refusal)."""
+        token, p = self._in_flight.pop(rng.randrange(len(self._in_flight)))
+        if token in self._refused:
+            return p, E.ERROR_CODE_INELIGIBLE_REPLICA, None
+        r = metadata.apply(p)
+        metadata.check_invariants()
+        if r.error_code == E.ERROR_CODE_INELIGIBLE_REPLICA:
+            self._refused.add(token)
+        return p, r.error_code, r
+
+
 @dataclass
 class Sim:
     """One leadership of partition 0 on node 1, followers copying its log, the real metadata state
@@ -686,9 +748,8 @@ class Sim:
     leader_leo: int = 0
     follower_leo: dict[int, int] = field(default_factory=dict)
     slow: set[int] = field(default_factory=set)
-    in_flight: list[AlterPartition] = field(default_factory=list)
+    in_flight: Channel = field(default_factory=Channel)
     answers: list[tuple[AlterPartition, int, tuple[int, ...], int, int]] = field(default_factory=list)
-    refused: dict[AlterPartition, int] = field(default_factory=dict)
     next_waiter: int = 0
     parked: dict[int, int] = field(default_factory=dict)
     acked: list[int] = field(default_factory=list)
@@ -771,20 +832,10 @@ class Sim:
             fenced = {n for n, rec in self.metadata.nodes.items() if rec.fenced and rng.random() < 0.8}
             p = s.propose_isr_change(self.clock.now_ms, LAG_MS, ineligible=fenced)
             if p is not None:
-                self.in_flight.append(p)
+                self.in_flight.send(p)
         elif roll < 0.88 and self.in_flight:  # the controller applies a proposal (or a resend)
-            p = self.in_flight.pop(rng.randrange(len(self.in_flight)))
-            if p in self.refused:
-                # The contract the core relies on (see ReplicaState.on_alter_partition_answer): a
-                # proposal refused as not applied is never applied later, a resent copy included.
-                code, le, pe = self.refused[p], -1, -1
-                isr: tuple[int, ...] = ()
-            else:
-                r = self.metadata.apply(p)
-                self.metadata.check_invariants()
-                code, isr, le, pe = r.error_code, r.isr, r.leader_epoch, r.partition_epoch
-                if code == E.ERROR_CODE_INELIGIBLE_REPLICA:
-                    self.refused[p] = code
+            p, code, r = self.in_flight.apply_one(rng, self.metadata)
+            isr, le, pe = (r.isr, r.leader_epoch, r.partition_epoch) if r is not None else ((), -1, -1)
             if rng.random() < 0.8:  # some answers are lost
                 self.answers.append((p, code, isr, le, pe))
         elif roll < 0.92 and self.answers:
@@ -798,7 +849,7 @@ class Sim:
             cmd = UnfenceNode(f, n.broker_epoch) if n.fenced else FenceNode(f, n.broker_epoch)
             self.metadata.apply(cmd)
         elif s.pending is not None:  # the leader resends its pending proposal
-            self.in_flight.append(s.pending)
+            self.in_flight.send(s.pending)
 
     def check(self) -> None:
         s = self.s
@@ -855,3 +906,266 @@ def test_simulated_leadership_keeps_the_replication_invariants(seed: int) -> Non
     assert sim.part().isr == replicas, (sim.part(), sim.s)
     assert sim.s.high_watermark == sim.leader_leo
     assert not sim.parked
+
+
+# ------------------------------------------------------------------ leader changes, simulated
+
+
+def epoch_cache(log: list[int]) -> list[tuple[int, int]]:
+    """The epoch cache of a log given as the leader epoch of each record."""
+    out: list[tuple[int, int]] = []
+    for offset, epoch in enumerate(log):
+        if not out or out[-1][0] != epoch:
+            out.append((epoch, offset))
+    return out
+
+
+@dataclass
+class Replica:
+    """One node's copy of the partition: ``log[offset]`` is the leader epoch that wrote the record.
+    It survives a restart (no unflushed loss here), as does ``high_watermark`` (its checkpoint);
+    ``view`` (the metadata it has applied) and ``core`` (its leader state) do not."""
+
+    node_id: int
+    log: list[int] = field(default_factory=list)
+    high_watermark: int = 0
+    alive: bool = True
+    view: PartitionRecord | None = None
+    core: ReplicaState | None = None
+
+
+class FailoverSim:
+    """Leaders come and go (fenced, killed, restarted, preferred-leader elections) while the metadata
+    reaches each node late, so a deposed leader keeps serving its stale followers for a while.
+    Followers fetch from whoever they believe leads, truncate on a diverging answer and copy the
+    rest; producers write acks=all to whoever believes it leads."""
+
+    def __init__(self, rng: random.Random, n: int, min_isr: int) -> None:
+        self.rng, self.min_isr = rng, min_isr
+        self.clock = Clock()
+        self.metadata = ClusterMetadata()
+        self.replicas = tuple(range(1, n + 1))
+        self.incarnations = dict.fromkeys(self.replicas, 0)
+        for r in self.replicas:
+            self.register(r)
+        assert self.metadata.apply(CreateTopic("t", TID, (self.replicas,))).ok
+        self.nodes = {r: Replica(r) for r in self.replicas}
+        self.in_flight = Channel()
+        # waiter id -> (node, required offset); acknowledged prefixes of the log.
+        self.parked: dict[int, tuple[int, int]] = {}
+        self.acked: list[tuple[int, ...]] = []
+        self.next_waiter = 0
+        self.stats: dict[str, int] = {}
+        for r in self.replicas:
+            self.learn(r)
+
+    def count(self, what: str) -> None:
+        self.stats[what] = self.stats.get(what, 0) + 1
+
+    def register(self, r: int) -> None:
+        self.incarnations[r] += 1
+        res = self.metadata.apply(RegisterNode(r, bytes([r, self.incarnations[r]]) * 8, "h", 9000 + r))
+        assert res.ok
+        assert self.metadata.apply(UnfenceNode(r, res.broker_epoch)).ok
+
+    def part(self) -> PartitionRecord:
+        p = self.metadata.partition(TID, 0)
+        assert p is not None
+        return p
+
+    def fenced(self) -> set[int]:
+        return {r for r, n in self.metadata.nodes.items() if n.fenced}
+
+    def learn(self, r: int) -> None:
+        """Node ``r`` applies the metadata as it is now."""
+        node, view = self.nodes[r], self.part()
+        node.view = view
+        if node.core is not None:
+            self.collect(node.core.on_metadata(view, self.clock.now_ms))
+            if node.core.resigned:
+                node.core = None
+        if view.leader == r and node.core is None:
+            self.count("leaderships")
+            node.core = ReplicaState(
+                node_id=r,
+                topic_id=TID,
+                partition=0,
+                broker_epoch=self.metadata.nodes[r].broker_epoch,
+                record=view,
+                log_end_offset=len(node.log),
+                high_watermark_checkpoint=min(node.high_watermark, len(node.log)),
+                now_ms=self.clock.now_ms,
+            )
+
+    def collect(self, out: tuple[AckRelease, ...]) -> None:
+        for a in out:
+            leader_id, required = self.parked.pop(a.waiter_id)
+            assert required == a.required_offset
+            if a.error_code != OK:
+                continue
+            self.count("acked")
+            prefix = tuple(self.nodes[leader_id].log[:required])
+            assert len(prefix) == required
+            # Acknowledged: the same records in every ISR member's log, as the controller holds it.
+            for m in self.part().isr:
+                assert tuple(self.nodes[m].log[:required]) == prefix, (a, m, self.part())
+            self.acked.append(prefix)
+
+    def kill(self, r: int) -> None:
+        node = self.nodes[r]
+        node.alive, node.view, node.core = False, None, None
+        # Its parked producers time out: the outcome is unknown to them, and nothing was acked.
+        for w, (leader_id, _) in list(self.parked.items()):
+            if leader_id == r:
+                del self.parked[w]
+        self.metadata.apply(FenceNode(r, self.metadata.nodes[r].broker_epoch))
+        self.count("kills")
+
+    def restart(self, r: int) -> None:
+        self.nodes[r].alive = True
+        self.register(r)
+        self.learn(r)
+
+    def fetch(self, r: int) -> None:
+        node = self.nodes[r]
+        view = node.view
+        if view is None or view.leader in (r, -1) or not self.nodes[view.leader].alive:
+            return
+        leader = self.nodes[view.leader]
+        if leader.core is None:
+            return
+        out = leader.core.on_follower_fetch(
+            r,
+            len(node.log),
+            current_leader_epoch=view.leader_epoch,
+            last_fetched_epoch=node.log[-1] if node.log else UNDEFINED_EPOCH,
+            epoch_entries=epoch_cache(leader.log),
+            now_ms=self.clock.now_ms,
+        )
+        self.collect(out.released)
+        if out.diverging_epoch is not None:
+            to = truncation_offset(
+                epoch_cache(node.log), len(node.log), out.diverging_epoch, high_watermark=node.high_watermark
+            )
+            # Committed records are never truncated.
+            assert to >= node.high_watermark, (r, to, node.high_watermark, out)
+            del node.log[to:]
+            self.count("truncations")
+        elif out.ok:
+            assert node.log == leader.log[: len(node.log)], "an accepted fetch from a diverged log"
+            node.log.extend(leader.log[len(node.log) : len(node.log) + self.rng.randint(0, 4)])
+            hw = min(leader.core.high_watermark, len(node.log))
+            node.high_watermark = max(node.high_watermark, hw)
+
+    def produce(self, r: int) -> None:
+        node = self.nodes[r]
+        if node.core is None or node.core.check_min_isr(self.min_isr)[0] != OK:
+            return
+        node.log.extend([node.core.leader_epoch] * self.rng.randint(1, 3))
+        self.collect(node.core.on_leader_append(len(node.log)))
+        node.high_watermark = node.core.high_watermark
+        self.next_waiter += 1
+        self.parked[self.next_waiter] = (r, len(node.log))
+        self.collect(node.core.add_ack_waiter(self.next_waiter, len(node.log), self.min_isr))
+
+    def controller(self) -> None:
+        if not self.in_flight:
+            return
+        p, code, res = self.in_flight.apply_one(self.rng, self.metadata)
+        node = self.nodes[p.leader_id]
+        if node.core is not None and self.rng.random() < 0.7:
+            self.collect(
+                node.core.on_alter_partition_answer(
+                    p,
+                    code,
+                    isr=res.isr if res else (),
+                    leader_epoch=res.leader_epoch if res else -1,
+                    partition_epoch=res.partition_epoch if res else -1,
+                )
+            )
+
+    def step(self) -> None:
+        rng = self.rng
+        alive = [r for r in self.replicas if self.nodes[r].alive]
+        r = rng.choice(alive)
+        node = self.nodes[r]
+        roll = rng.random()
+        if roll < 0.4:
+            self.fetch(r)
+        elif roll < 0.6:
+            self.produce(r)
+        elif roll < 0.7:
+            self.learn(r)
+        elif roll < 0.75:
+            self.clock.advance(rng.choice([100, LAG_MS // 2, LAG_MS + 1]))
+        elif roll < 0.82:
+            if node.core is not None:
+                p = node.core.pending or node.core.propose_isr_change(
+                    self.clock.now_ms, LAG_MS, ineligible=self.fenced()
+                )
+                if p is not None:
+                    self.in_flight.send(p)
+        elif roll < 0.9:
+            self.controller()
+        elif roll < 0.93 and len(alive) > 1:
+            self.kill(r)
+        elif roll < 0.96:
+            dead = [x for x in self.replicas if not self.nodes[x].alive]
+            if dead:
+                self.restart(rng.choice(dead))
+        else:  # a preferred-leader election, or a move to a chosen ISR member
+            p = self.part()
+            target = rng.choice([-1, *p.isr])
+            res = self.metadata.apply(ElectLeader(TID, 0, target, p.leader_epoch))
+            if res.ok and res.leader_id != p.leader:
+                self.count("elections")
+
+    def check(self) -> None:
+        p = self.part()
+        for prefix in self.acked:
+            for m in p.isr:
+                assert tuple(self.nodes[m].log[: len(prefix)]) == prefix, ("acked write lost", m, p)
+        for node in self.nodes.values():
+            assert node.high_watermark <= len(node.log)
+            if node.core is not None:
+                node.core.check_invariants()
+                assert node.core.log_end_offset == len(node.log)
+
+    def heal(self) -> None:
+        for r in self.replicas:
+            if not self.nodes[r].alive:
+                self.restart(r)
+        for _ in range(100):
+            for r in self.replicas:
+                self.learn(r)
+                for _ in range(3):
+                    self.fetch(r)
+            leader = self.part().leader
+            core = self.nodes[leader].core if leader >= 0 else None
+            if core is not None:
+                p = core.pending or core.propose_isr_change(
+                    self.clock.now_ms, LAG_MS, ineligible=self.fenced()
+                )
+                if p is not None:
+                    self.in_flight.send(p)
+            while self.in_flight:
+                self.controller()
+            self.check()
+        leader = self.part().leader
+        assert leader >= 0 and self.part().isr == self.replicas, self.part()
+        final = self.nodes[leader].log
+        for node in self.nodes.values():
+            assert node.log == final
+        for prefix in self.acked:
+            assert tuple(final[: len(prefix)]) == prefix
+
+
+@pytest.mark.parametrize("seed", range(120))
+def test_acked_writes_survive_leader_changes(seed: int) -> None:
+    rng = random.Random(seed)
+    n = rng.choice([2, 3, 3, 4, 5])
+    sim = FailoverSim(rng, n, min_isr=rng.choice([1, 2, min(3, n)]) if n > 2 else rng.choice([1, 2]))
+    for _ in range(500):
+        sim.step()
+        sim.check()
+    sim.heal()
