@@ -7,9 +7,9 @@ it answers (send an ``AlterPartition``, answer a producer, write a high-watermar
 One instance lives for one leadership (one leader epoch on this node); a new leader epoch or a lost
 leadership ends it. The rules follow Kafka's ``Partition`` and ``Replica``:
 
-- **Follower progress** (the replication protocol, KIP-392's fetch-offset rule). A follower's fetch
-  at ``fetch_offset`` says it holds every record below it: that is its log end offset as the leader
-  knows it. Unknown (-1) until its first fetch in this leadership.
+- **Follower progress** (Kafka's replication protocol). A follower's fetch at ``fetch_offset`` says
+  it holds every record below it: that is its log end offset as the leader knows it. Unknown (-1)
+  until its first fetch in this leadership.
 - **Caught up** (Kafka's ``lastCaughtUpTimeMs``). A fetch that reaches the leader's log end makes
   the follower caught up at the fetch's time; a fetch that reaches the leader's log end *as it was
   at the follower's previous fetch* makes it caught up at the previous fetch's time. A follower is
@@ -23,19 +23,22 @@ leadership ends it. The rules follow Kafka's ``Partition`` and ``Replica``:
 - **ISR changes** go to the controller as an ``AlterPartition`` carrying the leader epoch and
   partition epoch the leader holds (a compare-and-set, KIP-497). One at a time: while one is pending
   the leader proposes nothing. A shrink removes followers of the committed ISR that are out of sync;
-  an expansion adds followers out of the ISR whose log end reached the high watermark and the start
-  of the current leader epoch (Kafka's ``isFollowerInSync``: a follower that copied nothing of this
-  epoch may still hold a suffix the leader truncated away).
+  an expansion adds followers out of the ISR, eligible as the metadata says (not fenced), whose last
+  fetch named this leader epoch and whose log end reached the high watermark and the start of this
+  epoch (Kafka's ``isFollowerInSync``: a follower that copied nothing of this epoch may still hold a
+  suffix the leader truncated away).
 - **The leader follows the metadata.** A newer partition epoch (from the controller's answer or the
   metadata log, whichever comes first) is adopted as the committed state and ends the pending
   change: the controller can no longer apply a proposal made at an older partition epoch. A refusal
   that says the proposal was not applied at the current partition epoch (INELIGIBLE_REPLICA,
   INVALID_REQUEST) drops the pending change so a new one can be proposed. A refusal that says the
   leader is behind (FENCED_LEADER_EPOCH, INVALID_UPDATE_VERSION, NOT_LEADER_OR_FOLLOWER, ...) keeps
-  the change pending until the metadata brings the newer state, as Kafka does. Dropping is safe only
-  if the refused proposal is never applied later: a resent copy of it must not be applied after
-  the controller refused one (Kafka gets this from one request at a time on one connection; a
-  resent command in the metadata log needs the controller to remember the refusal).
+  the change pending until the metadata brings the newer state, as Kafka does. An answer counts
+  only for the very proposal object it answers. Dropping is safe only if the refused proposal is
+  never applied later: a resent copy of it must not be applied after the controller refused one
+  (else a member the leader stopped counting joins the ISR behind the high watermark). Kafka's
+  leader resends only a request that got no answer; a command resent through the metadata log
+  needs the controller to remember its refusal.
 - **acks=all** (KIP-497's *effective* ISR is the committed one). A produce is refused before the
   append with NOT_ENOUGH_REPLICAS when the committed ISR is smaller than ``min_insync_replicas``.
   A parked acks=all request is released once the high watermark reaches its ``required_offset`` (its
