@@ -547,6 +547,21 @@ def test_end_offset_for_epoch_follows_kafkas_epoch_cache() -> None:
     assert end_offset_for_epoch([], 0, 0, leader_epoch=0) == EpochEndOffset(0, 0)
 
 
+def test_truncation_offset_named_cases() -> None:
+    follower = [(1, 0), (3, 10), (5, 20)]
+    cases = {
+        "same epoch, the leader's copy ends first": (EpochEndOffset(3, 15), 15),
+        "same epoch, the follower's copy ends first": (EpochEndOffset(3, 25), 20),
+        "an epoch the follower skipped: back to its own earlier epoch": (EpochEndOffset(4, 30), 20),
+        "older than anything the follower has": (EpochEndOffset(0, 7), 0),
+        "the leader knows no epoch: keep what was committed": (EpochEndOffset(-1, -1), 12),
+        "never past the follower's log end": (EpochEndOffset(5, 40), 26),
+    }
+    for name, (answer, want) in cases.items():
+        assert truncation_offset(follower, 26, answer, high_watermark=12) == want, name
+    assert truncation_offset([], 0, EpochEndOffset(2, 5), high_watermark=0) == 0
+
+
 @dataclass
 class Log:
     """A replica's log as epochs only: [(epoch, start_offset)] and the log end."""
@@ -787,8 +802,9 @@ class Sim:
         for a in out:
             assert self.parked.pop(a.waiter_id) == a.required_offset
             if a.error_code == OK:
-                # Acknowledged: in every ISR member's log, as the controller holds the ISR now.
-                for m in self.part().isr:
+                # Acknowledged: in every ISR member's log, as the controller holds the ISR now and
+                # as the leader does.
+                for m in set(self.part().isr) | set(self.s.isr):
                     leo = self.leader_leo if m == 1 else self.follower_leo[m]
                     assert a.required_offset <= leo, (a, m, leo, self.s)
                 self.acked.append(a.required_offset)
@@ -866,7 +882,7 @@ class Sim:
             assert required > s.high_watermark
 
 
-@pytest.mark.parametrize("seed", range(150))
+@pytest.mark.parametrize("seed", range(200))
 def test_simulated_leadership_keeps_the_replication_invariants(seed: int) -> None:
     rng = random.Random(seed)
     replicas = tuple(range(1, rng.randint(2, 5) + 1))
@@ -1160,7 +1176,7 @@ class FailoverSim:
             assert tuple(final[: len(prefix)]) == prefix
 
 
-@pytest.mark.parametrize("seed", range(120))
+@pytest.mark.parametrize("seed", range(200))
 def test_acked_writes_survive_leader_changes(seed: int) -> None:
     rng = random.Random(seed)
     n = rng.choice([2, 3, 3, 4, 5])
