@@ -1,6 +1,8 @@
-"""The leader's replica state, rule by rule, with a fake clock; then a seeded simulation of one
-leadership against the real metadata state machine, checking the replication invariants after
-every step.
+"""The leader's replica state, rule by rule, with a fake clock; the epoch rules on KIP-101 and KIP-279's
+scenarios; then two seeded simulations against the real metadata state machine, checking invariants
+after every step: one leadership (high watermark monotone and within every ISR member's log, acks
+only for records every ISR member holds), and many leaderships (kills, restarts, elections, late
+metadata, deposed leaders still serving: acked writes survive, followers converge).
 """
 
 from __future__ import annotations
