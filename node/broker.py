@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from headwater.config import (
     SECRET_SETTINGS,
@@ -38,7 +38,7 @@ from headwater.v1 import batch as batch_codec
 from headwater.v1 import client_pb2 as pb
 from headwater.v1 import errors_pb2, records_pb2
 
-__all__ = ["Broker", "FetchResult", "EARLIEST", "LATEST", "MAX_TIMESTAMP"]
+__all__ = ["Broker", "FetchResult", "PendingProduce", "EARLIEST", "LATEST", "MAX_TIMESTAMP"]
 
 E = errors_pb2
 log = logging.getLogger("headwater.node")
@@ -47,6 +47,35 @@ EARLIEST = -2
 LATEST = -1
 MAX_TIMESTAMP = -3
 COMPRESSION_NONE = records_pb2.COMPRESSION_TYPE_NONE
+
+
+class PendingProduce:
+    """A Produce request's answer, appended but perhaps not yet acknowledged: ``waits`` pairs each
+    acks=all partition answer with the future of its commit (``Partition.wait_for_commit``)."""
+
+    def __init__(self, response: pb.ProduceResponse, timeout_s: float) -> None:
+        self.response = response
+        self.timeout_s = timeout_s
+        self.waits: list[tuple[pb.ProducePartitionResponse, asyncio.Future[int]]] = []
+
+    async def settle(self) -> pb.ProduceResponse:
+        """The answer, once every acks=all partition is committed, failed, or out of time (then
+        REQUEST_TIMED_OUT: the records are in the leader's log, not yet in every in-sync replica's)."""
+        if self.waits:
+            await asyncio.wait([f for _, f in self.waits], timeout=self.timeout_s)
+        for pr, fut in self.waits:
+            if not fut.done():
+                fut.cancel()
+                pr.error_code = E.ERROR_CODE_REQUEST_TIMED_OUT
+                pr.error_message = (
+                    f"not in every in-sync replica within timeout_ms={self.timeout_s * 1000:.0f}; "
+                    "the records are in the leader's log and may still be committed"
+                )
+            elif fut.result() != E.ERROR_CODE_NONE:
+                pr.error_code = cast(errors_pb2.ErrorCode, fut.result())
+                pr.error_message = "the leadership changed before the records were in every in-sync replica"
+        self.waits = []
+        return self.response
 
 
 @dataclass(slots=True)
@@ -231,6 +260,7 @@ class Broker:
 
     def _drop_replica(self, key: tuple[str, int], p: Partition, *, delete_data: bool) -> None:
         del self.partitions[key]
+        p.fail_commit_waiters(E.ERROR_CODE_NOT_LEADER_OR_FOLLOWER)
         p.wake()
         if delete_data:
             log.info("removing replica %s-%d (topic %s)", key[0], key[1], p.topic_id.hex())
@@ -253,6 +283,7 @@ class Broker:
         """Wake every parked reader so in-flight fetches answer before the store closes."""
         self._closing = True
         for p in self.partitions.values():
+            p.fail_commit_waiters(E.ERROR_CODE_NOT_LEADER_OR_FOLLOWER)
             p.wake()
         self._validator.shutdown(wait=False, cancel_futures=True)
 
@@ -319,13 +350,24 @@ class Broker:
     async def produce(
         self, req: pb.ProduceRequest, refused: set[tuple[str, int]] | None = None
     ) -> pb.ProduceResponse:
-        """Append a request's batches, partition by partition.
+        """Append a request's batches and answer once they meet its ``acks`` (``append``, then
+        ``PendingProduce.settle``)."""
+        pending = await self.append(req, refused)
+        return await pending.settle()
+
+    async def append(
+        self, req: pb.ProduceRequest, refused: set[tuple[str, int]] | None = None
+    ) -> PendingProduce:
+        """Append a request's batches, partition by partition, and return its pending answer: with
+        acks=all, each appended partition's answer waits until the high watermark passes it. A
+        ProduceStream appends its requests in order with this and settles them concurrently.
 
         ``refused`` is a ProduceStream's memory: partitions refused earlier in the stream, whose later
         batches are refused too (OUT_OF_ORDER_SEQUENCE) so that the stream never stores a batch after
         one it refused. Every partition refused here joins it.
         """
-        resp = pb.ProduceResponse()
+        pending = PendingProduce(pb.ProduceResponse(), req.timeout_ms / 1000 if req.timeout_ms > 0 else 30.0)
+        resp = pending.response
         now_ms = self.clock_ms()
         # What all the request's batches may inflate to together while they are checked: a request
         # costs the node a bounded amount of work and memory, however well its payloads compress.
@@ -355,13 +397,15 @@ class Broker:
                         "nothing was stored: resend on a new stream",
                     )
                 else:
-                    code, msg = await self._produce_partition(req.acks, t.topic, pd, pr, now_ms, budget)
+                    code, msg = await self._produce_partition(
+                        req.acks, t.topic, pd, pr, now_ms, budget, pending
+                    )
                 seen.add(key)
                 if code != E.ERROR_CODE_NONE:
                     pr.error_code, pr.error_message = code, msg
                     if refused is not None:
                         refused.add(key)
-        return resp
+        return pending
 
     async def _produce_partition(
         self,
@@ -371,6 +415,7 @@ class Broker:
         pr: pb.ProducePartitionResponse,
         now_ms: int,
         budget: _InflateBudget,
+        pending: PendingProduce,
     ) -> tuple[int, str]:
         if acks not in (0, 1, -1):
             return E.ERROR_CODE_INVALID_REQUIRED_ACKS, f"acks must be 0, 1 or -1 (all), got {acks}"
@@ -466,6 +511,9 @@ class Broker:
             if p.log.log_end_offset > p.high_watermark:
                 p.advance_high_watermark(p.log.log_end_offset)
         first = results[0]
+        if acks == -1:
+            # Answered once every in-sync replica holds it: when the high watermark passes it.
+            pending.waits.append((pr, p.wait_for_commit(p.log.log_end_offset)))
         pr.base_offset = first.base_offset
         pr.log_start_offset = p.log.log_start_offset
         if log_append_time:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import heapq
 from dataclasses import dataclass
 
 from headwater.storage import PartitionLog
@@ -60,6 +61,10 @@ class Partition:
         self.isr: tuple[int, ...] = (node_id,)
         # Parked long-poll fetches and Subscribe streams, woken when the high watermark moves.
         self._waiters: set[asyncio.Future[None]] = set()
+        # acks=all waiters: (offset, sequence, future), a heap by offset; each future gets an error
+        # code once the high watermark reaches its offset (NONE) or the leadership ends.
+        self._commit_waiters: list[tuple[int, int, asyncio.Future[int]]] = []
+        self._commit_seq = 0
         # The one high watermark: loaded from the log's checkpoint, written back by
         # ``checkpoint_high_watermark`` (on a timer and at shutdown).
         self._high_watermark: int = log.high_watermark
@@ -103,6 +108,9 @@ class Partition:
         moved = role is not self.role or leader_epoch != self.leader_epoch or leader_id != self.leader_id
         self.role, self.leader_id, self.leader_epoch = role, leader_id, leader_epoch
         self.partition_epoch, self.replicas, self.isr = partition_epoch, replicas, isr
+        if moved:
+            # A write waiting on the old leadership can no longer be vouched for by this one.
+            self.fail_commit_waiters(errors_pb2.ERROR_CODE_NOT_LEADER_OR_FOLLOWER)
         if role is Role.LEADER and isr == (self.node_id,):
             # The leader is the whole ISR: every record in its log is in every in-sync replica's.
             self.advance_high_watermark(self.log.log_end_offset)
@@ -117,6 +125,7 @@ class Partition:
         )
         if offset > self._high_watermark:
             self._high_watermark = offset
+            self._release_commit_waiters()
             self.wake()
         elif offset < self._high_watermark:
             # Only truncation below the high watermark (a lost election in a later issue) moves it back.
@@ -131,6 +140,33 @@ class Partition:
         """After retention or truncation: keep the high watermark inside the log."""
         hw = min(max(self._high_watermark, self.log.log_start_offset), self.log.log_end_offset)
         self._high_watermark = hw
+
+    # ----------------------------------------------------------------- acks=all waiters
+
+    def wait_for_commit(self, offset: int) -> asyncio.Future[int]:
+        """A future that gets ERROR_CODE_NONE once the high watermark reaches ``offset`` (the
+        offset after a write's last record), or the error that ended the wait."""
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        if offset <= self._high_watermark:
+            fut.set_result(errors_pb2.ERROR_CODE_NONE)
+            return fut
+        self._commit_seq += 1
+        heapq.heappush(self._commit_waiters, (offset, self._commit_seq, fut))
+        return fut
+
+    def _release_commit_waiters(self) -> None:
+        heap = self._commit_waiters
+        while heap and heap[0][0] <= self._high_watermark:
+            _, _, fut = heapq.heappop(heap)
+            if not fut.done():
+                fut.set_result(errors_pb2.ERROR_CODE_NONE)
+
+    def fail_commit_waiters(self, code: int) -> None:
+        """End every acks=all wait with ``code`` (the leadership ended, the replica was dropped)."""
+        waiters, self._commit_waiters = self._commit_waiters, []
+        for _, _, fut in waiters:
+            if not fut.done():
+                fut.set_result(code)
 
     # ----------------------------------------------------------------- parked readers
 

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import grpc
 
 from headwater._ratelog import RateLimitedLog
-from headwater.node.broker import Broker, FetchResult
+from headwater.node.broker import Broker, FetchResult, PendingProduce
 from headwater.node.cluster import ClusterLink, timeout_of
 from headwater.node.metrics import NodeMetrics
 from headwater.node.rpc import Malformed, add_service
@@ -33,6 +33,8 @@ E = errors_pb2
 _RELAYED = "headwater-relayed"
 # SubscribeResponse.batches: field 4, length-delimited (answers joined around the stored bytes).
 _SUBSCRIBE_BATCHES_TAG = bytes([(4 << 3) | 2])
+# ProduceStream requests appended and waiting for their acks at once, per stream.
+_STREAM_IN_FLIGHT = 16
 # How long a relayed Subscribe waits to connect to the leader before answering NOT_LEADER_OR_FOLLOWER.
 _RELAY_CONNECT_S = 5.0
 
@@ -149,22 +151,50 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
                 f"the node handles max_produce_requests={self.broker.config.max_produce_requests} "
                 "Produce requests at once; retry, or use ProduceStream",
             )
-        return await self._produce("Produce", request, context)
+        pending = await self._append("Produce", request, context)
+        return await pending.settle()
 
     async def ProduceStream(  # noqa: N802
         self, requests: AsyncIterator[pb.ProduceStreamRequest | Malformed], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ProduceStreamResponse]:
         # One request at a time, in arrival order: that order is the stream's promise. The partitions
         # refused so far in this stream refuse their later batches too (see client.proto).
+        # Requests are appended one at a time, in arrival order (that order is the stream's promise),
+        # and up to _STREAM_IN_FLIGHT of them wait for their acks together; answers go out in order.
         # Past max_produce_requests a stream waits for its turn with the one request it has read, and
         # reads no further, so flow control holds its sender back (an idle stream holds no turn).
         refused: set[tuple[str, int]] = set()
         incoming = aiter(requests)
-        while (message := await self._next_unless_stopping(incoming)) is not None:
-            request = message if isinstance(message, Malformed) else message.request
-            async with self._produce_slots:
-                response = await self._produce("ProduceStream", request, context, refused)
-            yield pb.ProduceStreamResponse(response=response)
+        appended: asyncio.Queue[PendingProduce | BaseException | None] = asyncio.Queue()
+        room = asyncio.Semaphore(_STREAM_IN_FLIGHT)
+
+        async def append_in_order() -> None:
+            try:
+                while True:
+                    await room.acquire()
+                    message = await self._next_unless_stopping(incoming)
+                    if message is None:
+                        break
+                    request = message if isinstance(message, Malformed) else message.request
+                    async with self._produce_slots:
+                        appended.put_nowait(await self._append("ProduceStream", request, context, refused))
+            except BaseException as e:  # a refused call (abort) or a broken stream ends the answers too
+                appended.put_nowait(e)
+                raise
+            appended.put_nowait(None)
+
+        appender = asyncio.create_task(append_in_order())
+        try:
+            while (item := await appended.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                response = await item.settle()
+                yield pb.ProduceStreamResponse(response=response)
+                room.release()
+        finally:
+            appender.cancel()
+            with contextlib.suppress(BaseException):
+                await appender
 
     async def _next_unless_stopping(self, incoming: AsyncIterator[T]) -> T | None:
         """The stream's next message; None at its end, or once the node is stopping."""
@@ -182,31 +212,32 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
         except StopAsyncIteration:
             return None
 
-    async def _produce(
+    async def _append(
         self,
         rpc: str,
         request: pb.ProduceRequest | Malformed,
         context: grpc.aio.ServicerContext,
         refused: set[tuple[str, int]] | None = None,
-    ) -> pb.ProduceResponse:
+    ) -> PendingProduce:
         self._producing += 1
         try:
-            return await self._produce_counted(rpc, request, context, refused)
+            return await self._append_counted(rpc, request, context, refused)
         finally:
             self._producing -= 1
 
-    async def _produce_counted(
+    async def _append_counted(
         self,
         rpc: str,
         request: pb.ProduceRequest | Malformed,
         context: grpc.aio.ServicerContext,
         refused: set[tuple[str, int]] | None,
-    ) -> pb.ProduceResponse:
-        def produce() -> Awaitable[pb.ProduceResponse]:
+    ) -> PendingProduce:
+        def append() -> Awaitable[PendingProduce]:
             assert not isinstance(request, Malformed)  # _handle aborts a malformed call first
-            return self.broker.produce(request, refused)
+            return self.broker.append(request, refused)
 
-        resp: pb.ProduceResponse = await self._handle(rpc, request, context, produce)
+        pending: PendingProduce = await self._handle(rpc, request, context, append)
+        resp = pending.response
         assert not isinstance(request, Malformed)
         appended = 0
         records = 0
@@ -217,7 +248,7 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
                     records += sum(b.record_count for b in pd.batches)
         self.metrics.bytes_in.inc(appended)
         self.metrics.records_in.inc(records)
-        return resp
+        return pending
 
     async def Fetch(self, request: pb.FetchRequest, context: grpc.aio.ServicerContext) -> bytes:  # noqa: N802
         # Answered as bytes: the stored batches go out as they are (see FetchResult).

@@ -3,11 +3,15 @@ set to the log end only when the leader is the whole ISR."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
+from headwater.node.broker import PendingProduce
 from headwater.node.partition import Partition
 from headwater.storage import LogStore
 from headwater.v1 import batch as batch_codec
+from headwater.v1 import client_pb2 as pb
+from headwater.v1 import errors_pb2 as E
 
 TID = b"\x07" * 16
 NOW = 1_700_000_000_000
@@ -50,3 +54,48 @@ def test_a_follower_keeps_the_checkpoint_and_never_jumps_to_its_log_end(tmp_path
         assert p.log.high_watermark == 2
     finally:
         store.close()
+
+
+def test_acks_all_waiters_are_released_by_the_high_watermark_or_failed_by_a_leader_change(
+    tmp_path: Path,
+) -> None:
+    store, p = _filled(tmp_path, 6)
+
+    async def main() -> None:
+        p.follow(1, 1, 1, (1, 2), (1, 2))  # a follower in the ISR: the high watermark stays put
+        done = p.wait_for_commit(0)
+        assert done.done() and done.result() == E.ERROR_CODE_NONE
+        w3, w5, w6 = p.wait_for_commit(3), p.wait_for_commit(5), p.wait_for_commit(6)
+        p.advance_high_watermark(5)
+        assert w3.result() == E.ERROR_CODE_NONE and w5.result() == E.ERROR_CODE_NONE
+        assert not w6.done()
+        p.follow(2, 2, 2, (1, 2), (1, 2))  # another leader now: this one cannot vouch for offset 5
+        assert w6.result() == E.ERROR_CODE_NOT_LEADER_OR_FOLLOWER
+
+    try:
+        asyncio.run(main())
+    finally:
+        store.close()
+
+
+def test_a_pending_produce_answers_timed_out_when_its_commit_does_not_come() -> None:
+    async def main() -> None:
+        resp = pb.ProduceResponse()
+        pr = resp.topics.add(topic="t").partitions.add(partition=0, base_offset=7)
+        pending = PendingProduce(resp, timeout_s=0.05)
+        never: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        pending.waits.append((pr, never))
+        out = await pending.settle()
+        assert out.topics[0].partitions[0].error_code == E.ERROR_CODE_REQUEST_TIMED_OUT
+        assert "timeout_ms=50" in out.topics[0].partitions[0].error_message and never.cancelled()
+
+        resp2 = pb.ProduceResponse()
+        pr2 = resp2.topics.add(topic="t").partitions.add(partition=0)
+        moved: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        moved.set_result(E.ERROR_CODE_NOT_LEADER_OR_FOLLOWER)
+        pending2 = PendingProduce(resp2, timeout_s=5)
+        pending2.waits.append((pr2, moved))
+        answer = (await pending2.settle()).topics[0].partitions[0]
+        assert answer.error_code == E.ERROR_CODE_NOT_LEADER_OR_FOLLOWER
+
+    asyncio.run(main())
