@@ -355,7 +355,8 @@ def test_truncate_fixes_the_epoch_cache(log: PartitionLog) -> None:
     assert log.epoch_entries() == [(1, 0), (3, 2), (5, 4)]
     log.truncate_to(3)  # inside epoch 3's batch 2..3
     assert log.epoch_entries() == [(1, 0)]
-    assert log.end_offset_for_epoch(3) == (1, 2)
+    assert log.end_offset_for_epoch(1) == (1, 2)  # the latest epoch ends at the new log end
+    assert log.end_offset_for_epoch(3) == (-1, -1)  # newer than any cached epoch: UNDEFINED
     log.append(batch(1), 6, now_ms=0)
     assert log.epoch_entries() == [(1, 0), (6, 2)]
 

@@ -119,11 +119,14 @@ class Model:
         return n
 
     def end_offset_for_epoch(self, epoch: int) -> tuple[int, int]:
-        older = [(i, e) for i, (e, _) in enumerate(self.epochs) if e <= epoch]
-        if epoch < 0 or not older:
+        # Kafka's LeaderEpochFileCache.endOffsetFor, case by case.
+        if epoch < 0 or not self.epochs or epoch > self.epochs[-1][0]:
             return -1, -1
-        i, e = older[-1]
-        return e, self.epochs[i + 1][1] if i + 1 < len(self.epochs) else self.end
+        if epoch == self.epochs[-1][0]:
+            return epoch, self.end
+        newer = [(e, s) for e, s in self.epochs if e > epoch]
+        older = [e for e, _ in self.epochs if e <= epoch]
+        return (older[-1] if older else epoch), newer[0][1]
 
     def records(self) -> list[tuple[int, int]]:
         return [(b.base + i, ts) for b in self.batches for i, ts in enumerate(b.timestamps)]
