@@ -64,7 +64,13 @@ class Model:
         self.batches.append(b)
         self.end = b.last + 1
         if not self.epochs or epoch > self.epochs[-1][0]:
-            self.epochs.append((epoch, b.base))
+            self.start_epoch(epoch, b.base)
+
+    def start_epoch(self, epoch: int, offset: int) -> None:
+        # Start offsets strictly increase: a latest epoch starting at the same offset holds no record.
+        if self.epochs and self.epochs[-1][1] == offset:
+            self.epochs.pop()
+        self.epochs.append((epoch, offset))
 
     def read(self, offset: int, max_bytes: int, max_offset: int | None) -> list[bytes]:
         out: list[bytes] = []
