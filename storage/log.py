@@ -532,8 +532,11 @@ class PartitionLog:
 
         Batches are whole: if ``offset`` falls inside a batch, that batch goes too and the log end
         becomes its base offset. An offset below every stored batch empties the log and makes
-        ``log_start_offset = log_end_offset = offset``. Epoch cache, time index, high watermark
-        (lowered to the new end) and counters follow, in one WriteBatch.
+        ``log_start_offset = log_end_offset = offset``. Epoch cache (the epochs starting at or after
+        the new end go; the last kept one now ends at the new end), time index, high-watermark
+        checkpoint (lowered to the new end) and counters follow, in ONE WriteBatch: a crash keeps the
+        whole truncation or none of it. Unsynced, it survives a crash of the process; the WAL keeps
+        order, so any later synced write (or ``LogStore.sync_wal``) makes it durable too.
         """
         if offset < 0:
             raise ValueError(f"offset must be >= 0, got {offset}")

@@ -27,6 +27,7 @@ from headwater.storage import (
     PartitionLog,
     StorageError,
 )
+from headwater.v1 import records_pb2
 from headwater.v1.batch import RecordBatch, batch_crc, build_batch, crc_is_valid
 
 TOPIC = uuid.UUID(int=0xF011).bytes
@@ -100,7 +101,11 @@ def test_a_follower_stores_the_leaders_batches_verbatim_with_the_leaders_offsets
     store: LogStore,
 ) -> None:
     leader = store.open_partition(TOPIC, 0)
-    lead(leader, [(1, 2), (1, 3), (4, 1), (6, 2)])
+    lead(leader, [(1, 2)])
+    zstd = build_batch([(b"k", b"z" * 50, None, 2_000)] * 3, records_pb2.COMPRESSION_TYPE_ZSTD)
+    leader.append(zstd, 1, now_ms=0)  # 2..4
+    leader.append(batch(1), 4, now_ms=9_000, log_append_time=True)  # 5: the leader's clock, new CRC
+    lead(leader, [(6, 2)])
     follower = store.open_partition(TOPIC, 1)
     raw = leader.read(0, 1 << 30)
     results = follower.append_replicated(copy_of(raw[:3]))
@@ -459,14 +464,24 @@ def assert_matches(log: PartitionLog, model: Model) -> None:
     assert log.read(model.start, 1 << 30) == model.read(model.start, 1 << 30, None)
 
 
-def test_the_script_and_its_model_agree_without_crashes(store: LogStore) -> None:
-    log = store.open_partition(TOPIC, 0)
-    model = Model()
-    for step in _take(scripted_steps(1), 400):
-        apply_step(log, step)
-        apply_to_model(model, step)
-        assert_matches(log, model)
-    assert_consistent(log)
+@pytest.mark.parametrize("seed", range(12))
+def test_seeded_scripts_match_the_model_across_reopens(tmp_path: Path, seed: int) -> None:
+    rng = random.Random(-seed)
+    store = LogStore(str(tmp_path / "db"))
+    try:
+        log = store.open_partition(TOPIC, 0)
+        model = Model()
+        for step in _take(scripted_steps(seed), 250):
+            apply_step(log, step)
+            apply_to_model(model, step)
+            if rng.random() < 0.1:
+                store.close()
+                store = LogStore(str(tmp_path / "db"))
+                log = store.open_partition(TOPIC, 0)
+            assert_matches(log, model)
+        assert_consistent(log)
+    finally:
+        store.close()
 
 
 @pytest.mark.parametrize("seed", range(8))
