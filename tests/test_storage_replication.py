@@ -27,8 +27,8 @@ from headwater.storage import (
     PartitionLog,
     StorageError,
 )
-from headwater.v1 import records_pb2
-from headwater.v1.batch import RecordBatch, batch_crc, build_batch, crc_is_valid
+from headwater.v1 import records_pb2, replication_pb2
+from headwater.v1.batch import RecordBatch, batch_crc, build_batch, crc_is_valid, encode_varint
 
 TOPIC = uuid.UUID(int=0xF011).bytes
 UNDEFINED = (UNDEFINED_EPOCH, UNDEFINED_EPOCH_OFFSET)
@@ -118,6 +118,28 @@ def test_a_follower_stores_the_leaders_batches_verbatim_with_the_leaders_offsets
     for epoch in range(-1, 8):
         assert follower.end_offset_for_epoch(epoch) == leader.end_offset_for_epoch(epoch)
     assert_consistent(follower)
+
+
+def test_stored_batches_join_a_replicate_response_and_reach_the_follower_byte_for_byte(
+    store: LogStore,
+) -> None:
+    leader = store.open_partition(TOPIC, 0)
+    lead(leader, [(2, 3), (2, 1), (5, 2)])
+    raw = leader.read(0, 1 << 30)
+    header = replication_pb2.ReplicatePartitionResponse(
+        topic_id=TOPIC, partition=0, high_watermark=4, log_start_offset=0, log_end_offset=6
+    )
+    # The leader appends its stored bytes as entries of the repeated field (number 11, as in
+    # FetchPartitionResponse.batches): no batch is parsed or re-encoded on the way out.
+    tag = bytes([(11 << 3) | 2])
+    wire = header.SerializeToString() + b"".join(tag + encode_varint(len(b)) + b for b in raw)
+    got = replication_pb2.ReplicatePartitionResponse.FromString(wire)
+    assert not got.HasField("diverging_epoch") and got.high_watermark == 4
+    follower = store.open_partition(TOPIC, 1)
+    follower.append_replicated(list(got.batches))
+    follower.checkpoint_high_watermark(min(got.high_watermark, follower.log_end_offset))
+    assert follower.read(0, 1 << 30) == raw
+    assert (follower.high_watermark, follower.epoch_entries()) == (4, [(2, 0), (5, 4)])
 
 
 @pytest.mark.parametrize(
