@@ -14,6 +14,15 @@ Run it on the disk the data will live on: an fsync's cost is the disk's (and its
 Python's. ``--repeat`` runs each mode that many times and prints the median.
 
     python bench/storage_sync.py [--appends 2000] [--group 64] [--repeat 3] [--json]
+
+Measured on a 2-core virtual machine (virtio disk), 2000 appends of one batch each, medians of 3:
+
+    batch            unsynced   synced each   group of 8   group of 64   group of 256
+    10 x 100 B       24 us      305 us        68 us        34 us         30 us
+    1 x 10 B         14 us      325 us                     28 us
+
+One ``sync_wal()`` took about 230 us after 1 to 8 appends, 340-430 us after 64 and 940 us after 256
+(it writes out what the group appended): a synced append is an unsynced one plus one such sync.
 """
 
 from __future__ import annotations
