@@ -15,14 +15,15 @@ Python's. ``--repeat`` runs each mode that many times and prints the median.
 
     python bench/storage_sync.py [--appends 2000] [--group 64] [--repeat 3] [--json]
 
-Measured on a 2-core virtual machine (virtio disk), 2000 appends of one batch each, medians of 3:
+Measured on a 2-core virtual machine (virtio disk), 2000-3000 appends of one batch each, medians
+of 3, over two runs (the second with other work on the machine):
 
-    batch            unsynced   synced each   group of 8   group of 64   group of 256
-    10 x 100 B       24 us      305 us        68 us        34 us         30 us
-    1 x 10 B         14 us      325 us                     28 us
+    batch            unsynced    synced each   group of 8    group of 64   group of 256
+    10 x 100 B       24-27 us    258-305 us    68-105 us     31-34 us      30 us
+    1 x 10 B         14 us       325 us                      28 us
 
-One ``sync_wal()`` took about 230 us after 1 to 8 appends, 340-430 us after 64 and 940 us after 256
-(it writes out what the group appended): a synced append is an unsynced one plus one such sync.
+One ``sync_wal()`` took 230-470 us after 1 to 8 appends, 340-440 us after 64 and 940 us after 256
+(it writes out what the group appended): a synced append costs an unsynced one plus one such sync.
 """
 
 from __future__ import annotations
