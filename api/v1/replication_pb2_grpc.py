@@ -36,9 +36,9 @@ class ReplicationServiceStub:
     request leaves it out (and the partition's next request goes on the stream to the new leader).
 
     Flow. The follower sends a request, the leader sends exactly one response for it, and only then
-    does the follower send the next one (at most one request in flight per stream). Its fetch offsets
-    come from the previous response, and the leader learns from each request how far each follower
-    has copied: a follower's fetch_offset is its log end offset, so the leader counts every record
+    does the follower send the next one (at most one request in flight per stream): its fetch offsets
+    are its log ends once it has applied the previous response. The leader learns from each request
+    how far the follower has copied: a follower's fetch_offset is its log end offset, so the leader counts every record
     below it as held by that follower (high watermark = the least log end offset over the ISR; the
     follower joins or stays in the ISR while it keeps reaching the leader's log end, KIP-497/903).
     The leader holds a response until the batches it can send reach min_bytes, until max_wait_ms has
@@ -78,9 +78,9 @@ class ReplicationServiceServicer:
     request leaves it out (and the partition's next request goes on the stream to the new leader).
 
     Flow. The follower sends a request, the leader sends exactly one response for it, and only then
-    does the follower send the next one (at most one request in flight per stream). Its fetch offsets
-    come from the previous response, and the leader learns from each request how far each follower
-    has copied: a follower's fetch_offset is its log end offset, so the leader counts every record
+    does the follower send the next one (at most one request in flight per stream): its fetch offsets
+    are its log ends once it has applied the previous response. The leader learns from each request
+    how far the follower has copied: a follower's fetch_offset is its log end offset, so the leader counts every record
     below it as held by that follower (high watermark = the least log end offset over the ISR; the
     follower joins or stays in the ISR while it keeps reaching the leader's log end, KIP-497/903).
     The leader holds a response until the batches it can send reach min_bytes, until max_wait_ms has
@@ -130,9 +130,9 @@ class ReplicationService:
     request leaves it out (and the partition's next request goes on the stream to the new leader).
 
     Flow. The follower sends a request, the leader sends exactly one response for it, and only then
-    does the follower send the next one (at most one request in flight per stream). Its fetch offsets
-    come from the previous response, and the leader learns from each request how far each follower
-    has copied: a follower's fetch_offset is its log end offset, so the leader counts every record
+    does the follower send the next one (at most one request in flight per stream): its fetch offsets
+    are its log ends once it has applied the previous response. The leader learns from each request
+    how far the follower has copied: a follower's fetch_offset is its log end offset, so the leader counts every record
     below it as held by that follower (high watermark = the least log end offset over the ISR; the
     follower joins or stays in the ISR while it keeps reaching the leader's log end, KIP-497/903).
     The leader holds a response until the batches it can send reach min_bytes, until max_wait_ms has
