@@ -537,12 +537,18 @@ class PartitionLog:
         checkpoint (lowered to the new end) and counters follow, in ONE WriteBatch: a crash keeps the
         whole truncation or none of it. Unsynced, it survives a crash of the process; the WAL keeps
         order, so any later synced write (or ``LogStore.sync_wal``) makes it durable too.
+
+        An offset at or past the log end removes no record, but an epoch that starts at the log end
+        leaves the cache all the same (as in Kafka's truncateTo): a replica that became leader,
+        started its epoch and appended nothing before it lost the leadership must not go on fetching
+        with that epoch, which the new leader never had.
         """
         if offset < 0:
             raise ValueError(f"offset must be >= 0, got {offset}")
         with self._store._writing() as h, self._lock:
             self._check_live()
             if offset >= self._log_end_offset:
+                self._drop_epochs_from(h, self._log_end_offset, sync)
                 return
             pk = self._pk
             bi_lo, bi_hi = K.batch_index_key(pk, 0), K.META_BATCH + self._end_pk
@@ -582,6 +588,18 @@ class PartitionLog:
             self._epochs = kept_epochs
             self._time_max = None if last is None else (K.ts_of(last[0]), K.decode_u64(last[1]))
             self._check_invariants()
+
+    def _drop_epochs_from(self, h: _Handles, offset: int, sync: bool) -> None:
+        """Remove the cached epochs that start at or after ``offset`` (Kafka's truncateFromEnd)."""
+        kept = [(e, s) for e, s in self._epochs if s < offset]
+        if len(kept) == len(self._epochs):
+            return
+        wb = WriteBatch(raw_mode=True)
+        for e, _ in self._epochs[len(kept) :]:
+            wb.delete(K.epoch_key(self._pk, e), h.meta_cf)
+        self._store._write(h, wb, sync=sync)
+        self._epochs = kept
+        self._check_invariants()
 
     def truncate_fully_and_start_at(self, offset: int, *, sync: bool = False) -> None:
         """Empty the log and restart it at ``offset``: ``log_start_offset = high_watermark =

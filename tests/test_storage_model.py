@@ -89,6 +89,8 @@ class Model:
 
     def truncate_to(self, offset: int) -> None:
         if offset >= self.end:
+            # No record goes, but an epoch started at the log end and never written to does.
+            self.epochs = [(e, s) for e, s in self.epochs if s < self.end]
             return
         holder = [b for b in self.batches if b.base <= offset <= b.last]
         new_end = holder[0].base if holder else offset
