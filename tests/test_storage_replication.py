@@ -13,6 +13,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -328,6 +329,162 @@ def test_the_high_watermark_checkpoint_is_loaded_at_open_and_follows_truncation(
             log.checkpoint_high_watermark(1)
     with LogStore(store.path) as third:
         assert third.open_partition(TOPIC, 0).high_watermark == 0
+
+
+# ---------------------------------------------------------------------- the protocol's rules over storage
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A leader's answer for one partition, as ReplicatePartitionResponse carries it."""
+
+    out_of_range: bool
+    diverging_epoch: tuple[int, int] | None
+    batches: list[bytes]
+    high_watermark: int
+    log_start_offset: int
+    log_end_offset: int
+
+
+def leader_answer(leader: PartitionLog, fetch_offset: int, last_fetched_epoch: int, max_bytes: int) -> Answer:
+    """Checks 4 to 6 of ReplicatePartitionResponse (the epoch checks are the node's, not storage's)."""
+    start, end = leader.log_start_offset, leader.log_end_offset
+
+    def answer(out_of_range: bool, diverging: tuple[int, int] | None, batches: list[bytes]) -> Answer:
+        return Answer(out_of_range, diverging, batches, leader.high_watermark, start, end)
+
+    if last_fetched_epoch >= 0:
+        epoch, end_offset = leader.end_offset_for_epoch(last_fetched_epoch)
+        if end_offset == UNDEFINED_EPOCH_OFFSET or fetch_offset < start:
+            return answer(True, None, [])
+        if epoch < last_fetched_epoch or end_offset < fetch_offset:
+            return answer(False, (epoch, end_offset), [])
+    if not start <= fetch_offset <= end:
+        return answer(True, None, [])
+    return answer(False, None, leader.read(fetch_offset, max_bytes))
+
+
+def follower_apply(follower: PartitionLog, a: Answer) -> None:
+    """What ReplicatePartitionResponse tells a follower to do with an answer."""
+    end = follower.log_end_offset
+    if a.diverging_epoch is not None:
+        epoch, end_offset = a.diverging_epoch
+        own_epoch, own_end = follower.end_offset_for_epoch(epoch)
+        assert own_end != UNDEFINED_EPOCH_OFFSET, "the leader answers with an epoch <= the follower's latest"
+        if own_epoch == epoch:
+            follower.truncate_to(min(end_offset, own_end, end))
+        else:
+            follower.truncate_to(min(own_end, end))
+        return
+    if a.out_of_range:
+        if a.log_end_offset < end:
+            follower.truncate_to(a.log_end_offset)
+        else:
+            assert end < a.log_start_offset, "an epoch the leader lacks: it assigned its own, so never"
+            follower.truncate_fully_and_start_at(a.log_start_offset)
+        return
+    if a.batches:
+        follower.append_replicated(copy_of(a.batches))
+    follower.checkpoint_high_watermark(
+        max(min(a.high_watermark, follower.log_end_offset), follower.log_start_offset)
+    )
+    if follower.log_start_offset < min(a.log_start_offset, follower.log_end_offset):
+        follower.delete_before(min(a.log_start_offset, follower.log_end_offset))
+
+
+def fetch_once(leader: PartitionLog, follower: PartitionLog, max_bytes: int) -> Answer:
+    a = leader_answer(leader, follower.log_end_offset, follower.latest_epoch, max_bytes)
+    follower_apply(follower, a)
+    return a
+
+
+def catch_up(leader: PartitionLog, follower: PartitionLog) -> int:
+    """Fetch until the follower holds the leader's log; returns the number of fetches."""
+    for n in range(1, 200):
+        a = fetch_once(leader, follower, 1 << 30)
+        if not (a.out_of_range or a.diverging_epoch or a.batches):
+            return n
+    raise AssertionError(f"{follower!r} never caught up with {leader!r}")
+
+
+def test_a_follower_that_led_without_appending_drops_that_epoch_and_catches_up(store: LogStore) -> None:
+    a, b = store.open_partition(TOPIC, 0), store.open_partition(TOPIC, 1)
+    lead(a, [(1, 2), (1, 2)])
+    catch_up(a, b)
+    b.assign_epoch_start(2)  # b led epoch 2 and wrote nothing; a leads epoch 3 and writes
+    a.assign_epoch_start(3)
+    lead(a, [(3, 1)])
+    assert fetch_once(a, b, 1 << 30).diverging_epoch == (1, 4)  # a never had epoch 2
+    assert b.epoch_entries() == [(1, 0)] and b.log_end_offset == 4
+    catch_up(a, b)
+    assert b.read(0, 1 << 30) == a.read(0, 1 << 30)
+    assert b.epoch_entries() == a.epoch_entries() == [(1, 0), (3, 4)]
+
+
+def test_kip_101_a_follower_keeps_what_the_new_leader_has_and_drops_only_the_diverged_suffix(
+    store: LogStore,
+) -> None:
+    """KIP-101's second scenario: both replicas die, the one with the shorter log comes back first and
+    leads; the other must drop only what the new leader never had, not trust its high watermark."""
+    a, b = store.open_partition(TOPIC, 0), store.open_partition(TOPIC, 1)
+    lead(a, [(1, 1)])  # offset 0, epoch 1
+    catch_up(a, b)
+    lead(a, [(1, 1)])  # offset 1 on a only
+    b.assign_epoch_start(2)  # b leads epoch 2 and writes its own offset 1
+    b.append(batch(1), 2, now_ms=0)
+    a_view = fetch_once(b, a, 1 << 30)  # a now follows b
+    assert a_view.diverging_epoch == (1, 1)
+    assert a.log_end_offset == 1  # a dropped its offset 1 (epoch 1), which b never had
+    catch_up(b, a)
+    assert a.read(0, 1 << 30) == b.read(0, 1 << 30)
+    assert a.epoch_entries() == b.epoch_entries() == [(1, 0), (2, 1)]
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_random_leader_changes_end_with_every_follower_holding_the_leaders_log(
+    store: LogStore, seed: int
+) -> None:
+    """Leaders change at random (unclean elections included: any replica may lead), each appends a
+    little, followers copy part of it between changes, retention moves log starts; then a last leader
+    is elected and every follower catches up. Whatever happened, the rules of replication.proto over
+    this storage end with identical logs and epoch caches, every log consistent after every fetch."""
+    rng = random.Random(seed)
+    replicas = [store.open_partition(TOPIC, i) for i in range(3)]
+    epoch = 0
+    for _ in range(rng.randint(3, 10)):
+        epoch += rng.randint(1, 2)
+        leader = rng.choice(replicas)
+        leader.assign_epoch_start(epoch)
+        for _ in range(rng.randint(0, 4)):
+            leader.append(batch(rng.randint(1, 3)), epoch, now_ms=0)
+            for follower in replicas:
+                if follower is leader:
+                    continue
+                for _ in range(rng.randint(0, 2)):
+                    fetch_once(leader, follower, rng.choice([1, 200, 1 << 30]))
+                    assert_consistent(follower)
+        if rng.random() < 0.5 and leader.log_end_offset > leader.log_start_offset:
+            leader.delete_before(rng.randint(leader.log_start_offset, leader.log_end_offset))
+    epoch += 1
+    leader = rng.choice(replicas)
+    leader.assign_epoch_start(epoch)
+    leader.append(batch(1), epoch, now_ms=0)
+    for follower in replicas:
+        if follower is not leader:
+            catch_up(leader, follower)
+            assert_consistent(follower)
+            # A follower that started over at an earlier leader's log start may start later.
+            start = max(leader.log_start_offset, follower.log_start_offset)
+            assert follower.log_end_offset == leader.log_end_offset
+            assert follower.read(start, 1 << 30) == leader.read(start, 1 << 30)
+            assert cache_from(follower.epoch_entries(), start) == cache_from(leader.epoch_entries(), start)
+
+
+def cache_from(entries: list[tuple[int, int]], start: int) -> list[tuple[int, int]]:
+    """An epoch cache as it reads from ``start`` on (Kafka's truncateFromStart): the epoch holding
+    ``start`` starts there."""
+    covered = [e for e, s in entries if s <= start]
+    return ([(covered[-1], start)] if covered else []) + [(e, s) for e, s in entries if s > start]
 
 
 # ---------------------------------------------------------------------- crashes
