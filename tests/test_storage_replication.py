@@ -8,6 +8,7 @@ not synced) leaves a log equal to the one before or after the step it interrupte
 
 from __future__ import annotations
 
+import itertools
 import random
 import subprocess
 import sys
@@ -545,7 +546,7 @@ def scripted_steps(seed: int) -> Iterator[Step]:
     deletions from the start, epoch assignments and checkpoints, each valid for the log it leads to."""
     rng = random.Random(seed)
     model, epoch = Model(), 0
-    for _ in _forever():
+    while True:
         step: Step
         roll = rng.random()
         if roll < 0.45:
@@ -588,22 +589,12 @@ def scripted_steps(seed: int) -> Iterator[Step]:
         yield step
 
 
-def _forever() -> Iterator[None]:
-    while True:
-        yield None
-
-
 def model_after(seed: int, steps: int) -> Model:
     """The model of the log after the first ``steps`` steps of the script."""
     model = Model()
-    for step in _take(scripted_steps(seed), steps):
+    for step in itertools.islice(scripted_steps(seed), steps):
         apply_to_model(model, step)
     return model
-
-
-def _take(it: Iterator[Step], n: int) -> Iterator[Step]:
-    for _ in range(n):
-        yield next(it)
 
 
 def apply_to_model(model: Model, step: Step) -> None:
@@ -650,7 +641,7 @@ def test_seeded_scripts_match_the_model_across_reopens(tmp_path: Path, seed: int
     try:
         log = store.open_partition(TOPIC, 0)
         model = Model()
-        for step in _take(scripted_steps(seed), 250):
+        for step in itertools.islice(scripted_steps(seed), 250):
             apply_step(log, step)
             apply_to_model(model, step)
             if rng.random() < 0.1:
