@@ -6,7 +6,8 @@ The tree, all rooted at ``StorageError``::
     ├── CorruptRecordError       (CORRUPT_MESSAGE) a batch failed its CRC or header checks; nothing stored
     ├── OffsetOutOfRangeError    (OFFSET_OUT_OF_RANGE) an offset outside [log_start_offset, log_end_offset]
     ├── InvalidAppendError       (INVALID_REQUEST) an append that would break the log's order: a leader
-    │                            epoch older than the latest, or a stamped batch not at the log end
+    │                            epoch older than the latest, or stamped batches (the follower's copy)
+    │                            with a gap or an overlap, with the log end or between them
     └── LogWriteError            (STORAGE_ERROR) RocksDB refused a write (e.g. the disk is full); the
                                  partition's state is as it was before the call and the log stays
                                  readable; ``LogStore.recover()`` (also tried before the next write)

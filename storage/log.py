@@ -20,7 +20,7 @@ import bisect
 import itertools
 import struct
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -45,7 +45,12 @@ from headwater.v1.batch import (
 if TYPE_CHECKING:
     from headwater.storage.store import LogStore, _Handles
 
-__all__ = ["AppendResult", "PartitionLog"]
+__all__ = ["AppendResult", "PartitionLog", "UNDEFINED_EPOCH", "UNDEFINED_EPOCH_OFFSET"]
+
+UNDEFINED_EPOCH = -1
+"""No leader epoch: ``end_offset_for_epoch`` found none (Kafka's UNDEFINED_EPOCH)."""
+UNDEFINED_EPOCH_OFFSET = -1
+"""No end offset: ``end_offset_for_epoch`` found none (Kafka's UNDEFINED_EPOCH_OFFSET)."""
 
 _MAX_EPOCH = (1 << 31) - 1
 _I64_MIN = -(1 << 63)
@@ -144,6 +149,22 @@ def _last_before(cf: Rdict, key: bytes, lower: bytes) -> tuple[bytes, bytes] | N
         del it
 
 
+def _check_stamped(batch: RecordBatch) -> None:
+    """The checks of a batch a leader already stamped (the follower path): CRC and header."""
+    if not crc_is_valid(batch):
+        raise CorruptRecordError(f"batch at {batch.base_offset}: CRC does not match its contents")
+    if batch.last_offset_delta < 0 or not 0 <= batch.record_count <= batch.last_offset_delta + 1:
+        raise CorruptRecordError(
+            f"batch at {batch.base_offset}: bad header: last_offset_delta={batch.last_offset_delta}, "
+            f"record_count={batch.record_count}"
+        )
+    if batch.base_offset < 0 or batch.base_offset + batch.last_offset_delta > _I64_MAX:
+        raise CorruptRecordError(f"bad base_offset {batch.base_offset}")
+    if not 0 <= batch.partition_leader_epoch <= _MAX_EPOCH:
+        epoch = batch.partition_leader_epoch
+        raise CorruptRecordError(f"batch at {batch.base_offset}: bad partition_leader_epoch {epoch}")
+
+
 def _check_fresh(batch: RecordBatch) -> None:
     """The checks of a producer's batch (``append``): CRC and the offset-count header."""
     if not crc_is_valid(batch):
@@ -219,8 +240,8 @@ class PartitionLog:
         assert 0 <= self._log_start_offset <= self._high_watermark <= self._log_end_offset, self
         assert self._size_bytes >= 0, self
         assert (self._size_bytes == 0) == (self._log_start_offset == self._log_end_offset), self
-        for (e1, s1), (e2, s2) in zip(self._epochs, self._epochs[1:], strict=False):
-            assert e1 < e2 and s1 <= s2, self._epochs
+        for (e1, s1), (e2, s2) in itertools.pairwise(self._epochs):
+            assert e1 < e2 and s1 < s2, self._epochs
         assert all(s <= self._log_end_offset for _, s in self._epochs), (self._epochs, self)
         assert self._time_max is None or self._time_max[1] < self._log_end_offset, (self._time_max, self)
 
@@ -329,44 +350,80 @@ class PartitionLog:
                 raise
 
     def append_stamped(self, batch: RecordBatch, *, sync: bool = False) -> AppendResult:
-        """Append a batch a leader already stamped (the follower path): stored byte for byte.
+        """Append one batch a leader already stamped; see ``append_replicated``."""
+        return self.append_replicated([batch], sync=sync)[0]
 
-        Requires a valid CRC, ``base_offset == log_end_offset`` and a ``partition_leader_epoch`` not
-        older than the latest epoch here (``InvalidAppendError`` otherwise). ``record_count`` may be
-        below ``last_offset_delta + 1``: a compacted batch keeps its offsets but loses records.
+    def append_replicated(self, batches: Sequence[RecordBatch], *, sync: bool = False) -> list[AppendResult]:
+        """Append batches copied from the leader (the follower path), all or none, byte for byte.
+
+        Nothing is stamped: each batch keeps the leader's ``base_offset``, ``partition_leader_epoch``
+        and timestamps, and is stored as it serializes (the leader's bytes). Refused, storing nothing:
+
+        - ``CorruptRecordError``: a CRC that does not match, or a bad header (``record_count`` may be
+          below ``last_offset_delta + 1``: a compacted batch keeps its offsets but loses records);
+        - ``InvalidAppendError``: a gap or an overlap, with the log end or between the batches (each
+          batch starts right after the previous one, the first at ``log_end_offset``), or a leader
+          epoch older than the one before it or than the latest epoch here.
+
+        One exception to "the first starts at the log end", as in Kafka's follower: an empty log
+        (``log_start_offset == log_end_offset``, e.g. right after ``truncate_fully_and_start_at``)
+        accepts a first batch that holds its log start offset, since a leader whose log start lies
+        inside a batch serves that batch whole. The log start stays where it was.
+
+        A batch whose epoch is newer than the latest one here starts that epoch in the leader-epoch
+        cache (KIP-101), in the same atomic WriteBatch as the data, the counters and the time index
+        (through the WAL, fsynced when ``sync``): a crash keeps all of it or none of it.
         """
-        if not crc_is_valid(batch):
-            raise CorruptRecordError("batch CRC does not match its contents")
-        if batch.last_offset_delta < 0 or not 0 <= batch.record_count <= batch.last_offset_delta + 1:
-            raise CorruptRecordError(
-                f"bad header: last_offset_delta={batch.last_offset_delta}, record_count={batch.record_count}"
-            )
-        if batch.partition_leader_epoch < 0:
-            raise CorruptRecordError(f"bad partition_leader_epoch {batch.partition_leader_epoch}")
+        if not batches:
+            raise ValueError("append_replicated needs at least one batch")
+        for batch in batches:
+            _check_stamped(batch)
+        for prev, batch in itertools.pairwise(batches):
+            expected = prev.base_offset + prev.last_offset_delta + 1
+            if batch.base_offset != expected:
+                what = "gap" if batch.base_offset > expected else "overlap"
+                raise InvalidAppendError(
+                    f"{what} between batches: {batch.base_offset} follows a batch ending at {expected - 1}"
+                )
+            if batch.partition_leader_epoch < prev.partition_leader_epoch:
+                raise InvalidAppendError(
+                    f"leader epoch {batch.partition_leader_epoch} at offset {batch.base_offset} follows "
+                    f"the newer epoch {prev.partition_leader_epoch}"
+                )
         with self._store._writing() as h, self._lock:
             self._check_live()
-            if batch.base_offset != self._log_end_offset:
+            first = batches[0]
+            end = self._log_end_offset
+            if first.base_offset != end and not self._holds_the_empty_start(first):
+                what = "gap" if first.base_offset > end else "overlap"
                 raise InvalidAppendError(
-                    f"batch base_offset {batch.base_offset} is not the log end offset {self._log_end_offset}"
+                    f"{what}: batch base_offset {first.base_offset} is not the log end offset {end}"
                 )
-            return self._append_locked(h, [batch], sync)[0]
+            return self._append_locked(h, list(batches), sync)
+
+    def _holds_the_empty_start(self, batch: RecordBatch) -> bool:
+        """The log is empty and ``batch`` holds its start offset (see ``append_replicated``)."""
+        start = self._log_start_offset
+        return start == self._log_end_offset and batch.base_offset < start <= (
+            batch.base_offset + batch.last_offset_delta
+        )
 
     def _append_locked(self, h: _Handles, batches: list[RecordBatch], sync: bool) -> list[AppendResult]:
         """Write stamped batches (contiguous from the log end) in ONE WriteBatch: all or none."""
-        latest = self._epochs[-1][0] if self._epochs else -1
         end = self._log_end_offset
         size_total = self._size_bytes
         time_max = self._time_max
-        new_epochs: list[tuple[int, int]] = []
+        epochs = list(self._epochs)
         results: list[AppendResult] = []
         pk = self._pk
         wb = WriteBatch(raw_mode=True)
-        for batch in batches:
+        for i, batch in enumerate(batches):
             epoch = batch.partition_leader_epoch
+            latest = epochs[-1][0] if epochs else -1
             if epoch < latest:
                 raise InvalidAppendError(f"leader epoch {epoch} is older than the latest epoch {latest}")
             base = batch.base_offset
-            assert base == end
+            assert base == end or (i == 0 and self._holds_the_empty_start(batch)), (base, end, self)
             data = batch.SerializeToString()
             size = len(data)
             max_ts = batch.max_timestamp_ms
@@ -378,9 +435,7 @@ class PartitionLog:
                 raise CorruptRecordError(f"batch too large to index ({size} bytes)") from e
             wb.put(K.batch_index_key(pk, base), index_value, h.meta_cf)
             if epoch > latest:
-                wb.put(K.epoch_key(pk, epoch), K.encode_i64(base), h.meta_cf)
-                new_epochs.append((epoch, base))
-                latest = epoch
+                self._start_epoch(h, wb, epochs, epoch, max(base, self._log_start_offset))
             if time_max is None or max_ts > time_max[0]:
                 wb.put(pk + K.ts_suffix(max_ts), K.encode_u64(base), h.timeindex_cf)
                 time_max = (max_ts, base)
@@ -392,10 +447,22 @@ class PartitionLog:
         # Persisted: now, and only now, the in-memory state follows.
         self._log_end_offset = end
         self._size_bytes = size_total
-        self._epochs.extend(new_epochs)
+        self._epochs = epochs
         self._time_max = time_max
         self._check_invariants()
         return results
+
+    def _start_epoch(
+        self, h: _Handles, wb: WriteBatch, epochs: list[tuple[int, int]], epoch: int, start_offset: int
+    ) -> None:
+        """Add ``(epoch, start_offset)`` to ``epochs`` and to ``wb``. A latest epoch that starts at the
+        same offset holds no record and goes, as in Kafka's LeaderEpochFileCache.assign: start offsets
+        strictly increase, so every cached epoch but the latest holds at least one record."""
+        assert not epochs or (epochs[-1][0] < epoch and epochs[-1][1] <= start_offset), (epochs, epoch)
+        if epochs and epochs[-1][1] == start_offset:
+            wb.delete(K.epoch_key(self._pk, epochs.pop()[0]), h.meta_cf)
+        wb.put(K.epoch_key(self._pk, epoch), K.encode_i64(start_offset), h.meta_cf)
+        epochs.append((epoch, start_offset))
 
     # ------------------------------------------------------------------ read
 
@@ -465,14 +532,23 @@ class PartitionLog:
 
         Batches are whole: if ``offset`` falls inside a batch, that batch goes too and the log end
         becomes its base offset. An offset below every stored batch empties the log and makes
-        ``log_start_offset = log_end_offset = offset``. Epoch cache, time index, high watermark
-        (lowered to the new end) and counters follow, in one WriteBatch.
+        ``log_start_offset = log_end_offset = offset``. Epoch cache (the epochs starting at or after
+        the new end go; the last kept one now ends at the new end), time index, high-watermark
+        checkpoint (lowered to the new end) and counters follow, in ONE WriteBatch: a crash keeps the
+        whole truncation or none of it. Unsynced, it survives a crash of the process; the WAL keeps
+        order, so any later synced write (or ``LogStore.sync_wal``) makes it durable too.
+
+        An offset at or past the log end removes no record, but an epoch that starts at the log end
+        leaves the cache all the same (as in Kafka's truncateTo): a replica that became leader,
+        started its epoch and appended nothing before it lost the leadership must not go on fetching
+        with that epoch, which the new leader never had.
         """
         if offset < 0:
             raise ValueError(f"offset must be >= 0, got {offset}")
         with self._store._writing() as h, self._lock:
             self._check_live()
             if offset >= self._log_end_offset:
+                self._drop_epochs_from(h, self._log_end_offset, sync)
                 return
             pk = self._pk
             bi_lo, bi_hi = K.batch_index_key(pk, 0), K.META_BATCH + self._end_pk
@@ -511,6 +587,49 @@ class PartitionLog:
             self._high_watermark = new_hw
             self._epochs = kept_epochs
             self._time_max = None if last is None else (K.ts_of(last[0]), K.decode_u64(last[1]))
+            self._check_invariants()
+
+    def _drop_epochs_from(self, h: _Handles, offset: int, sync: bool) -> None:
+        """Remove the cached epochs that start at or after ``offset`` (Kafka's truncateFromEnd)."""
+        kept = [(e, s) for e, s in self._epochs if s < offset]
+        if len(kept) == len(self._epochs):
+            return
+        wb = WriteBatch(raw_mode=True)
+        for e, _ in self._epochs[len(kept) :]:
+            wb.delete(K.epoch_key(self._pk, e), h.meta_cf)
+        self._store._write(h, wb, sync=sync)
+        self._epochs = kept
+        self._check_invariants()
+
+    def truncate_fully_and_start_at(self, offset: int, *, sync: bool = False) -> None:
+        """Empty the log and restart it at ``offset``: ``log_start_offset = high_watermark =
+        log_end_offset = offset`` (Kafka's truncateFullyAndStartAt).
+
+        A follower does this when the leader answers OFFSET_OUT_OF_RANGE because the follower's log end
+        lies below the leader's log start (retention moved on while the follower was away), so the
+        follower's records cannot be compared with the leader's any more. ``offset`` may lie below or
+        above the log end. Batches, batch and time index, the whole leader-epoch cache, the counters
+        and the high-watermark checkpoint change in one WriteBatch.
+        """
+        if not 0 <= offset <= _I64_MAX:
+            raise ValueError(f"offset must be in [0, 2**63 - 1], got {offset}")
+        with self._store._writing() as h, self._lock:
+            self._check_live()
+            pk = self._pk
+            wb = WriteBatch(raw_mode=True)
+            wb.delete_range(pk, self._end_pk)
+            wb.delete_range(K.batch_index_key(pk, 0), K.META_BATCH + self._end_pk, h.meta_cf)
+            wb.delete_range(pk, self._end_pk, h.timeindex_cf)
+            for e, _ in self._epochs:
+                wb.delete(K.epoch_key(pk, e), h.meta_cf)
+            wb.put(K.state_key(pk), K.STATE.pack(offset, offset, 0), h.meta_cf)
+            wb.put(K.hw_key(pk), K.encode_i64(offset), h.meta_cf)
+            self._store._write(h, wb, sync=sync)
+
+            self._log_start_offset = self._log_end_offset = self._high_watermark = offset
+            self._size_bytes = 0
+            self._epochs = []
+            self._time_max = None
             self._check_invariants()
 
     def delete_before(self, new_log_start_offset: int, *, sync: bool = False) -> int:
@@ -674,20 +793,58 @@ class PartitionLog:
         with self._lock:
             return list(self._epochs)
 
-    def end_offset_for_epoch(self, epoch: int) -> tuple[int, int]:
-        """``(e, end)``: ``e`` the largest epoch ``<= epoch`` here, ``end`` the start offset of the next
-        higher epoch, or the log end offset when ``e`` is the latest (KIP-279's OffsetsForLeaderEpoch).
+    def assign_epoch_start(self, leader_epoch: int, *, sync: bool = False) -> None:
+        """Start ``leader_epoch`` at the log end in the leader-epoch cache, before any record of it is
+        appended (Kafka's maybeAssignEpochStartOffset, called when this replica becomes leader).
 
-        ``(-1, -1)`` when the cache is empty, ``epoch`` is negative or below the earliest cached epoch.
-        (Kafka answers the last case with ``(epoch, start of the earliest epoch)``.)
+        Until its first append, a new leader would otherwise answer ``end_offset_for_epoch`` for an
+        epoch between its latest cached one and its own with UNDEFINED instead of the offset where
+        its leadership began. A no-op if ``leader_epoch`` is already the latest; ``InvalidAppendError``
+        if it is older. A latest epoch that starts at the log end (it holds no record) is replaced.
+        """
+        if not 0 <= leader_epoch <= _MAX_EPOCH:
+            raise ValueError(f"leader_epoch must be in [0, {_MAX_EPOCH}], got {leader_epoch}")
+        with self._store._writing() as h, self._lock:
+            self._check_live()
+            latest = self._epochs[-1][0] if self._epochs else -1
+            if leader_epoch == latest:
+                return
+            if leader_epoch < latest:
+                raise InvalidAppendError(f"leader epoch {leader_epoch} is older than the latest, {latest}")
+            epochs = list(self._epochs)
+            wb = WriteBatch(raw_mode=True)
+            self._start_epoch(h, wb, epochs, leader_epoch, self._log_end_offset)
+            self._store._write(h, wb, sync=sync)
+            self._epochs = epochs
+            self._check_invariants()
+
+    def end_offset_for_epoch(self, epoch: int) -> tuple[int, int]:
+        """``(leader_epoch, end_offset)`` for a requested epoch, exactly as Kafka's
+        LeaderEpochFileCache.endOffsetFor (the answer to OffsetsForLeaderEpoch, KIP-101/279, and the
+        leader's check of a follower's ``last_fetched_epoch``, KIP-595/320):
+
+        - ``epoch`` is UNDEFINED (-1 or below), the cache is empty, or ``epoch`` is newer than the
+          latest cached epoch: ``(UNDEFINED_EPOCH, UNDEFINED_EPOCH_OFFSET)``;
+        - ``epoch`` is the latest cached epoch: ``(epoch, log_end_offset)``;
+        - ``epoch`` is older than the earliest cached epoch: ``(epoch, start offset of the earliest
+          cached epoch)``. Older epochs may have left the cache with the log start, so this bound may
+          be loose, never wrong: nothing here from before that offset can be compared;
+        - otherwise ``(e, s)``: ``e`` the largest cached epoch ``<= epoch``, ``s`` the start offset of
+          the next cached epoch after it.
+
+        A follower truncates to ``min(end_offset, its own end offset for leader_epoch)`` when its own
+        cache has that epoch, and keeps asking with older epochs when it does not.
         """
         with self._lock:
-            if epoch < 0 or not self._epochs or epoch < self._epochs[0][0]:
-                return -1, -1
-            i = bisect.bisect_right(self._epochs, (epoch, _I64_MAX)) - 1
-            found = self._epochs[i][0]
-            end = self._epochs[i + 1][1] if i + 1 < len(self._epochs) else self._log_end_offset
-            return found, end
+            epochs = self._epochs
+            if epoch < 0 or not epochs or epoch > epochs[-1][0]:
+                return UNDEFINED_EPOCH, UNDEFINED_EPOCH_OFFSET
+            if epoch == epochs[-1][0]:
+                return epoch, self._log_end_offset
+            if epoch < epochs[0][0]:
+                return epoch, epochs[0][1]
+            i = bisect.bisect_right(epochs, (epoch, _I64_MAX)) - 1
+            return epochs[i][0], epochs[i + 1][1]
 
     # ------------------------------------------------------------------ timestamps
 

@@ -355,7 +355,8 @@ def test_truncate_fixes_the_epoch_cache(log: PartitionLog) -> None:
     assert log.epoch_entries() == [(1, 0), (3, 2), (5, 4)]
     log.truncate_to(3)  # inside epoch 3's batch 2..3
     assert log.epoch_entries() == [(1, 0)]
-    assert log.end_offset_for_epoch(3) == (1, 2)
+    assert log.end_offset_for_epoch(1) == (1, 2)  # the latest epoch ends at the new log end
+    assert log.end_offset_for_epoch(3) == (-1, -1)  # newer than any cached epoch: UNDEFINED
     log.append(batch(1), 6, now_ms=0)
     assert log.epoch_entries() == [(1, 0), (6, 2)]
 
@@ -431,8 +432,8 @@ def test_epoch_cache_records_the_start_of_each_new_epoch(log: PartitionLog) -> N
     assert log.end_offset_for_epoch(4) == (4, 7)
     assert log.end_offset_for_epoch(6) == (4, 7)
     assert log.end_offset_for_epoch(7) == (7, 8)  # the latest ends at the log end
-    assert log.end_offset_for_epoch(9) == (7, 8)
-    assert log.end_offset_for_epoch(1) == (-1, -1)  # below the earliest
+    assert log.end_offset_for_epoch(9) == (-1, -1)  # newer than the latest: UNDEFINED, as in Kafka
+    assert log.end_offset_for_epoch(1) == (1, 0)  # below the earliest: the earliest's start
     assert log.end_offset_for_epoch(-1) == (-1, -1)
 
 
@@ -442,10 +443,12 @@ def test_epoch_cache_follows_the_log_start(log: PartitionLog) -> None:
     fill(log, [2], epoch=3)  # 4..5
     log.delete_before(3)
     assert log.epoch_entries() == [(2, 3), (3, 4)]  # epoch 1 gone, epoch 2 starts at the log start
-    assert log.end_offset_for_epoch(1) == (-1, -1)
+    assert log.end_offset_for_epoch(1) == (1, 3)  # older than the cache: bounded by its first start
     log.apply_retention(now_ms=0, retention_ms=-1, retention_bytes=0)  # empties the log
     assert log.epoch_entries() == [(3, 6)]
     assert log.end_offset_for_epoch(3) == (3, 6)
+    log.append(batch(1), 4, now_ms=0)  # epoch 3 holds no record any more: epoch 4 replaces it
+    assert log.epoch_entries() == [(4, 6)]
 
 
 # ---------------------------------------------------------------------- timestamps

@@ -1,8 +1,10 @@
 """A hypothesis state machine: PartitionLog against a plain in-memory model of a partition log.
 
-Every step (append, stamped append, read, truncate, delete_before, retention, high-watermark checkpoint,
-close and reopen of the store) is applied to both; after each step the offsets, size, epoch cache and
-timestamp lookups must agree.
+Every step (append as a leader, the follower's appends of stamped batches, refused appends, read,
+truncate, a full truncation to a new start, delete_before, retention, leader-epoch assignment,
+high-watermark checkpoint, close and reopen of the store) is applied to both; after each step the
+offsets, size, high watermark, epoch cache (and Kafka's endOffsetFor over it) and timestamp lookups
+must agree.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from headwater.storage import InvalidAppendError, LogStore, OffsetOutOfRangeError
+from headwater.storage import CorruptRecordError, InvalidAppendError, LogStore, OffsetOutOfRangeError
 from headwater.v1.batch import LOG_APPEND_TIME, RecordBatch, batch_crc, build_batch
 
 TOPIC = uuid.UUID(int=7).bytes
@@ -60,11 +62,18 @@ class Model:
         return sum(len(b.data) for b in self.batches)
 
     def append(self, b: ModelBatch, epoch: int) -> None:
-        assert b.base == self.end
+        # A follower's empty log also takes a first batch that holds its start offset (Kafka does).
+        assert b.base == self.end or (self.start == self.end and b.base < self.start <= b.last)
         self.batches.append(b)
         self.end = b.last + 1
         if not self.epochs or epoch > self.epochs[-1][0]:
-            self.epochs.append((epoch, b.base))
+            self.start_epoch(epoch, max(b.base, self.start))
+
+    def start_epoch(self, epoch: int, offset: int) -> None:
+        # Start offsets strictly increase: a latest epoch starting at the same offset holds no record.
+        if self.epochs and self.epochs[-1][1] == offset:
+            self.epochs.pop()
+        self.epochs.append((epoch, offset))
 
     def read(self, offset: int, max_bytes: int, max_offset: int | None) -> list[bytes]:
         out: list[bytes] = []
@@ -80,6 +89,8 @@ class Model:
 
     def truncate_to(self, offset: int) -> None:
         if offset >= self.end:
+            # No record goes, but an epoch started at the log end and never written to does.
+            self.epochs = [(e, s) for e, s in self.epochs if s < self.end]
             return
         holder = [b for b in self.batches if b.base <= offset <= b.last]
         new_end = holder[0].base if holder else offset
@@ -88,6 +99,14 @@ class Model:
         self.start = min(self.start, new_end)
         self.hw = min(self.hw, new_end)
         self.epochs = [(e, s) for e, s in self.epochs if s < new_end]
+
+    def truncate_fully_and_start_at(self, offset: int) -> None:
+        self.batches, self.epochs = [], []
+        self.start = self.end = self.hw = offset
+
+    def assign_epoch_start(self, epoch: int) -> None:
+        if not self.epochs or epoch > self.epochs[-1][0]:
+            self.start_epoch(epoch, self.end)
 
     def _start_at(self, new_start: int) -> None:
         self.start = new_start
@@ -119,11 +138,14 @@ class Model:
         return n
 
     def end_offset_for_epoch(self, epoch: int) -> tuple[int, int]:
-        older = [(i, e) for i, (e, _) in enumerate(self.epochs) if e <= epoch]
-        if epoch < 0 or not older:
+        # Kafka's LeaderEpochFileCache.endOffsetFor, case by case.
+        if epoch < 0 or not self.epochs or epoch > self.epochs[-1][0]:
             return -1, -1
-        i, e = older[-1]
-        return e, self.epochs[i + 1][1] if i + 1 < len(self.epochs) else self.end
+        if epoch == self.epochs[-1][0]:
+            return epoch, self.end
+        newer = [(e, s) for e, s in self.epochs if e > epoch]
+        older = [e for e, _ in self.epochs if e <= epoch]
+        return (older[-1] if older else epoch), newer[0][1]
 
     def records(self) -> list[tuple[int, int]]:
         return [(b.base + i, ts) for b in self.batches for i, ts in enumerate(b.timestamps)]
@@ -185,13 +207,81 @@ class LogMachine(RuleBasedStateMachine):
         assert r.max_timestamp_ms == max(stored_ts)
         self.model.append(ModelBatch(self.model.end, data, stored_ts), self.epoch)
 
+    def leader_batches(self, sizes: list[list[int]], bumps: list[bool], base: int) -> list[RecordBatch]:
+        """Batches as a leader stamped them: consecutive from ``base``, epochs never decreasing."""
+        out = []
+        for ts, bump in zip(sizes, bumps, strict=False):
+            self.epoch += bump
+            b = build_batch([(None, b"x" * (len(out) + 1), None, t) for t in ts])
+            b.base_offset, b.partition_leader_epoch = base, self.epoch
+            base += len(ts)
+            out.append(b)
+        return out
+
+    def model_append(self, batches: list[RecordBatch], timestamps: list[list[int]]) -> None:
+        for b, ts in zip(batches, timestamps, strict=True):
+            self.model.append(
+                ModelBatch(b.base_offset, b.SerializeToString(), list(ts)), b.partition_leader_epoch
+            )
+
     @rule(ts=timestamps, bump=st.booleans())
     def append_stamped(self, ts: list[int], bump: bool) -> None:
-        self.epoch += bump
-        b = build_batch([(None, b"x", None, t) for t in ts])
-        b.base_offset, b.partition_leader_epoch = self.model.end, self.epoch
+        [b] = self.leader_batches([ts], [bump], self.model.end)
         self.log.append_stamped(b)
-        self.model.append(ModelBatch(self.model.end, b.SerializeToString(), list(ts)), self.epoch)
+        self.model_append([b], [ts])
+
+    @rule(sizes=st.lists(timestamps, min_size=1, max_size=4), bumps=st.lists(st.booleans(), min_size=4))
+    def append_replicated(self, sizes: list[list[int]], bumps: list[bool]) -> None:
+        batches = self.leader_batches(sizes, bumps, self.model.end)
+        results = self.log.append_replicated(batches)
+        assert [r.base_offset for r in results] == [b.base_offset for b in batches]
+        self.model_append(batches, sizes)
+
+    @rule(
+        sizes=st.lists(timestamps, min_size=2, max_size=3),
+        breakage=st.sampled_from(["gap", "overlap", "older epoch", "crc", "log end gap", "log end overlap"]),
+    )
+    def replicated_append_that_breaks_the_log_is_refused(self, sizes: list[list[int]], breakage: str) -> None:
+        latest = self.model.epochs[-1][0] if self.model.epochs else -1
+        batches = self.leader_batches(sizes, [True] * len(sizes), self.model.end)
+        last = batches[-1]
+        if breakage == "gap":
+            last.base_offset += 1
+        elif breakage == "overlap":
+            last.base_offset -= 1
+        elif breakage == "older epoch":
+            last.partition_leader_epoch = batches[0].partition_leader_epoch - 1
+        elif breakage == "crc":
+            last.crc ^= 1
+        elif breakage == "log end gap":
+            for b in batches:
+                b.base_offset += 1
+        elif breakage == "log end overlap":
+            if self.model.end == 0 or self.model.start == self.model.end:
+                return  # no offset below the log end to overlap with
+            for b in batches:
+                b.base_offset -= 1
+        with pytest.raises((InvalidAppendError, CorruptRecordError)):
+            self.log.append_replicated(batches)
+        self.epoch = max(latest, 0)  # nothing was stored: the next epochs follow the stored ones
+
+    @rule(ahead=st.integers(0, 5), inside=st.integers(0, 3), ts=timestamps)
+    def restart_at_the_leaders_log_start(self, ahead: int, inside: int, ts: list[int]) -> None:
+        """The follower fell behind the leader's log start: it starts over there, and the leader's
+        first batch may begin before that start (its log start lies inside the batch)."""
+        offset = self.model.end + ahead
+        self.log.truncate_fully_and_start_at(offset)
+        self.model.truncate_fully_and_start_at(offset)
+        base = max(offset - min(inside, len(ts) - 1), 0)
+        [b] = self.leader_batches([ts], [True], base)
+        self.log.append_replicated([b])
+        self.model_append([b], [ts])
+
+    @rule(bump=st.integers(0, 2))
+    def assign_epoch_start(self, bump: int) -> None:
+        self.epoch += bump
+        self.log.assign_epoch_start(self.epoch)
+        self.model.assign_epoch_start(self.epoch)
 
     @rule(ts=timestamps)
     def append_with_a_stale_epoch_is_refused(self, ts: list[int]) -> None:
