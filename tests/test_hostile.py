@@ -25,6 +25,10 @@ E = errors_pb2
 MAX_RSS_BYTES = 700 * 1024 * 1024
 MAX_CLIENT_WAIT_S = 1.0
 DEFAULT_LEASE = ["--heartbeat-interval-ms", "500", "--session-timeout-ms", "3000"]
+# A connection of its own (no shared subchannel) whose streams take no more than the initial HTTP/2
+# window: without BDP probing the client does not grow its windows and buffer tens of MB a stream
+# for the application that never reads, so the node's writes wait, as for a reader that never reads.
+NEVER_READS = [("grpc.use_local_subchannel_pool", 1), ("grpc.http2.bdp_probe", 0)]
 
 
 def _rss_bytes(pid: int) -> int:
@@ -203,14 +207,14 @@ def test_a_subscribe_flood_that_never_reads_is_bounded_and_other_readers_go_on(
         producer.flush()
     request = pb.SubscribeRequest(topic="target", partition=0, offset=-2)
     channels = [
-        grpc.insecure_channel(c.nodes[victim].bootstrap, options=[("grpc.use_local_subchannel_pool", 1)])
+        grpc.insecure_channel(c.nodes[victim].bootstrap, options=NEVER_READS)
         for _ in range(4)
     ]
     with Admin(c.bootstrap) as admin:
         admin.create_topics([NewTopic("quiet", partitions=1, replica_assignments={0: [victim]})])
     quiet_request = pb.SubscribeRequest(topic="quiet", partition=0, offset=-2)
     quiet_channel = grpc.insecure_channel(
-        c.nodes[victim].bootstrap, options=[("grpc.use_local_subchannel_pool", 1)]
+        c.nodes[victim].bootstrap, options=NEVER_READS
     )
     calls = []
     refused = 0
