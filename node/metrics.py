@@ -10,6 +10,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from headwater.node.metrics_http import MetricsEndpoint
+from headwater.raft.commands import NO_LEADER
 
 if TYPE_CHECKING:
     from headwater.node.broker import Broker
@@ -47,14 +48,38 @@ class _LogCollector(Collector):
         yield GaugeMetricFamily(
             "headwater_partitions", "Partition replicas on this node.", value=len(partitions)
         )
-        leaders = sum(1 for _, p in partitions if p.leader_id == p.node_id)
-        yield GaugeMetricFamily("headwater_leader_partitions", "Partitions this node leads.", value=leaders)
+        led = [(topic, p) for (topic, _), p in partitions if p.leader_id == p.node_id]
+        yield GaugeMetricFamily("headwater_leader_partitions", "Partitions this node leads.", value=len(led))
+        under_replicated = sum(1 for _, p in led if len(p.isr) < len(p.replicas))
         yield GaugeMetricFamily(
             "headwater_under_replicated_partitions",
-            "Led partitions whose ISR is smaller than their replica set.",
-            value=0,  # one node: every replica set is this node alone
+            "Partitions this node leads whose ISR is smaller than their replica set.",
+            value=under_replicated,
         )
-        yield GaugeMetricFamily("headwater_offline_partitions", "Partitions with no live leader.", value=0)
+        under_min_isr = 0
+        for topic, p in led:
+            try:
+                min_isr = int(self._broker.topic_config(topic)["min_insync_replicas"])
+            except Exception:  # the topic went away between the two reads
+                continue
+            under_min_isr += len(p.isr) < min_isr
+        yield GaugeMetricFamily(
+            "headwater_under_min_isr_partitions",
+            "Partitions this node leads whose ISR is smaller than min_insync_replicas (acks=all refused).",
+            value=under_min_isr,
+        )
+        # As in Kafka, the active controller reports the cluster's offline partitions; others say 0.
+        broker = self._broker
+        offline = 0
+        if broker.controller_id == broker.config.node_id:
+            offline = sum(
+                1 for t in broker.image.topics.values() for rec in t.partitions if rec.leader == NO_LEADER
+            )
+        yield GaugeMetricFamily(
+            "headwater_offline_partitions",
+            "Partitions with no leader (reported by the active controller, 0 on other nodes).",
+            value=offline,
+        )
 
 
 class NodeMetrics:

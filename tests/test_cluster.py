@@ -430,3 +430,49 @@ def test_validate_only_creates_nothing_and_checks_assignments(make_cluster: Call
     assert twice.error_code == E.ERROR_CODE_INVALID_REPLICATION_FACTOR, twice  # two replicas, one node
     assert c.describe(1).metadata_offset == before
     assert [t.name for t in c.metadata(1).topics] == []
+
+
+def _gauge(port: int, name: str) -> float:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise AssertionError(f"no metric {name}")
+
+
+def test_replication_health_metrics_count_under_replicated_under_min_isr_and_offline_partitions(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    c = make_cluster(3)
+    ports = {i: free_port() for i in c.nodes}
+    for i, n in c.nodes.items():
+        n.extra_args += ["--metrics-port", str(ports[i])]
+    c.start()
+    with Admin(c.bootstrap) as admin:
+        admin.create_topics(
+            [
+                NewTopic("r3", partitions=3, replication_factor=3, config={"min_insync_replicas": "3"}),
+                NewTopic("solo", partitions=1, replica_assignments={0: [3]}),
+            ]
+        )
+    live = (1, 2)
+
+    def total(name: str) -> float:
+        return sum(_gauge(ports[i], name) for i in live)
+
+    def led() -> float:
+        return total("headwater_leader_partitions") + _gauge(ports[3], "headwater_leader_partitions")
+
+    eventually(lambda: led() == 4, 10, "every partition led")
+    assert total("headwater_under_replicated_partitions") == 0
+    assert total("headwater_offline_partitions") == 0
+    c.nodes[3].kill9()
+    # Node 3 is fenced: it leaves every ISR, its r3 leaderships move, and solo has no leader left.
+    eventually(lambda: total("headwater_under_replicated_partitions") == 3, 20, "3 under-replicated")
+    assert total("headwater_under_min_isr_partitions") == 3
+    controller = c.active_controller(among=list(live))
+    eventually(lambda: _gauge(ports[controller], "headwater_offline_partitions") == 1, 10, "solo offline")
+    other = next(i for i in live if i != controller)
+    assert _gauge(ports[other], "headwater_offline_partitions") == 0
