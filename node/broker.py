@@ -25,8 +25,9 @@ from headwater.node.catalog import TopicCatalog, add_topic_metadata, node_infos
 from headwater.node.flow import ReadBudget
 from headwater.node.partition import Partition
 from headwater.node.produce_checks import ProduceRules, check_header, check_payload
+from headwater.node.replicas import Replicas
 from headwater.raft.commands import NO_LEADER
-from headwater.raft.metadata import ClusterMetadata, PartitionRecord
+from headwater.raft.metadata import ClusterMetadata
 from headwater.storage import (
     CorruptRecordError,
     LogStore,
@@ -178,16 +179,10 @@ class Broker:
         self.catalog = TopicCatalog(ClusterMetadata(), cluster_id)
         # The active controller as this node last heard of it (-1: unknown).
         self.controller_id = NO_LEADER
-        # Set once the image has reached the metadata the controller had when this node registered:
-        # only then may a replica missing from the image be a deleted one (and its data removed).
-        self.caught_up = False
-        # A replica failed to open (e.g. a full disk): apply the image again later.
-        self.needs_reconcile = False
         # Offset of the newest image applied; an older one is never served again.
         self._applied_offset = -1
-        # Data on disk that the first caught-up image does not place here was swept.
-        self._orphans_swept = False
-        self.partitions: dict[tuple[str, int], Partition] = {}
+        # This node's replicas, opened, moved and dropped as images say (replicas.py).
+        self.replicas = Replicas(config, store)
         self._parked = 0
         self._closing = False
         self._topic_config_cache: dict[str, dict[str, Any]] = {}
@@ -212,79 +207,32 @@ class Broker:
             )
             return
         self._applied_offset = image.metadata_offset
-        self.caught_up = self.caught_up or caught_up
         previous = self.catalog.image
         self.catalog = TopicCatalog(image, self.catalog.cluster_id)
         self._topic_config_cache.clear()
-        me = self.config.node_id
-        wanted: dict[tuple[str, int], tuple[bytes, PartitionRecord]] = {}
-        for tid, t in image.topics.items():
-            for index, rec in enumerate(t.partitions):
-                if me in rec.replicas:
-                    wanted[(t.name, index)] = (tid, rec)
-        for key, held in list(self.partitions.items()):
-            w = wanted.get(key)
-            if w is None or w[0] != held.topic_id:
-                self._drop_replica(key, held, delete_data=self.caught_up)
-        self.needs_reconcile = False
-        unopened = 0
-        for key, (tid, rec) in wanted.items():
-            p = self.partitions.get(key)
-            if p is None:
-                try:
-                    plog = self.store.open_partition(tid, key[1])
-                except StorageError as e:
-                    if not unopened:
-                        log.warning("cannot open %s-%d yet (tried again later): %s", key[0], key[1], e)
-                    unopened += 1
-                    self.needs_reconcile = True
-                    continue
-                p = self.partitions[key] = Partition(key[0], tid, key[1], plog, node_id=me)
-            if rec.leader == me and p.leader_id != me:
-                before = previous.partition(tid, key[1])
-                if before is not None and me not in before.isr:
-                    log.warning(
-                        "UNCLEAN leader election: node %d leads %s-%d without having been in sync "
-                        "(ISR was %s); records acknowledged by the previous leader may be lost",
-                        me,
-                        key[0],
-                        key[1],
-                        list(before.isr),
-                    )
-            p.follow(rec.leader, rec.leader_epoch, rec.partition_epoch, rec.replicas, rec.isr)
-        if unopened > 1:
-            log.warning("%d replicas could not be opened yet", unopened)
-        if self.caught_up and not self._orphans_swept and not unopened:
-            self._orphans_swept = True
-            self._drop_orphan_partitions({(tid, key[1]) for key, (tid, _) in wanted.items()})
+        self.replicas.apply(image, previous, caught_up=caught_up)
 
-    def _drop_replica(self, key: tuple[str, int], p: Partition, *, delete_data: bool) -> None:
-        del self.partitions[key]
-        p.fail_commit_waiters(E.ERROR_CODE_NOT_LEADER_OR_FOLLOWER)
-        p.wake()
-        if delete_data:
-            log.info("removing replica %s-%d (topic %s)", key[0], key[1], p.topic_id.hex())
-            try:
-                self.store.delete_partition(p.topic_id, p.index)
-            except StorageError as e:  # the start-up sweep of orphans removes it later
-                log.warning("removing %s-%d failed: %s", key[0], key[1], e)
+    @property
+    def partitions(self) -> dict[tuple[str, int], Partition]:
+        """This node's replicas by ``(topic, partition)`` (``Replicas.by_key``)."""
+        return self.replicas.by_key
 
-    def _drop_orphan_partitions(self, live: set[tuple[bytes, int]]) -> None:
-        """Data of replicas the caught-up image does not place here (deleted or moved meanwhile)."""
-        for topic_id, index in self.store.list_partitions():
-            if (topic_id, index) not in live:
-                log.info("removing data of deleted topic %s partition %d", topic_id.hex(), index)
-                try:
-                    self.store.delete_partition(topic_id, index)
-                except StorageError as e:
-                    log.warning("removing orphan %s-%d failed: %s", topic_id.hex(), index, e)
+    @property
+    def caught_up(self) -> bool:
+        return self.replicas.caught_up
+
+    @property
+    def needs_reconcile(self) -> bool:
+        return self.replicas.needs_reconcile
+
+    @needs_reconcile.setter
+    def needs_reconcile(self, value: bool) -> None:
+        self.replicas.needs_reconcile = value
 
     def close(self) -> None:
         """Wake every parked reader so in-flight fetches answer before the store closes."""
         self._closing = True
-        for p in self.partitions.values():
-            p.fail_commit_waiters(E.ERROR_CODE_NOT_LEADER_OR_FOLLOWER)
-            p.wake()
+        self.replicas.close()
         self._validator.shutdown(wait=False, cancel_futures=True)
 
     def topic_config(self, name: str) -> dict[str, Any]:
