@@ -50,7 +50,14 @@ from headwater.raft.commands import (
     encode_command,
 )
 from headwater.raft.controller import DEFAULT_HEARTBEAT_INTERVAL_MS, ActiveController, Refusal
-from headwater.raft.metadata import ClusterMetadata, PartitionRecord, Result, TopicRecord, choose_leader
+from headwater.raft.metadata import (
+    MAX_REQUEST_ID_LENGTH,
+    ClusterMetadata,
+    PartitionRecord,
+    Result,
+    TopicRecord,
+    choose_leader,
+)
 from headwater.raft.quorum import MetadataQuorum, QuorumError
 from headwater.v1 import errors_pb2
 
@@ -514,9 +521,23 @@ class ControllerRuntime:
         )
 
     async def alter_partition(self, request: AlterPartition) -> Outcome:
-        """A partition leader's ISR compare-and-set; the state machine checks every epoch."""
+        """A partition leader's ISR compare-and-set; the state machine checks every epoch.
+
+        A request whose ``request_id`` the applied metadata remembers for this partition is a copy
+        of one answered before: it gets that first answer, checked before any epoch, and nothing is
+        proposed. A copy that races the first one's commit is proposed, and the state machine
+        answers it the same way (``ClusterMetadata``'s remembered answers)."""
+        if len(request.request_id) > MAX_REQUEST_ID_LENGTH:
+            return Outcome(
+                E.ERROR_CODE_INVALID_REQUEST, f"request id is longer than {MAX_REQUEST_ID_LENGTH} characters"
+            )
         if self._check_role() is None:
             return Outcome(E.ERROR_CODE_NOT_CONTROLLER, _NOT_ACTIVE)
+        md = self.quorum.metadata
+        first = md.partition_request_answer(request.request_id, request.topic_id, request.partition)
+        if first is not None:
+            result = first.result(first.metadata_offset)
+            return Outcome(E.ERROR_CODE_NONE if result.ok else result.error_code, result.message, result)
         return (await self._run([request]))[0]
 
     async def elect_leaders(

@@ -118,6 +118,7 @@ class ControllerServiceServicer:
             leader_epoch=request.leader_epoch,
             partition_epoch=request.partition_epoch,
             new_isr=tuple(request.new_isr),
+            request_id=request.request_id,
         )
         o = await self.runtime.alter_partition(cmd)
         r = o.result

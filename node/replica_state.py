@@ -36,9 +36,10 @@ leadership ends it. The rules follow Kafka's ``Partition`` and ``Replica``:
   the change pending until the metadata brings the newer state, as Kafka does. An answer counts
   only for the very proposal object it answers. Dropping is safe only if the refused proposal is
   never applied later: a resent copy of it must not be applied after the controller refused one
-  (else a member the leader stopped counting joins the ISR behind the high watermark). Kafka's
-  leader resends only a request that got no answer; a command resent through the metadata log
-  needs the controller to remember its refusal.
+  (else a member the leader stopped counting joins the ISR behind the high watermark). So each
+  proposal carries a ``request_id`` of its own (the shell gives a new one per proposal, as
+  ``forwarding.new_request_id`` does), and the metadata answers every copy of it with its first
+  answer and applies none of them (``ClusterMetadata``'s remembered answers).
 - **acks=all** (KIP-497's *effective* ISR is the committed one). A produce is refused before the
   append with NOT_ENOUGH_REPLICAS when the committed ISR is smaller than ``min_insync_replicas``.
   A parked acks=all request is released once the high watermark reaches its ``required_offset`` (its
@@ -340,13 +341,21 @@ class ReplicaState:
     # ------------------------------------------------------------------ ISR changes
 
     def propose_isr_change(
-        self, now_ms: int, replica_lag_time_max_ms: int, *, ineligible: Collection[int] = ()
+        self,
+        now_ms: int,
+        replica_lag_time_max_ms: int,
+        *,
+        ineligible: Collection[int] = (),
+        request_id: str = "",
     ) -> AlterPartition | None:
         """The ``AlterPartition`` to send, or None (nothing to change, or a change is in flight).
 
         Removes the shrink candidates and adds the expand candidates in one compare-and-set on the
         epochs this leader holds. The proposal is pending from now: the high watermark counts the
-        maximal ISR until the controller's answer or newer metadata settles it.
+        maximal ISR until the controller's answer or newer metadata settles it. ``request_id`` is
+        the caller's new id for this proposal, never one given to an earlier proposal: every resend
+        carries it, so the controller answers each copy with the first answer (see the module
+        docstring). Time and randomness stay outside: the caller draws it.
         """
         if self.pending is not None:
             return None
@@ -363,6 +372,7 @@ class ReplicaState:
             leader_epoch=self.leader_epoch,
             partition_epoch=self.partition_epoch,
             new_isr=new_isr,
+            request_id=request_id,
         )
         self.check_invariants()
         return self.pending

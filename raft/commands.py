@@ -95,6 +95,10 @@ class AlterPartition:
     leader_epoch: int
     partition_epoch: int
     new_isr: tuple[int, ...]
+    # The leader's id for this proposal ("" for none), kept on every resend of it: a copy that
+    # reaches the controller later gets the first answer and changes nothing, so a leader may drop
+    # a refused change (``ClusterMetadata``'s remembered answers).
+    request_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +179,7 @@ _SHAPES: dict[type[Any], dict[str, str]] = {
         "leader_epoch": "int",
         "partition_epoch": "int",
         "new_isr": "ints",
+        "request_id": "str",
     },
     ElectLeader: {
         "topic_id": "bytes",
@@ -192,6 +197,7 @@ _ADDED_LATER: dict[type[Any], dict[str, Any]] = {
     CreateTopic: {"request_id": ""},
     DeleteTopic: {"request_id": ""},
     AlterConfigs: {"request_id": ""},
+    AlterPartition: {"request_id": ""},
 }
 
 # Plain ints in the metadata stay within a signed 64-bit range, as they will on the wire.

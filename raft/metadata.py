@@ -29,6 +29,12 @@ Rules, after Kafka's KRaft controller (KIP-500, KIP-631, KIP-841):
   a request whose answer it lost (a timeout, a controller change), and every voter that applied the
   first one answers the resend the same way, whichever of them is the controller by then
   (KIP-590's forwarding, made safe to retry like an idempotent producer's batch).
+- An ``AlterPartition`` with a ``request_id`` is remembered the same way, per partition (the key's
+  subject is ``partition_subject(topic_id, partition)``, which no topic name can equal), answer and
+  partition state included, in the same bounded memory. A copy that arrives later gets the first
+  answer before any epoch is compared and changes nothing, even when the epochs would allow it now:
+  a partition leader drops a change the controller refused (as Kafka does), and that is safe only if
+  no copy of the refused request is applied after the refusal, whichever voter is the controller.
 """
 
 from __future__ import annotations
@@ -74,6 +80,7 @@ __all__ = [
     "RequestAnswer",
     "MAX_RECENT_REQUESTS",
     "MAX_REQUEST_ID_LENGTH",
+    "partition_subject",
 ]
 
 E = errors_pb2
@@ -123,7 +130,8 @@ class Result:
 
 @dataclass(frozen=True, slots=True)
 class RequestAnswer:
-    """The first answer to one topic of a forwarded request (see the module docstring)."""
+    """The first answer to one topic of a forwarded request, or to one partition of an
+    ``AlterPartition`` (see the module docstring)."""
 
     error_code: int
     message: str
@@ -131,6 +139,29 @@ class RequestAnswer:
     topic_id: bytes
     # Offset of the command that gave this answer.
     metadata_offset: int
+    # AlterPartition: the partition as that command left it (the defaults when it was refused).
+    leader_id: int = NO_LEADER
+    leader_epoch: int = -1
+    partition_epoch: int = -1
+    isr: tuple[int, ...] = ()
+
+    @property
+    def has_partition(self) -> bool:
+        """Whether the partition fields differ from their defaults (they then go in the snapshot)."""
+        return (self.leader_id, self.leader_epoch, self.partition_epoch, self.isr) != (NO_LEADER, -1, -1, ())
+
+    def result(self, metadata_offset: int) -> Result:
+        """This answer again, as the ``Result`` of a later command at ``metadata_offset``."""
+        return Result(
+            self.error_code == E.ERROR_CODE_NONE,
+            self.error_code,
+            self.message,
+            metadata_offset,
+            leader_id=self.leader_id,
+            leader_epoch=self.leader_epoch,
+            partition_epoch=self.partition_epoch,
+            isr=self.isr,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,6 +295,12 @@ def place_replicas(
     return tuple(out)
 
 
+def partition_subject(topic_id: bytes, partition: int) -> str:
+    """What an ``AlterPartition``'s answer is remembered under, beside its request id. The ``/``
+    is never in a topic name, so it never meets a forwarded topic change's answer."""
+    return f"{topic_id.hex()}/{partition}"
+
+
 def topic_name_problem(name: str) -> str:
     """Why a topic name breaks Kafka's rules (``[a-zA-Z0-9._-]``, 1 to 249 characters, not ``.`` or
     ``..``), or "" when it is legal. The one copy of the rules: the node checks names with it too."""
@@ -290,7 +327,8 @@ class ClusterMetadata:
         self.topic_ids: dict[str, bytes] = {}
         # The first producer id no node has been given yet.
         self.next_producer_id = FIRST_PRODUCER_ID
-        # (request_id, topic name) -> first answer, oldest first; at most MAX_RECENT_REQUESTS.
+        # (request_id, topic name or partition_subject) -> first answer, oldest first; at most
+        # MAX_RECENT_REQUESTS.
         self.recent_requests: dict[tuple[str, str], RequestAnswer] = {}
 
     # ---------------------------------------------------------------- reading
@@ -335,6 +373,14 @@ class ClusterMetadata:
         if not request_id:
             return None
         return self.recent_requests.get((request_id, name))
+
+    def partition_request_answer(
+        self, request_id: str, topic_id: bytes, partition: int
+    ) -> RequestAnswer | None:
+        """The first answer to the ``AlterPartition`` ``request_id`` of this partition, if remembered."""
+        if not request_id:
+            return None
+        return self.recent_requests.get((request_id, partition_subject(topic_id, partition)))
 
     def unfenced_nodes(self) -> set[int]:
         return {n.node_id for n in self.nodes.values() if not n.fenced}
@@ -392,8 +438,8 @@ class ClusterMetadata:
             return self._fence_node(cmd)
         if isinstance(cmd, UnfenceNode):
             return self._unfence_node(cmd)
-        if isinstance(cmd, CreateTopic | DeleteTopic | AlterConfigs) and cmd.request_id:
-            return self._forwarded(cmd)
+        if isinstance(cmd, CreateTopic | DeleteTopic | AlterConfigs | AlterPartition) and cmd.request_id:
+            return self._once(cmd)
         if isinstance(cmd, CreateTopic):
             return self._create_topic(cmd)
         if isinstance(cmd, DeleteTopic):
@@ -408,27 +454,42 @@ class ClusterMetadata:
             return self._allocate_producer_ids(cmd)
         raise AssertionError(f"unhandled command {cmd!r}")  # malformed_reason knows every type
 
-    def _forwarded(self, cmd: CreateTopic | DeleteTopic | AlterConfigs) -> Result:
-        """A topic change with a request id: the first answer again for a resend, else apply and
-        remember the answer (see the module docstring)."""
+    def _once(self, cmd: CreateTopic | DeleteTopic | AlterConfigs | AlterPartition) -> Result:
+        """A command with a request id: the first answer again for a resend, checked before
+        anything else (an AlterPartition's epochs included), else apply and remember the answer
+        (see the module docstring)."""
         if len(cmd.request_id) > MAX_REQUEST_ID_LENGTH:
             return self._reject(
                 E.ERROR_CODE_INVALID_REQUEST, f"request id is longer than {MAX_REQUEST_ID_LENGTH} characters"
             )
-        key = (cmd.request_id, cmd.name)
+        if isinstance(cmd, AlterPartition):
+            key = (cmd.request_id, partition_subject(cmd.topic_id, cmd.partition))
+        else:
+            key = (cmd.request_id, cmd.name)
         first = self.recent_requests.get(key)
         if first is not None:
-            ok = first.error_code == E.ERROR_CODE_NONE
-            return Result(ok, first.error_code, first.message, self.metadata_offset)
-        if isinstance(cmd, CreateTopic):
-            result, topic_id = self._create_topic(cmd), cmd.topic_id
-        elif isinstance(cmd, DeleteTopic):
-            result, topic_id = self._delete_topic(cmd), cmd.topic_id
+            return first.result(self.metadata_offset)
+        if isinstance(cmd, AlterPartition):
+            result = self._alter_partition(cmd)
+            answer = RequestAnswer(
+                result.error_code,
+                result.message,
+                b"",
+                result.metadata_offset,
+                result.leader_id,
+                result.leader_epoch,
+                result.partition_epoch,
+                result.isr,
+            )
         else:
-            result, topic_id = self._alter_configs(cmd), b""
-        self.recent_requests[key] = RequestAnswer(
-            result.error_code, result.message, topic_id, result.metadata_offset
-        )
+            if isinstance(cmd, CreateTopic):
+                result, topic_id = self._create_topic(cmd), cmd.topic_id
+            elif isinstance(cmd, DeleteTopic):
+                result, topic_id = self._delete_topic(cmd), cmd.topic_id
+            else:
+                result, topic_id = self._alter_configs(cmd), b""
+            answer = RequestAnswer(result.error_code, result.message, topic_id, result.metadata_offset)
+        self.recent_requests[key] = answer
         while len(self.recent_requests) > MAX_RECENT_REQUESTS:
             del self.recent_requests[next(iter(self.recent_requests))]
         return result
@@ -785,8 +846,11 @@ class ClusterMetadata:
                 for t in sorted(self.topics.values(), key=lambda t: t.name)
             ],
             # Oldest first: the order decides which answer is forgotten next.
+            # A row has the partition fields only when they are set (AlterPartition answers), so
+            # topic answers keep the form they had before partitions were remembered.
             "requests": [
                 [rid, name, a.error_code, a.message, a.topic_id.hex(), a.metadata_offset]
+                + ([a.leader_id, a.leader_epoch, a.partition_epoch, list(a.isr)] if a.has_partition else [])
                 for (rid, name), a in self.recent_requests.items()
             ],
         }
@@ -840,12 +904,25 @@ class ClusterMetadata:
             requests = doc.get("requests", [])
             if type(requests) is not list or len(requests) > MAX_RECENT_REQUESTS:
                 raise ValueError(f"remembered requests are not a list of at most {MAX_RECENT_REQUESTS}")
-            for rid, name, code, message, tid_hex, offset in requests:
+            for row in requests:
+                if type(row) is not list or len(row) not in (6, 10):
+                    raise ValueError("a remembered request is not a list of 6 or 10 fields")
+                rid, name, code, message, tid_hex, offset, *partition = row
                 if type(rid) is not str or type(name) is not str or type(message) is not str:
                     raise ValueError("a remembered request's id, topic or message is not a string")
-                m.recent_requests[(rid, name)] = RequestAnswer(
-                    int(code), message, bytes.fromhex(tid_hex), int(offset)
-                )
+                answer = RequestAnswer(int(code), message, bytes.fromhex(tid_hex), int(offset))
+                if partition:
+                    leader, le, pe, isr = partition
+                    if type(isr) is not list:
+                        raise ValueError("a remembered partition answer's ISR is not a list")
+                    answer = replace(
+                        answer,
+                        leader_id=int(leader),
+                        leader_epoch=int(le),
+                        partition_epoch=int(pe),
+                        isr=tuple(int(r) for r in isr),
+                    )
+                m.recent_requests[(rid, name)] = answer
             m.check_invariants()
         except (KeyError, TypeError, ValueError, AssertionError) as e:
             raise SnapshotError(f"snapshot is inconsistent: {e}") from None

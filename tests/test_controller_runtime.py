@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -31,6 +32,7 @@ from headwater.raft.commands import (
     CreateTopic,
     ElectLeader,
     FenceNode,
+    UnfenceNode,
     decode_command,
 )
 from headwater.raft.controller import ActiveController
@@ -697,3 +699,94 @@ def test_an_election_is_skipped_exactly_when_the_state_machine_would_reject_it()
             checked[preferred] += 1
     # Every kind of case came up: elections taken and refused, preferred and not.
     assert all(checked[p] > refused[p] > 0 for p in (True, False)), (checked, refused)
+
+
+# ------------------------------------------------------------------------------- ISR changes
+
+
+async def isr_topic(rt: ControllerRuntime) -> tuple[bytes, dict[int, int]]:
+    """Nodes 1-3 registered and unfenced, and a one-partition topic on (1, 2, 3) led by 1."""
+    epochs = {i: await register(rt, i) for i in (1, 2, 3)}
+    for i, e in epochs.items():
+        assert not (await rt.heartbeat(i, e)).is_fenced
+    tid = uuid.uuid4().bytes
+    await propose(rt, CreateTopic("isr", tid, ((1, 2, 3),)))
+    return tid, epochs
+
+
+def isr_change(
+    rt: ControllerRuntime, tid: bytes, epochs: dict[int, int], isr: tuple[int, ...], rid: str
+) -> AlterPartition:
+    p = rt.quorum.metadata.partition(tid, 0)
+    assert p is not None and p.leader == 1
+    return AlterPartition(tid, 0, 1, epochs[1], p.leader_epoch, p.partition_epoch, isr, rid)
+
+
+def test_a_resent_alter_partition_gets_the_first_answer_without_a_proposal(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with voters(tmp_path, 1, patient_factory) as v:
+            _, rt = await v.active()
+            tid, epochs = await isr_topic(rt)
+            shrink = isr_change(rt, tid, epochs, (1, 3), "1-shrink")
+            first = await rt.alter_partition(shrink)
+            assert first.ok and first.result is not None and first.result.isr == (1, 3), first
+            await propose(rt, FenceNode(2, epochs[2]))
+            grow = isr_change(rt, tid, epochs, (1, 2, 3), "1-grow")
+            refused = await rt.alter_partition(grow)
+            assert refused.error_code == E.ERROR_CODE_INELIGIBLE_REPLICA, refused
+            # 2 is back: the refused request's epochs would allow it now.
+            await propose(rt, UnfenceNode(2, epochs[2]))
+            offset = rt.quorum.metadata_offset
+            again = await rt.alter_partition(grow)
+            assert (again.error_code, again.message) == (refused.error_code, refused.message)
+            ok_again = await rt.alter_partition(shrink)
+            assert ok_again.ok and ok_again.result is not None
+            assert (
+                ok_again.result.isr == (1, 3)
+                and ok_again.result.partition_epoch == first.result.partition_epoch
+            )
+            # Answered from the applied metadata: nothing was proposed.
+            assert rt.quorum.metadata_offset == offset
+            # Through the service too: the request id travels in the RPC.
+            address = await v.serve(1)
+            async with grpc.aio.insecure_channel(address) as ch:
+                stub = controller_pb2_grpc.ControllerServiceStub(ch)
+                r = await stub.AlterPartition(
+                    pb.AlterPartitionRequest(
+                        topic_id=tid,
+                        partition=0,
+                        leader_id=1,
+                        broker_epoch=epochs[1],
+                        leader_epoch=grow.leader_epoch,
+                        partition_epoch=grow.partition_epoch,
+                        new_isr=list(grow.new_isr),
+                        request_id=grow.request_id,
+                    )
+                )
+                assert r.error_code == E.ERROR_CODE_INELIGIBLE_REPLICA, r
+            p = rt.quorum.metadata.partition(tid, 0)
+            assert p is not None and p.isr == (1, 3) and rt.quorum.metadata_offset == offset
+
+    run(main)
+
+
+def test_a_new_controller_answers_a_resent_refusal_the_same_way(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with voters(tmp_path, 3, patient_factory) as v:
+            old_id, rt = await v.active()
+            tid, epochs = await isr_topic(rt)
+            await propose(rt, FenceNode(2, epochs[2]))
+            grow = replace(isr_change(rt, tid, epochs, (1, 3), "1-x"), new_isr=(1, 2, 3))
+            refused = await rt.alter_partition(grow)
+            assert refused.error_code == E.ERROR_CODE_INELIGIBLE_REPLICA, refused
+            await propose(rt, UnfenceNode(2, epochs[2]))
+            await v.stop(old_id)
+            _, new_rt = await v.active(15.0)
+            want = rt.quorum.metadata_offset
+            await eventually(lambda: new_rt.quorum.metadata_offset >= want, 5.0, "caught up")
+            again = await new_rt.alter_partition(grow)
+            assert again.error_code == E.ERROR_CODE_INELIGIBLE_REPLICA, again
+            p = new_rt.quorum.metadata.partition(tid, 0)
+            assert p is not None and 2 not in p.isr
+
+    run(main)

@@ -715,40 +715,28 @@ def test_the_fetch_server_and_the_core_agree_on_divergence() -> None:
 class Channel:
     """AlterPartition commands on their way to the controller, applied in any order, some resent.
 
-    A resend is the very object the leader still holds as ``pending``; a new proposal is a new
-    object even when equal to an old one (a real controller tells them apart by a request id). The
-    controller remembers which proposals it refused as not applied and never applies a copy of
-    one later: the contract ``ReplicaState.on_alter_partition_answer`` relies on.
+    A resend is the very object the leader still holds as ``pending``, with its request id; a new
+    proposal has a new request id even when it is otherwise equal to an old one. The real state
+    machine answers every copy of a request with its first answer and never applies a copy of a
+    refused one: the contract ``ReplicaState.on_alter_partition_answer`` relies on.
     """
 
     def __init__(self) -> None:
-        self._known: list[AlterPartition] = []
-        self._in_flight: list[tuple[int, AlterPartition]] = []
-        self._refused: set[int] = set()
+        self._in_flight: list[AlterPartition] = []
 
     def __bool__(self) -> bool:
         return bool(self._in_flight)
 
     def send(self, p: AlterPartition) -> None:
-        token = next((i for i, q in enumerate(self._known) if q is p), None)
-        if token is None:
-            token = len(self._known)
-            self._known.append(p)
-        self._in_flight.append((token, p))
+        assert p.request_id
+        self._in_flight.append(p)
 
-    def apply_one(
-        self, rng: random.Random, metadata: ClusterMetadata
-    ) -> tuple[AlterPartition, int, Result | None]:
-        """The controller applies one command in flight: ``(proposal, error_code, result)``; the
-        result is None for a copy of a proposal it refused before (it answers with that refusal)."""
-        token, p = self._in_flight.pop(rng.randrange(len(self._in_flight)))
-        if token in self._refused:
-            return p, E.ERROR_CODE_INELIGIBLE_REPLICA, None
+    def apply_one(self, rng: random.Random, metadata: ClusterMetadata) -> tuple[AlterPartition, Result]:
+        """The controller applies one command in flight: ``(proposal, result)``."""
+        p = self._in_flight.pop(rng.randrange(len(self._in_flight)))
         r = metadata.apply(p)
         metadata.check_invariants()
-        if r.error_code == E.ERROR_CODE_INELIGIBLE_REPLICA:
-            self._refused.add(token)
-        return p, r.error_code, r
+        return p, r
 
 
 @dataclass
@@ -768,6 +756,8 @@ class Sim:
     in_flight: Channel = field(default_factory=Channel)
     answers: list[tuple[AlterPartition, int, tuple[int, ...], int, int]] = field(default_factory=list)
     next_waiter: int = 0
+    # The leader's request ids: a new one per proposal.
+    next_request: int = 0
     parked: dict[int, int] = field(default_factory=dict)
     acked: list[int] = field(default_factory=list)
 
@@ -848,14 +838,15 @@ class Sim:
             self.slow.symmetric_difference_update({f})
         elif roll < 0.82:  # the leader proposes, leaving out nodes fenced (mostly: the image may lag)
             fenced = {n for n, rec in self.metadata.nodes.items() if rec.fenced and rng.random() < 0.8}
-            p = s.propose_isr_change(self.clock.now_ms, LAG_MS, ineligible=fenced)
+            p = s.propose_isr_change(
+                self.clock.now_ms, LAG_MS, ineligible=fenced, request_id=self.request_id()
+            )
             if p is not None:
                 self.in_flight.send(p)
         elif roll < 0.88 and self.in_flight:  # the controller applies a proposal (or a resend)
-            p, code, r = self.in_flight.apply_one(rng, self.metadata)
-            isr, le, pe = (r.isr, r.leader_epoch, r.partition_epoch) if r is not None else ((), -1, -1)
+            p, r = self.in_flight.apply_one(rng, self.metadata)
             if rng.random() < 0.8:  # some answers are lost
-                self.answers.append((p, code, isr, le, pe))
+                self.answers.append((p, r.error_code, r.isr, r.leader_epoch, r.partition_epoch))
         elif roll < 0.92 and self.answers:
             p, code, isr, le, pe = self.answers.pop(rng.randrange(len(self.answers)))
             self.collect(s.on_alter_partition_answer(p, code, isr=isr, leader_epoch=le, partition_epoch=pe))
@@ -868,6 +859,10 @@ class Sim:
             self.metadata.apply(cmd)
         elif s.pending is not None:  # the leader resends its pending proposal
             self.in_flight.send(s.pending)
+
+    def request_id(self) -> str:
+        self.next_request += 1
+        return f"1-{self.next_request}"
 
     def check(self) -> None:
         s = self.s
@@ -912,7 +907,7 @@ def test_simulated_leadership_keeps_the_replication_invariants(seed: int) -> Non
             )
             sim.collect(out.released)
         # A pending proposal (its command or its answer lost) is resent, as the caller must.
-        p = sim.s.pending or sim.s.propose_isr_change(sim.clock.now_ms, LAG_MS)
+        p = sim.s.pending or sim.s.propose_isr_change(sim.clock.now_ms, LAG_MS, request_id=sim.request_id())
         if p is not None:
             r = sim.metadata.apply(p)
             sim.collect(
@@ -973,9 +968,15 @@ class FailoverSim:
         self.parked: dict[int, tuple[int, int]] = {}
         self.acked: list[tuple[int, ...]] = []
         self.next_waiter = 0
+        # Request ids: one counter for every node, so no two proposals share one, across restarts too.
+        self.next_request = 0
         self.stats: dict[str, int] = {}
         for r in self.replicas:
             self.learn(r)
+
+    def request_id(self, r: int) -> str:
+        self.next_request += 1
+        return f"{r}-{self.next_request}"
 
     def count(self, what: str) -> None:
         self.stats[what] = self.stats.get(what, 0) + 1
@@ -1089,16 +1090,16 @@ class FailoverSim:
     def controller(self) -> None:
         if not self.in_flight:
             return
-        p, code, res = self.in_flight.apply_one(self.rng, self.metadata)
+        p, res = self.in_flight.apply_one(self.rng, self.metadata)
         node = self.nodes[p.leader_id]
         if node.core is not None and self.rng.random() < 0.7:
             self.collect(
                 node.core.on_alter_partition_answer(
                     p,
-                    code,
-                    isr=res.isr if res else (),
-                    leader_epoch=res.leader_epoch if res else -1,
-                    partition_epoch=res.partition_epoch if res else -1,
+                    res.error_code,
+                    isr=res.isr,
+                    leader_epoch=res.leader_epoch,
+                    partition_epoch=res.partition_epoch,
                 )
             )
 
@@ -1119,7 +1120,7 @@ class FailoverSim:
         elif roll < 0.82:
             if node.core is not None:
                 p = node.core.pending or node.core.propose_isr_change(
-                    self.clock.now_ms, LAG_MS, ineligible=self.fenced()
+                    self.clock.now_ms, LAG_MS, ineligible=self.fenced(), request_id=self.request_id(r)
                 )
                 if p is not None:
                     self.in_flight.send(p)
@@ -1162,7 +1163,7 @@ class FailoverSim:
             core = self.nodes[leader].core if leader >= 0 else None
             if core is not None:
                 p = core.pending or core.propose_isr_change(
-                    self.clock.now_ms, LAG_MS, ineligible=self.fenced()
+                    self.clock.now_ms, LAG_MS, ineligible=self.fenced(), request_id=self.request_id(leader)
                 )
                 if p is not None:
                     self.in_flight.send(p)

@@ -73,7 +73,7 @@ class NodeHeartbeatResponse(_message.Message):
     def __init__(self, error_code: _Optional[_Union[_errors_pb2.ErrorCode, str]] = ..., error_message: _Optional[str] = ..., is_fenced: _Optional[bool] = ..., shutdown_ready: _Optional[bool] = ..., metadata_offset: _Optional[int] = ..., controller: _Optional[_Union[ControllerHint, _Mapping]] = ...) -> None: ...
 
 class AlterPartitionRequest(_message.Message):
-    __slots__ = ("topic_id", "partition", "leader_id", "broker_epoch", "leader_epoch", "partition_epoch", "new_isr")
+    __slots__ = ("topic_id", "partition", "leader_id", "broker_epoch", "leader_epoch", "partition_epoch", "new_isr", "request_id")
     TOPIC_ID_FIELD_NUMBER: _ClassVar[int]
     PARTITION_FIELD_NUMBER: _ClassVar[int]
     LEADER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +81,7 @@ class AlterPartitionRequest(_message.Message):
     LEADER_EPOCH_FIELD_NUMBER: _ClassVar[int]
     PARTITION_EPOCH_FIELD_NUMBER: _ClassVar[int]
     NEW_ISR_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     topic_id: bytes
     partition: int
     leader_id: int
@@ -88,7 +89,8 @@ class AlterPartitionRequest(_message.Message):
     leader_epoch: int
     partition_epoch: int
     new_isr: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, topic_id: _Optional[bytes] = ..., partition: _Optional[int] = ..., leader_id: _Optional[int] = ..., broker_epoch: _Optional[int] = ..., leader_epoch: _Optional[int] = ..., partition_epoch: _Optional[int] = ..., new_isr: _Optional[_Iterable[int]] = ...) -> None: ...
+    request_id: str
+    def __init__(self, topic_id: _Optional[bytes] = ..., partition: _Optional[int] = ..., leader_id: _Optional[int] = ..., broker_epoch: _Optional[int] = ..., leader_epoch: _Optional[int] = ..., partition_epoch: _Optional[int] = ..., new_isr: _Optional[_Iterable[int]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class AlterPartitionResponse(_message.Message):
     __slots__ = ("error_code", "error_message", "leader_id", "leader_epoch", "partition_epoch", "isr", "controller")

@@ -119,6 +119,7 @@ class ControllerServiceServicer:
 
     def AlterPartition(self, request, context):
         """A partition leader's compare-and-set of its ISR on leader_epoch and partition_epoch (KIP-497).
+        Idempotent by request_id: every copy of a request gets the first answer (see the request).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
