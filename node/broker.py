@@ -23,6 +23,7 @@ from headwater.config import (
 )
 from headwater.node.catalog import TopicCatalog, add_topic_metadata, node_infos
 from headwater.node.flow import ReadBudget
+from headwater.node.group_commit import GroupCommit
 from headwater.node.partition import Partition
 from headwater.node.produce_checks import ProduceRules, check_header, check_payload
 from headwater.node.replicas import Replicas
@@ -187,6 +188,8 @@ class Broker:
         self._closing = False
         self._topic_config_cache: dict[str, dict[str, Any]] = {}
         self._validator = ThreadPoolExecutor(1, thread_name_prefix="headwater-validate")
+        # One write-ahead-log sync for all the fsync-policy appends made meanwhile.
+        self._group_commit = GroupCommit(store.sync_wal)
         # The bytes Subscribe streams and Fetch answers hold between reading the log and sending.
         self.read_budget = ReadBudget(config.read_buffer_bytes, config.read_buffer_bytes_per_connection)
 
@@ -233,6 +236,7 @@ class Broker:
         """Wake every parked reader so in-flight fetches answer before the store closes."""
         self._closing = True
         self.replicas.close()
+        self._group_commit.close()
         self._validator.shutdown(wait=False, cancel_futures=True)
 
     def topic_config(self, name: str) -> dict[str, Any]:
@@ -432,32 +436,26 @@ class Broker:
         sync = cfg["flush_policy"] == "fsync"
         batches = list(pd.batches)
         try:
+            results = p.log.append_many(
+                batches, p.leader_epoch, now_ms=now_ms, log_append_time=log_append_time
+            )
             if sync:
-                # fsync policy: the append is synced to disk before the reply (off the event loop).
-                results = await asyncio.get_running_loop().run_in_executor(
-                    None,
-                    lambda: p.log.append_many(
-                        batches, p.leader_epoch, now_ms=now_ms, log_append_time=log_append_time, sync=True
-                    ),
-                )
-            else:
-                results = p.log.append_many(
-                    batches, p.leader_epoch, now_ms=now_ms, log_append_time=log_append_time
-                )
+                # fsync policy: the append counts once the write-ahead log is synced, by one sync
+                # shared with every append made meanwhile (group commit, off the event loop).
+                await self._group_commit.sync()
         except CorruptRecordError as e:
             return E.ERROR_CODE_CORRUPT_MESSAGE, str(e)
         except LogWriteError as e:
             log.warning("append to %s-%d failed: %s", topic, pd.partition, e)
             self._maybe_recover_store()
-            return E.ERROR_CODE_STORAGE_ERROR, f"the node could not write to its log: {e}"
-        except StorageError as e:  # e.g. the topic was deleted while the append waited
+            return E.ERROR_CODE_STORAGE_ERROR, f"the node could not write or sync its log: {e}"
+        except StorageError as e:  # e.g. the topic was deleted meanwhile
             return E.ERROR_CODE_UNKNOWN_TOPIC_OR_PARTITION, f"{topic}-{pd.partition} is gone: {e}"
-        finally:
-            # The leader alone holds the log (followers do not copy it yet): a record is committed
-            # once it is in the local log (RocksDB WAL, written by the append that just returned, all
-            # of this partition's batches in one write).
-            if p.log.log_end_offset > p.high_watermark:
-                p.advance_high_watermark(p.log.log_end_offset)
+        # The leader alone holds the log (followers do not copy it yet): a record is committed once
+        # it is in the local log (RocksDB's write-ahead log, written by the append above, all of this
+        # partition's batches in one write; synced first under flush_policy=fsync).
+        if p.log.log_end_offset > p.high_watermark:
+            p.advance_high_watermark(p.log.log_end_offset)
         first = results[0]
         if acks == -1:
             # Answered once every in-sync replica holds it: when the high watermark passes it.
