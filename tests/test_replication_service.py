@@ -294,3 +294,18 @@ def test_a_long_poll_waits_for_data_and_answers_when_it_arrives(cluster: Cluster
     assert time.monotonic() - started < 10
     assert len(answers) == 2
     assert [b.base_offset for b in only(answers[1]).batches] == [0]
+
+
+def test_an_unknown_topic_id_or_partition_is_named_so(cluster: Cluster) -> None:
+    t = create(cluster, "known")
+    follower = t.followers[0]
+    req = request(cluster, t, follower)
+    req.partitions[0].topic_id = b"\x07" * 16
+    req.partitions.add(topic_id=t.topic_id, partition=3, current_leader_epoch=t.leader_epoch)
+    [resp] = replicate(cluster, t.leader, [req])
+    assert resp.error_code == E.ERROR_CODE_NONE
+    codes = [(p.topic_id, p.partition, p.error_code) for p in resp.partitions]
+    assert codes == [
+        (b"\x07" * 16, 0, E.ERROR_CODE_UNKNOWN_TOPIC_ID),
+        (t.topic_id, 3, E.ERROR_CODE_UNKNOWN_TOPIC_OR_PARTITION),
+    ]
