@@ -2,7 +2,8 @@
 
 Raft traffic is authenticated and encrypted by pysyncobj with the cluster secret. The controller's
 gRPC calls that change a node's standing (RegisterNode, NodeHeartbeat, AlterPartition) carry a
-token in the ``x-headwater-node-auth`` header,
+token in the ``x-headwater-node-auth`` header (a Replicate stream carries it in its first request's
+``node_token``, scope ``replicate:<broker_epoch>``),
 ``<unix_ms>:<hex HMAC-SHA256(key, "<scope>:<node_id>:<unix_ms>")>``, with ``key`` derived from the
 secret (so the secret itself never travels) and ``scope`` naming the method and the request's
 fields that matter (``request_scope``): a token proves one request, not
@@ -41,15 +42,18 @@ class NodeAuth:
     def _mac(self, scope: str, node_id: int, stamp_ms: int) -> str:
         return hmac.new(self._key, f"{scope}:{node_id}:{stamp_ms}".encode(), hashlib.sha256).hexdigest()
 
-    def metadata(self, request: Any, now_ms: int | None = None) -> tuple[tuple[str, str], ...]:
-        """gRPC metadata that proves ``request``'s node holds the secret."""
+    def token(self, request: Any, now_ms: int | None = None) -> str:
+        """The token that proves ``request``'s node holds the secret."""
         scope, node_id = request_scope(request)
         stamp = _now_ms() if now_ms is None else now_ms
-        return ((AUTH_HEADER, f"{stamp}:{self._mac(scope, node_id, stamp)}"),)
+        return f"{stamp}:{self._mac(scope, node_id, stamp)}"
+
+    def metadata(self, request: Any, now_ms: int | None = None) -> tuple[tuple[str, str], ...]:
+        """gRPC metadata that proves ``request``'s node holds the secret."""
+        return ((AUTH_HEADER, self.token(request, now_ms)),)
 
     def problem(self, metadata: Iterable[Any] | None, request: Any, now_ms: int | None = None) -> str:
         """Why ``metadata`` does not prove ``request`` comes from its node ("" when it does)."""
-        scope, node_id = request_scope(request)
         token = ""
         for item in metadata or ():
             key, value = item[0], item[1]
@@ -57,6 +61,13 @@ class NodeAuth:
                 token = value if isinstance(value, str) else bytes(value).decode("ascii", "replace")
         if not token:
             return f"the request carries no {AUTH_HEADER} token: nodes must hold the cluster secret"
+        return self.token_problem(token, request, now_ms)
+
+    def token_problem(self, token: str, request: Any, now_ms: int | None = None) -> str:
+        """Why ``token`` does not prove ``request`` comes from its node ("" when it does)."""
+        scope, node_id = request_scope(request)
+        if not token:
+            return "the request carries no node token: nodes must hold the cluster secret"
         stamp_text, sep, mac = token.partition(":")
         if (
             not sep
@@ -70,7 +81,7 @@ class NodeAuth:
         stamp = int(stamp_text)
         now = _now_ms() if now_ms is None else now_ms
         if abs(now - stamp) > MAX_SKEW_MS:
-            return f"the node token is stamped {now - stamp} ms from the controller's clock"
+            return f"the node token is stamped {now - stamp} ms from this node's clock"
         if not hmac.compare_digest(mac.encode(), self._mac(scope, node_id, stamp).encode()):
             return f"the node token does not prove node {node_id} holds the cluster secret"
         return ""
@@ -92,4 +103,7 @@ def request_scope(request: Any) -> tuple[str, int]:
             f"{request.leader_epoch}:{request.partition_epoch}:{isr}"
         )
         return scope, int(request.leader_id)
+    if name == "ReplicateRequest":
+        # One token proves a stream: it names the follower's incarnation, not a single fetch.
+        return f"replicate:{request.broker_epoch}", int(request.replica_id)
     raise ValueError(f"no node token for {name}")

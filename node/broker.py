@@ -232,6 +232,11 @@ class Broker:
     def needs_reconcile(self, value: bool) -> None:
         self.replicas.needs_reconcile = value
 
+    @property
+    def closing(self) -> bool:
+        """The node is stopping: parked readers answer at once and park no more."""
+        return self._closing
+
     def close(self) -> None:
         """Wake every parked reader so in-flight fetches answer before the store closes."""
         self._closing = True

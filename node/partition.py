@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from headwater.storage import PartitionLog
 from headwater.v1 import errors_pb2
 
-__all__ = ["Role", "Partition", "EpochCheck"]
+__all__ = ["Role", "Partition", "EpochCheck", "compare_leader_epoch"]
 
 E = errors_pb2
 
@@ -33,6 +33,22 @@ class EpochCheck:
 
 
 _OK = EpochCheck(E.ERROR_CODE_NONE)
+
+
+def compare_leader_epoch(current_leader_epoch: int, leader_epoch: int) -> EpochCheck:
+    """A requester's ``current_leader_epoch`` against this node's ``leader_epoch`` (KIP-320): older is
+    FENCED_LEADER_EPOCH (the requester's metadata is behind), newer UNKNOWN_LEADER_EPOCH (ours is)."""
+    if current_leader_epoch < leader_epoch:
+        return EpochCheck(
+            E.ERROR_CODE_FENCED_LEADER_EPOCH,
+            f"leader epoch {current_leader_epoch} is older than the current {leader_epoch}",
+        )
+    if current_leader_epoch > leader_epoch:
+        return EpochCheck(
+            E.ERROR_CODE_UNKNOWN_LEADER_EPOCH,
+            f"leader epoch {current_leader_epoch} is newer than the current {leader_epoch}",
+        )
+    return _OK
 
 
 class Partition:
@@ -82,16 +98,24 @@ class Partition:
                 + (f"; node {self.leader_id} is" if self.leader_id >= 0 else "; it has no leader now"),
             )
         if current_leader_epoch >= 0:
-            if current_leader_epoch < self.leader_epoch:
-                return EpochCheck(
-                    E.ERROR_CODE_FENCED_LEADER_EPOCH,
-                    f"leader epoch {current_leader_epoch} is older than the current {self.leader_epoch}",
-                )
-            if current_leader_epoch > self.leader_epoch:
-                return EpochCheck(
-                    E.ERROR_CODE_UNKNOWN_LEADER_EPOCH,
-                    f"leader epoch {current_leader_epoch} is newer than the current {self.leader_epoch}",
-                )
+            return compare_leader_epoch(current_leader_epoch, self.leader_epoch)
+        return _OK
+
+    def check_replicate(self, replica_id: int, current_leader_epoch: int) -> EpochCheck:
+        """May follower ``replica_id`` fetch from this replica? The checks of replication.proto in its
+        order: the epoch first (so a follower whose metadata is behind learns that, not who leads),
+        then this node's leadership and the follower's membership at that epoch."""
+        epoch = compare_leader_epoch(current_leader_epoch, self.leader_epoch)
+        if epoch.error_code != E.ERROR_CODE_NONE:
+            return epoch
+        if self.role is not Role.LEADER:
+            return self.check_leader(current_leader_epoch)
+        if replica_id == self.node_id or replica_id not in self.replicas:
+            return EpochCheck(
+                E.ERROR_CODE_NOT_LEADER_OR_FOLLOWER,
+                f"node {replica_id} is not a follower of {self.topic}-{self.index} "
+                f"(replicas {list(self.replicas)})",
+            )
         return _OK
 
     def follow(

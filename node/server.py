@@ -26,6 +26,8 @@ from headwater.node.controller_service import add_controller_to_server
 from headwater.node.limits import connection_cap, raise_descriptor_limit, restrict_new_files, secure_data_dir
 from headwater.node.metrics import NodeMetrics
 from headwater.node.metrics_http import MetricsEndpoint
+from headwater.node.replication_service import SERVICE_NAME as REPLICATION_SERVICE_NAME
+from headwater.node.replication_service import ReplicationServicer, add_replication_to_server
 from headwater.node.service import HeadwaterService, add_to_server
 from headwater.raft.quorum import QuorumError
 from headwater.storage import LogStore, StorageError
@@ -142,7 +144,9 @@ async def run_node(config: NodeConfig, stop: asyncio.Event) -> None:
         service = HeadwaterService(broker, metrics, link)
         add_to_server(service, server)
         add_controller_to_server(controller_servicer, server)
-        services = [SERVICE_NAME, CONTROLLER_SERVICE_NAME]
+        # Followers authenticate with node tokens made from the cluster secret ``start_voter`` read.
+        add_replication_to_server(ReplicationServicer(broker, link.auth), server)
+        services = [SERVICE_NAME, CONTROLLER_SERVICE_NAME, REPLICATION_SERVICE_NAME]
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
