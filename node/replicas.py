@@ -3,13 +3,14 @@
 Each image the node applies becomes, per partition placed here, a replica opened (its log created
 or recovered), a role and epochs taken (leader or follower, ``Partition.follow``), or a replica
 closed and, once the node has caught up with the metadata, its data removed (a deleted topic).
-Replication adds here what a role change starts and stops (a follower's fetcher, a leader's
-replica bookkeeping, the truncation a new follower does); request handling stays in ``broker.py``.
+After each image ``on_roles`` hears every replica with its role (the follower's fetchers start and
+stop from it, ``fetcher.py``); request handling stays in ``broker.py``.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
 
 from headwater.config import NodeConfig
 from headwater.node.partition import Partition
@@ -38,6 +39,8 @@ class Replicas:
         self.needs_reconcile = False
         # Data on disk that the first caught-up image does not place here was swept.
         self._orphans_swept = False
+        # Told after each image every replica with its role and leader (the follower's fetchers).
+        self.on_roles: Callable[[Iterable[Partition]], None] | None = None
 
     def apply(self, image: ClusterMetadata, previous: ClusterMetadata, *, caught_up: bool) -> None:
         """Open the replicas ``image`` places here, set each one's role and epochs, and (once caught
@@ -84,6 +87,8 @@ class Replicas:
         if self.caught_up and not self._orphans_swept and not unopened:
             self._orphans_swept = True
             self._drop_orphans({(tid, key[1]) for key, (tid, _) in wanted.items()})
+        if self.on_roles is not None:
+            self.on_roles(list(self.by_key.values()))
 
     def drop(self, key: Key, p: Partition, *, delete_data: bool) -> None:
         """Close a replica: its acks=all waiters fail, its parked readers wake (and find it gone),

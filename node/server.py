@@ -23,6 +23,7 @@ from headwater.node.broker import Broker
 from headwater.node.cluster import ClusterLink
 from headwater.node.controller_service import SERVICE_NAME as CONTROLLER_SERVICE_NAME
 from headwater.node.controller_service import add_controller_to_server
+from headwater.node.fetcher import FetcherManager
 from headwater.node.limits import connection_cap, raise_descriptor_limit, restrict_new_files, secure_data_dir
 from headwater.node.metrics import NodeMetrics
 from headwater.node.metrics_http import MetricsEndpoint
@@ -116,6 +117,20 @@ def _cluster_id(link: ClusterLink, store: LogStore) -> str:
     return bytes(raw).decode()
 
 
+def _start_fetchers(config: NodeConfig, broker: Broker, link: ClusterLink) -> FetcherManager:
+    fetchers = FetcherManager(
+        config.node_id,
+        image=lambda: broker.image,
+        channel=link.channel,
+        auth=link.auth,
+        broker_epoch=lambda: link.broker_epoch,
+    )
+    broker.replicas.on_roles = fetchers.update
+    fetchers.update(broker.partitions.values())
+    fetchers.start()
+    return fetchers
+
+
 async def run_node(config: NodeConfig, stop: asyncio.Event) -> None:
     """Serve until ``stop`` is set."""
     # Before the first file is made: records, the Raft journal and logs are this user's alone.
@@ -125,6 +140,7 @@ async def run_node(config: NodeConfig, stop: asyncio.Event) -> None:
     max_connections = connection_cap(config.max_connections, descriptor_limit)
     store = LogStore(os.path.join(config.data_dir, "log"))
     link: ClusterLink | None = None
+    fetchers: FetcherManager | None = None
     metrics_endpoint: MetricsEndpoint | None = None
     try:
         _check_store_owner(config, store)
@@ -178,6 +194,8 @@ async def run_node(config: NodeConfig, stop: asyncio.Event) -> None:
         await asyncio.wait([ready, stopping], return_when=asyncio.FIRST_COMPLETED)
         ready.cancel()
         if link.ready.is_set() and not stop.is_set():
+            # Followers copy their leaders' logs once this node is registered and caught up.
+            fetchers = _start_fetchers(config, broker, link)
             await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
             await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
             log.info(
@@ -191,6 +209,8 @@ async def run_node(config: NodeConfig, stop: asyncio.Event) -> None:
         log.info("shutting down: moving leaderships away, then finishing in-flight requests")
         await health_servicer.enter_graceful_shutdown()
         await link.controlled_shutdown(min(config.shutdown_grace_s, 2 * config.session_timeout_ms / 1000))
+        if fetchers is not None:
+            await fetchers.close()
         broker.close()
         service.close_streams()
         # The voter and its metadata streams stop first, so the server's grace covers in-flight
@@ -202,6 +222,9 @@ async def run_node(config: NodeConfig, stop: asyncio.Event) -> None:
             await retention
         broker.checkpoint_high_watermarks(sync=True)
     finally:
+        if fetchers is not None:
+            broker.replicas.on_roles = None
+            await fetchers.close()
         if metrics_endpoint is not None:
             await metrics_endpoint.close()
         if link is not None:
