@@ -2,8 +2,9 @@
 
 The role is an explicit state (Kafka's ``Partition``): a replica is the leader or a follower of a
 given ``leader_epoch``, as the metadata image says (``follow``), and every request that names an
-epoch is checked here, in one place. Followers do not copy the leader's log yet, so the leader's
-high watermark is its log end.
+epoch is checked here, in one place. Followers copy the leader's log (``fetcher.py``), but the leader
+does not count them yet, so the leader's high watermark is its log end; a follower's is the leader's,
+bounded by its own log end.
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ a client's Fetch never reads past it. Batches go out as the stored bytes, never 
 (``ReplicateResult``, as ``FetchResult`` does for Fetch).
 
 Follower progress is not recorded yet: a request's fetch offsets move no ISR and no high watermark
-here (``replica_state.ReplicaState`` is the pure core that will take them), and followers do not
-fetch yet, so the leader's high watermark still follows its own log end.
+here (``replica_state.ReplicaState`` is the pure core that will take them), so the leader's high
+watermark still follows its own log end while followers copy the log (``fetcher.py``).
 """
 
 from __future__ import annotations

@@ -27,8 +27,8 @@ if _version_not_supported:
 
 class ReplicationServiceStub:
     """The replication API: followers copy their partitions from the leaders (KIP-101, KIP-279, KIP-320,
-    KIP-595, KIP-903). Leaders serve it; followers do not fetch yet, and a leader records no
-    follower's progress yet.
+    KIP-595, KIP-903). Leaders serve it and followers fetch over it; a leader records no follower's
+    progress yet.
 
     One stream per (follower node, leader node) pair. A node that follows partitions led by node L
     keeps one Replicate stream open to L, and every request on it names every partition the follower
@@ -70,8 +70,8 @@ class ReplicationServiceStub:
 
 class ReplicationServiceServicer:
     """The replication API: followers copy their partitions from the leaders (KIP-101, KIP-279, KIP-320,
-    KIP-595, KIP-903). Leaders serve it; followers do not fetch yet, and a leader records no
-    follower's progress yet.
+    KIP-595, KIP-903). Leaders serve it and followers fetch over it; a leader records no follower's
+    progress yet.
 
     One stream per (follower node, leader node) pair. A node that follows partitions led by node L
     keeps one Replicate stream open to L, and every request on it names every partition the follower
@@ -123,8 +123,8 @@ def add_ReplicationServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class ReplicationService:
     """The replication API: followers copy their partitions from the leaders (KIP-101, KIP-279, KIP-320,
-    KIP-595, KIP-903). Leaders serve it; followers do not fetch yet, and a leader records no
-    follower's progress yet.
+    KIP-595, KIP-903). Leaders serve it and followers fetch over it; a leader records no follower's
+    progress yet.
 
     One stream per (follower node, leader node) pair. A node that follows partitions led by node L
     keeps one Replicate stream open to L, and every request on it names every partition the follower
