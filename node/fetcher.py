@@ -12,9 +12,8 @@ it: append the leader's batches verbatim, truncate on ``diverging_epoch`` (KIP-2
 restart the log on OFFSET_OUT_OF_RANGE (Kafka's AbstractFetcherThread), and stop fetching a
 partition whose metadata is behind (FENCED_LEADER_EPOCH) until the next image.
 
-Not yet: the leader counts no follower's progress (its high watermark is its own log end when it is
-the whole ISR), and a follower appends without an fsync even for a topic with flush_policy=fsync,
-which is sound only while the leader does not count the follower's fetch offset.
+Not yet: the leader counts no follower's progress (its high watermark is its own log end), so what
+a follower has copied decides nothing there; it matters once this node becomes the leader.
 """
 
 from __future__ import annotations
@@ -88,10 +87,14 @@ def request_for(p: Partition) -> R.ReplicatePartitionRequest:
     )
 
 
-def apply_answer(p: Partition, asked: Requested, answer: R.ReplicatePartitionResponse) -> Answer:
+def apply_answer(
+    p: Partition, asked: Requested, answer: R.ReplicatePartitionResponse, *, sync: bool = False
+) -> Answer:
     """Apply one partition's answer to the follower replica ``p`` (replication.proto, "What the
     follower does with each answer"). An answer to a request the replica has moved on from (a new
-    role, leader or epoch, or a log end that changed meanwhile) changes nothing."""
+    role, leader or epoch, or a log end that changed meanwhile) changes nothing. ``sync``: the
+    topic's flush_policy is fsync, so every write here is synced before the next request reports
+    the new log end as held (one sync per partition and answer)."""
     if (
         p.role is not Role.FOLLOWER
         or p.leader_id != asked.leader_id
@@ -107,10 +110,10 @@ def apply_answer(p: Partition, asked: Requested, answer: R.ReplicatePartitionRes
         if code == E.ERROR_CODE_OFFSET_OUT_OF_RANGE:
             if answer.log_end_offset < asked.fetch_offset:
                 # Kafka's rule for a leader whose log ends below ours (after an unclean election).
-                plog.truncate_to(answer.log_end_offset)
+                plog.truncate_to(answer.log_end_offset, sync=sync)
             elif asked.fetch_offset < answer.log_start_offset:
                 # Retention moved the leader's start past our end: nothing here can be compared.
-                plog.truncate_fully_and_start_at(answer.log_start_offset)
+                plog.truncate_fully_and_start_at(answer.log_start_offset, sync=sync)
             else:
                 return Answer.BACK_OFF
             p.on_log_changed()
@@ -136,14 +139,14 @@ def apply_answer(p: Partition, asked: Requested, answer: R.ReplicatePartitionRes
                 cut,
             )
             # Truncate before appending anything more; the high-watermark checkpoint follows.
-            plog.truncate_to(cut)
+            plog.truncate_to(cut, sync=sync)
             p.on_log_changed()
             return Answer.CONTINUE
         if answer.batches:
             # The leader's bytes, offsets and epochs; all or none, in one write (append_replicated).
-            plog.append_replicated(list(answer.batches))
+            plog.append_replicated(list(answer.batches), sync=sync)
         if answer.log_start_offset > plog.log_start_offset:
-            plog.delete_before(min(answer.log_start_offset, plog.log_end_offset))
+            plog.delete_before(min(answer.log_start_offset, plog.log_end_offset), sync=sync)
             p.on_log_changed()
     except StorageError as e:
         # A batch that does not continue the log is a leader bug or a stale answer: drop it.
@@ -285,7 +288,7 @@ class _LeaderFetcher:
             key = (p.topic, p.index)
             if self.partitions.get(key) is not p:
                 continue  # dropped or moved while the request was out
-            outcome = apply_answer(p, asked[key], answer)
+            outcome = apply_answer(p, asked[key], answer, sync=self.manager.sync_for(p))
             if outcome is Answer.BACK_OFF:
                 self.holds[key] = _Hold(p.leader_epoch, p.partition_epoch, now_s + PARTITION_BACKOFF_S)
             elif outcome is Answer.AWAIT_METADATA:
@@ -306,6 +309,7 @@ class FetcherManager:
         channel: Callable[[str], grpc.aio.Channel],
         auth: NodeAuth | None,
         broker_epoch: Callable[[], int],
+        sync_for: Callable[[Partition], bool] = lambda p: False,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
@@ -314,6 +318,8 @@ class FetcherManager:
         self.channel = channel
         self.auth = auth
         self.broker_epoch = broker_epoch
+        # Whether a replica's topic has flush_policy=fsync (its writes are synced).
+        self.sync_for = sync_for
         self.clock = clock
         self.rng = rng or random.Random()
         self.fetchers: dict[int, _LeaderFetcher] = {}

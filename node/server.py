@@ -117,6 +117,12 @@ def _cluster_id(link: ClusterLink, store: LogStore) -> str:
     return bytes(raw).decode()
 
 
+def _fsync_topic(broker: Broker, topic: str) -> bool:
+    if broker.catalog.get(topic) is None:  # deleted meanwhile: nothing more is written
+        return False
+    return bool(broker.topic_config(topic)["flush_policy"] == "fsync")
+
+
 def _start_fetchers(config: NodeConfig, broker: Broker, link: ClusterLink) -> FetcherManager:
     fetchers = FetcherManager(
         config.node_id,
@@ -124,6 +130,7 @@ def _start_fetchers(config: NodeConfig, broker: Broker, link: ClusterLink) -> Fe
         channel=link.channel,
         auth=link.auth,
         broker_epoch=lambda: link.broker_epoch,
+        sync_for=lambda p: _fsync_topic(broker, p.topic),
     )
     broker.replicas.on_roles = fetchers.update
     fetchers.update(broker.partitions.values())

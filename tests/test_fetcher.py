@@ -18,8 +18,9 @@ from conftest import Cluster, eventually, free_port
 from test_storage_replication import stamped
 
 from headwater import Admin, Consumer, NewTopic, Producer, TopicPartition
-from headwater.node.fetcher import Answer, Requested, apply_answer
+from headwater.node.fetcher import Answer, FetcherManager, Requested, apply_answer
 from headwater.node.partition import Partition
+from headwater.raft.metadata import ClusterMetadata
 from headwater.storage import LogStore
 from headwater.v1 import client_pb2, errors_pb2, replication_pb2
 
@@ -209,3 +210,33 @@ def test_acked_writes_survive_a_leader_kill_once_followers_copied_them(
         10,
         "the remaining follower to copy from the new leader",
     )
+
+
+def test_answers_of_an_fsync_topic_are_applied_synced(store: LogStore) -> None:
+    p = follower(store)
+    got = apply_answer(p, asked(p), answer(batches=[stamped(0, 0)], high_watermark=2), sync=True)
+    assert got is Answer.CONTINUE and p.log.log_end_offset == 2 and p.high_watermark == 2
+
+
+def test_the_manager_keeps_one_fetcher_per_leader_of_this_nodes_followers(store: LogStore) -> None:
+    def replica(index: int, leader: int) -> Partition:
+        p = Partition("t", TOPIC_ID, index, store.open_partition(TOPIC_ID, index), node_id=2)
+        p.follow(leader, 1, 0, (1, 2, 3), (1, 2, 3))
+        return p
+
+    manager = FetcherManager(
+        2,
+        image=ClusterMetadata,
+        channel=lambda address: pytest.fail("no stream before start"),
+        auth=None,
+        broker_epoch=lambda: -1,
+    )
+    a, b, led, c = replica(0, 1), replica(1, 3), replica(2, 2), replica(3, 1)
+    manager.update([a, b, led, c])
+    assert sorted(manager.fetchers) == [1, 3]
+    assert set(manager.fetchers[1].partitions.values()) == {a, c}
+    assert set(manager.fetchers[3].partitions.values()) == {b}
+    # Node 3 leads nothing here any more; node 2 now leads partition 1.
+    b.follow(2, 2, 1, (1, 2, 3), (1, 2, 3))
+    manager.update([a, b, led, c])
+    assert sorted(manager.fetchers) == [1]
