@@ -13,7 +13,7 @@ Starts a cluster of voters on loopback (every node a metadata voter and a broker
    node fenced and every partition led by a survivor. The controller only fences a node once its
    lease runs out, ``--session-timeout-ms`` after its last heartbeat, so this is bounded below by the
    session timeout less one ``--heartbeat-interval-ms``. A fresh topic each time, because followers
-   do not copy logs yet: a restarted node does not rejoin the ISRs it left.
+   copy logs but are not counted yet: a restarted node does not rejoin the ISRs it left.
 3. Metadata commands committed per second: AlterConfigs over raw gRPC, one at a time from one
    client and from ``--threads`` clients at once, each for ``--rate-seconds``, sent to the active
    controller and to another voter (which forwards to the controller and answers once its own image

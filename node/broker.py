@@ -430,12 +430,12 @@ class Broker:
                     f"in-sync replicas {list(isr)} < min_insync_replicas={cfg['min_insync_replicas']}",
                 )
             if isr != (self.config.node_id,):
-                # acks=all is "in every in-sync replica's log"; followers do not copy the leader's
-                # log yet, so only a partition whose ISR is its leader alone can promise that.
+                # acks=all is "in every in-sync replica's log"; followers copy the log but the leader
+                # does not count their progress yet, so only an ISR of the leader alone can promise it.
                 return (
                     E.ERROR_CODE_NOT_ENOUGH_REPLICAS,
-                    f"acks=all needs the in-sync replicas {list(isr)} to hold the write, and followers "
-                    "do not copy the log yet: use acks=1, or replication_factor=1",
+                    f"acks=all needs the in-sync replicas {list(isr)} to hold the write, and the leader "
+                    "does not count its followers yet: use acks=1, or replication_factor=1",
                 )
         log_append_time = rules.log_append_time
         sync = cfg["flush_policy"] == "fsync"
@@ -456,7 +456,7 @@ class Broker:
             return E.ERROR_CODE_STORAGE_ERROR, f"the node could not write or sync its log: {e}"
         except StorageError as e:  # e.g. the topic was deleted meanwhile
             return E.ERROR_CODE_UNKNOWN_TOPIC_OR_PARTITION, f"{topic}-{pd.partition} is gone: {e}"
-        # The leader alone holds the log (followers do not copy it yet): a record is committed once
+        # The leader counts only its own log (followers copy it, uncounted): a record is committed once
         # it is in the local log (RocksDB's write-ahead log, written by the append above, all of this
         # partition's batches in one write; synced first under flush_policy=fsync).
         if p.log.log_end_offset > p.high_watermark:

@@ -178,7 +178,7 @@ def test_restarting_every_voter_brings_the_metadata_back(make_cluster: Callable[
     with Admin(c.bootstrap) as admin:
         assert admin.describe_configs("durable")["retention_ms"].value == "60000"
 
-    # Each partition's only replica leads it again, with its data (followers do not copy logs yet,
+    # Each partition's only replica leads it again, with its data (replication_factor=1,
     # so a partition's data is where its leader was).
     def all_led() -> bool:
         return all(p.leader_id > 0 for p in c.metadata(1, ["durable"]).topics[0].partitions)
