@@ -211,6 +211,15 @@ def test_acked_writes_survive_a_leader_kill_once_followers_copied_them(
         "the remaining follower to copy from the new leader",
     )
 
+    # The old leader comes back as a follower of the new one and copies what it missed.
+    c.nodes[leader].launch()
+    c.nodes[leader].wait_serving(30)
+    eventually(
+        lambda: _gauge(metrics[leader], "headwater_log_end_offset", "copied") == log_end + 1,
+        15,
+        "the restarted old leader to copy from the new leader",
+    )
+
 
 def test_answers_of_an_fsync_topic_are_applied_synced(store: LogStore) -> None:
     p = follower(store)
