@@ -205,20 +205,26 @@ class _LeaderFetcher:
 
     async def run(self) -> None:
         backoff_s = BACKOFF_MIN_S
+        failures = 0  # in a row; only the first of a streak is logged at info (a dead leader)
         while True:
+            progressed = False
             try:
                 progressed = await self._stream()
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError as e:
-                progressed = False
-                log.info("replicate stream to node %d ended: %s %s", self.leader_id, e.code(), e.details())
+                log.log(
+                    logging.DEBUG if failures else logging.INFO,
+                    "replicate stream to node %d ended: %s %s",
+                    self.leader_id,
+                    e.code(),
+                    e.details(),
+                )
             except TimeoutError:
-                progressed = False
                 log.info("node %d did not answer a replicate request in time", self.leader_id)
             except Exception:
-                progressed = False
                 log.exception("replicate stream to node %d failed", self.leader_id)
+            failures = 0 if progressed else failures + 1
             backoff_s = BACKOFF_MIN_S if progressed else min(BACKOFF_MAX_S, backoff_s * 2)
             await asyncio.sleep(backoff_s * (0.5 + self.manager.rng.random()))
 
