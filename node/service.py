@@ -157,10 +157,9 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
     async def ProduceStream(  # noqa: N802
         self, requests: AsyncIterator[pb.ProduceStreamRequest | Malformed], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ProduceStreamResponse]:
-        # One request at a time, in arrival order: that order is the stream's promise. The partitions
-        # refused so far in this stream refuse their later batches too (see client.proto).
         # Requests are appended one at a time, in arrival order (that order is the stream's promise),
         # and up to _STREAM_IN_FLIGHT of them wait for their acks together; answers go out in order.
+        # The partitions refused so far in this stream refuse their later batches too (client.proto).
         # Past max_produce_requests a stream waits for its turn with the one request it has read, and
         # reads no further, so flow control holds its sender back (an idle stream holds no turn).
         refused: set[tuple[str, int]] = set()
