@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,18 @@ def fill_disk(path: Path) -> None:
                 f.flush()
         except OSError:
             pass
+
+
+def metric(port: int, name: str, labels: str = "") -> float | None:
+    """A sample from a node's metrics port: ``name`` with ``labels`` exactly as exposed (for
+    instance ``{partition="0",topic="t"}``), or None when the node does not expose it."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    prefix = f"{name}{labels} "
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            return float(line[len(prefix) :])
+    return None
 
 
 def free_port() -> int:

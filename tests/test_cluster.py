@@ -8,7 +8,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import SECRET, Cluster, NodeProcess, eventually, free_port, leaders
+from conftest import SECRET, Cluster, NodeProcess, eventually, free_port, leaders, metric
 
 from headwater import Admin, Consumer, NewTopic, Producer, TopicPartition
 from headwater.client.errors import TopicAlreadyExistsError, UnknownTopicOrPartitionError
@@ -432,16 +432,6 @@ def test_validate_only_creates_nothing_and_checks_assignments(make_cluster: Call
     assert [t.name for t in c.metadata(1).topics] == []
 
 
-def _gauge(port: int, name: str) -> float:
-    import urllib.request
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    raise AssertionError(f"no metric {name}")
-
-
 def test_replication_health_metrics_count_under_replicated_under_min_isr_and_offline_partitions(
     make_cluster: Callable[..., Cluster],
 ) -> None:
@@ -460,10 +450,10 @@ def test_replication_health_metrics_count_under_replicated_under_min_isr_and_off
     live = (1, 2)
 
     def total(name: str) -> float:
-        return sum(_gauge(ports[i], name) for i in live)
+        return sum(metric(ports[i], name) for i in live)
 
     def led() -> float:
-        return total("headwater_leader_partitions") + _gauge(ports[3], "headwater_leader_partitions")
+        return total("headwater_leader_partitions") + metric(ports[3], "headwater_leader_partitions")
 
     eventually(lambda: led() == 4, 10, "every partition led")
     assert total("headwater_under_replicated_partitions") == 0
@@ -473,6 +463,6 @@ def test_replication_health_metrics_count_under_replicated_under_min_isr_and_off
     eventually(lambda: total("headwater_under_replicated_partitions") == 3, 20, "3 under-replicated")
     assert total("headwater_under_min_isr_partitions") == 3
     controller = c.active_controller(among=list(live))
-    eventually(lambda: _gauge(ports[controller], "headwater_offline_partitions") == 1, 10, "solo offline")
+    eventually(lambda: metric(ports[controller], "headwater_offline_partitions") == 1, 10, "solo offline")
     other = next(i for i in live if i != controller)
-    assert _gauge(ports[other], "headwater_offline_partitions") == 0
+    assert metric(ports[other], "headwater_offline_partitions") == 0

@@ -6,15 +6,13 @@ real log with made-up answers, as replication.proto says a follower treats each 
 
 from __future__ import annotations
 
-import re
 import time
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Cluster, eventually, free_port
+from conftest import Cluster, eventually, free_port, metric
 from test_storage_replication import stamped
 
 from headwater import Admin, Consumer, NewTopic, Producer, TopicPartition
@@ -128,11 +126,8 @@ def test_a_batch_that_does_not_continue_the_log_is_dropped(store: LogStore) -> N
 # ----------------------------------------------------------------- three node processes
 
 
-def _gauge(metrics_port: int, name: str, topic: str) -> int | None:
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    m = re.search(rf'^{name}{{partition="0",topic="{topic}"}} (\S+)$', text, re.M)
-    return None if m is None else int(float(m.group(1)))
+def _gauge(metrics_port: int, name: str, topic: str) -> float | None:
+    return metric(metrics_port, name, f'{{partition="0",topic="{topic}"}}')
 
 
 def _partition(c: Cluster, node_id: int, topic: str) -> client_pb2.PartitionMetadata | None:

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import threading
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import zstandard
-from conftest import Cluster, free_port, leaders
+from conftest import Cluster, free_port, leaders, metric
 
 from headwater import Admin, Consumer, NewTopic, Producer, TopicPartition
 from headwater.v1 import batch as batch_codec
@@ -36,14 +35,6 @@ def _rss_bytes(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise AssertionError("no VmRSS")
-
-
-def _metric(port: int, name: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    raise AssertionError(f"no metric {name}")
 
 
 def _bomb(record_count: int) -> records_pb2.RecordBatch:
@@ -184,7 +175,8 @@ def test_a_compression_bomb_costs_the_leader_little_and_stores_nothing(
     watch = Watch(c, victim)
     watch.during(attack, 8.0)
     watch.check()
-    gap = _metric(metrics[victim], "headwater_lease_heartbeat_gap_max_seconds")
+    gap = metric(metrics[victim], "headwater_lease_heartbeat_gap_max_seconds")
+    assert gap is not None
     print(f"{sent[0]} bomb requests; largest heartbeat gap of the victim {gap * 1000:.0f} ms")
     assert sent[0] >= 6
     assert answers["too_many"] == {E.ERROR_CODE_RECORD_TOO_LARGE}
@@ -253,7 +245,8 @@ def test_a_subscribe_flood_that_never_reads_is_bounded_and_other_readers_go_on(
 
         watch.during(polite_reader, 10.0)
         watch.check()
-        gap = _metric(metrics[victim], "headwater_lease_heartbeat_gap_max_seconds")
+        gap = metric(metrics[victim], "headwater_lease_heartbeat_gap_max_seconds")
+        assert gap is not None
         print(
             f"{len(calls)} idle streams; a polite reader read the partition in {read_s[0]:.2f} s; "
             f"largest heartbeat gap of the victim {gap * 1000:.0f} ms"
