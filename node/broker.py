@@ -144,7 +144,7 @@ class FetchResult:
             parts = []
             for header, batches in partitions:
                 head = header.SerializeToString()
-                size = len(head) + sum(1 + len(v(len(b))) + len(b) for b in batches)
+                size = len(head) + batch_codec.stored_batches_size(self._BATCHES_TAG, batches)
                 parts.append((head, size, batches))
                 topic_size += 1 + len(v(size)) + size
             plan.append((topic_head, topic_size, parts))
@@ -153,8 +153,7 @@ class FetchResult:
             out += (self._TOPICS_TAG, v(topic_size), topic_head)
             for head, size, batches in parts:
                 out += (self._PARTITIONS_TAG, v(size), head)
-                for b in batches:
-                    out += (self._BATCHES_TAG, v(len(b)), b)
+                batch_codec.add_stored_batches(out, self._BATCHES_TAG, batches)
         return b"".join(out)
 
     def to_message(self) -> pb.FetchResponse:

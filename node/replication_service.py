@@ -64,10 +64,9 @@ class ReplicateResult:
         out: list[bytes] = [self.header.SerializeToString()]
         for pr, batches in self.partitions:
             head = pr.SerializeToString()
-            size = len(head) + sum(1 + len(v(len(b))) + len(b) for b in batches)
+            size = len(head) + batch_codec.stored_batches_size(self._BATCHES_TAG, batches)
             out += (self._PARTITIONS_TAG, v(size), head)
-            for b in batches:
-                out += (self._BATCHES_TAG, v(len(b)), b)
+            batch_codec.add_stored_batches(out, self._BATCHES_TAG, batches)
         return b"".join(out)
 
     def to_message(self) -> R.ReplicateResponse:

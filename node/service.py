@@ -396,10 +396,8 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
                     yield out
                     return
                 if not request.decode:
-                    v = batch_codec.encode_varint
                     parts = [out.SerializeToString()]
-                    for b in raw:
-                        parts += (_SUBSCRIBE_BATCHES_TAG, v(len(b)), b)
+                    batch_codec.add_stored_batches(parts, _SUBSCRIBE_BATCHES_TAG, raw)
                     del raw
                     yield b"".join(parts)
                     continue

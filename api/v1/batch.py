@@ -35,6 +35,8 @@ __all__ = [
     "record_tuples",
     "encode_records",
     "encode_varint",
+    "stored_batches_size",
+    "add_stored_batches",
     "crc_is_valid",
     "records_problem",
     "check_records",
@@ -304,6 +306,20 @@ _SMALL_VARINTS = [_varint(n) for n in range(1 << 14)]
 def encode_varint(n: int) -> bytes:
     """A protobuf varint (negative ints as their 64-bit two's complement, as int32/int64 fields)."""
     return _SMALL_VARINTS[n] if 0 <= n < 16384 else _varint(n)
+
+
+def stored_batches_size(tag: bytes, batches: Sequence[bytes]) -> int:
+    """Wire bytes of ``batches`` as entries of a repeated message field with ``tag``
+    (``add_stored_batches``): what a message that holds them counts for its length prefix."""
+    return sum(len(tag) + len(encode_varint(len(b))) + len(b) for b in batches)
+
+
+def add_stored_batches(out: list[bytes], tag: bytes, batches: Sequence[bytes]) -> None:
+    """Append ``batches`` to the pieces of a serialized message as entries of the repeated message
+    field with ``tag`` (a repeated field is its entries one after another), so stored batches go out
+    as they are: never parsed or re-serialized, copied once by the final join."""
+    for b in batches:
+        out += (tag, encode_varint(len(b)), b)
 
 
 def encode_records(
