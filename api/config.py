@@ -112,7 +112,24 @@ class NodeConfig:
         10_000, "most partitions one CreateTopics request may create, over all its topics"
     )
     default_num_partitions: int = _setting(1, "partitions of a topic created without a count")
-    default_replication_factor: int = _setting(1, "replicas of a topic created without a factor")
+    default_replication_factor: int = _setting(
+        1, "replicas of a topic created without a factor (capped by the number of registered nodes)"
+    )
+    min_insync_replicas: int = _setting(
+        1,
+        "default in-sync replicas an acks=all write needs (a topic may set its own); capped by the "
+        "partition's replica count where the topic does not set it",
+    )
+    replica_lag_time_max_ms: int = _setting(
+        10_000,
+        "a follower that has not caught up to its leader's log end for this long leaves the ISR",
+    )
+    replica_fetch_wait_max_ms: int = _setting(
+        500, "longest a follower's fetch waits (long poll) at its leader for new records"
+    )
+    replica_fetch_max_bytes: int = _setting(
+        8 * 1024 * 1024, "most bytes of records a follower asks for in one fetch from a leader"
+    )
     max_decompressed_bytes: int = _setting(
         64 * 1024 * 1024,
         "largest records payload a batch may inflate to when the node checks or decodes it; also the "
@@ -256,6 +273,10 @@ def _validate(cfg: NodeConfig) -> NodeConfig:
         "controller_call_timeout_ms",
         "default_num_partitions",
         "default_replication_factor",
+        "min_insync_replicas",
+        "replica_lag_time_max_ms",
+        "replica_fetch_wait_max_ms",
+        "replica_fetch_max_bytes",
         "max_decompressed_bytes",
         "max_batch_records",
         "retention_check_interval_ms",
@@ -455,7 +476,7 @@ TOPIC_CONFIGS: dict[str, TopicConfigSpec] = {
         TopicConfigSpec(
             "min_insync_replicas",
             _int_at_least(1),
-            default=1,
+            node_default="min_insync_replicas",
             doc="acks=all writes are refused with fewer in-sync replicas.",
         ),
         TopicConfigSpec(

@@ -55,16 +55,26 @@ class PendingProduce:
     """A Produce request's answer, appended but perhaps not yet acknowledged: ``waits`` pairs each
     acks=all partition answer with the future of its commit (``Partition.wait_for_commit``)."""
 
-    def __init__(self, response: pb.ProduceResponse, timeout_s: float) -> None:
+    def __init__(
+        self,
+        response: pb.ProduceResponse,
+        timeout_s: float,
+        observe_wait: Callable[[float], None] | None = None,
+    ) -> None:
         self.response = response
         self.timeout_s = timeout_s
         self.waits: list[tuple[pb.ProducePartitionResponse, asyncio.Future[int]]] = []
+        # Told how long an acks=all request waited for its replicas (a metric).
+        self._observe_wait = observe_wait
 
     async def settle(self) -> pb.ProduceResponse:
         """The answer, once every acks=all partition is committed, failed, or out of time (then
         REQUEST_TIMED_OUT: the records are in the leader's log, not yet in every in-sync replica's)."""
         if self.waits:
+            started = time.monotonic()
             await asyncio.wait([f for _, f in self.waits], timeout=self.timeout_s)
+            if self._observe_wait is not None:
+                self._observe_wait(time.monotonic() - started)
         for pr, fut in self.waits:
             if not fut.done():
                 fut.cancel()
@@ -72,6 +82,12 @@ class PendingProduce:
                 pr.error_message = (
                     f"not in every in-sync replica within timeout_ms={self.timeout_s * 1000:.0f}; "
                     "the records are in the leader's log and may still be committed"
+                )
+            elif fut.result() == E.ERROR_CODE_NOT_ENOUGH_REPLICAS_AFTER_APPEND:
+                pr.error_code = E.ERROR_CODE_NOT_ENOUGH_REPLICAS_AFTER_APPEND
+                pr.error_message = (
+                    "the ISR fell below min_insync_replicas before the records reached every in-sync "
+                    "replica; they are in the log and readable, so a retry may duplicate them"
                 )
             elif fut.result() != E.ERROR_CODE_NONE:
                 pr.error_code = cast(errors_pb2.ErrorCode, fut.result())
@@ -189,6 +205,8 @@ class Broker:
         self._validator = ThreadPoolExecutor(1, thread_name_prefix="headwater-validate")
         # One write-ahead-log sync for all the fsync-policy appends made meanwhile.
         self._group_commit = GroupCommit(store.sync_wal)
+        # Told how long each acks=all request waited for its replicas (a metric).
+        self.on_ack_wait: Callable[[float], None] | None = None
         # The bytes Subscribe streams and Fetch answers hold between reading the log and sending.
         self.read_budget = ReadBudget(config.read_buffer_bytes, config.read_buffer_bytes_per_connection)
 
@@ -322,7 +340,9 @@ class Broker:
         batches are refused too (OUT_OF_ORDER_SEQUENCE) so that the stream never stores a batch after
         one it refused. Every partition refused here joins it.
         """
-        pending = PendingProduce(pb.ProduceResponse(), req.timeout_ms / 1000 if req.timeout_ms > 0 else 30.0)
+        pending = PendingProduce(
+            pb.ProduceResponse(), req.timeout_ms / 1000 if req.timeout_ms > 0 else 30.0, self.on_ack_wait
+        )
         resp = pending.response
         now_ms = self.clock_ms()
         # What all the request's batches may inflate to together while they are checked: a request
@@ -421,21 +441,15 @@ class Broker:
             if check.error_code != E.ERROR_CODE_NONE:
                 pr.leader_id, pr.leader_epoch = p.leader_id, p.leader_epoch
                 return check.error_code, check.message
+        min_isr = 0
         if acks == -1:
-            isr = p.isr
-            if len(isr) < cfg["min_insync_replicas"]:
-                return (
-                    E.ERROR_CODE_NOT_ENOUGH_REPLICAS,
-                    f"in-sync replicas {list(isr)} < min_insync_replicas={cfg['min_insync_replicas']}",
-                )
-            if isr != (self.config.node_id,):
-                # acks=all is "in every in-sync replica's log"; followers copy the log but the leader
-                # does not count their progress yet, so only an ISR of the leader alone can promise it.
-                return (
-                    E.ERROR_CODE_NOT_ENOUGH_REPLICAS,
-                    f"acks=all needs the in-sync replicas {list(isr)} to hold the write, and the leader "
-                    "does not count its followers yet: use acks=1, or replication_factor=1",
-                )
+            min_isr = self.min_insync_replicas(topic, cfg, p)
+            if p.state is None:  # not the leader any more: answered above, but be sure
+                return E.ERROR_CODE_NOT_LEADER_OR_FOLLOWER, "this node no longer leads the partition"
+            refusal, why = p.state.check_min_isr(min_isr)
+            if refusal != E.ERROR_CODE_NONE:
+                pr.leader_id, pr.leader_epoch = p.leader_id, p.leader_epoch
+                return refusal, why + "; nothing was stored"
         log_append_time = rules.log_append_time
         sync = cfg["flush_policy"] == "fsync"
         batches = list(pd.batches)
@@ -443,6 +457,9 @@ class Broker:
             results = p.log.append_many(
                 batches, p.leader_epoch, now_ms=now_ms, log_append_time=log_append_time
             )
+            end_offset = p.log.log_end_offset
+            # Followers parked at the leader copy the new records now.
+            p.wake_replicas()
             if sync:
                 # fsync policy: the append counts once the write-ahead log is synced, by one sync
                 # shared with every append made meanwhile (group commit, off the event loop).
@@ -455,15 +472,14 @@ class Broker:
             return E.ERROR_CODE_STORAGE_ERROR, f"the node could not write or sync its log: {e}"
         except StorageError as e:  # e.g. the topic was deleted meanwhile
             return E.ERROR_CODE_UNKNOWN_TOPIC_OR_PARTITION, f"{topic}-{pd.partition} is gone: {e}"
-        # The leader counts only its own log (followers copy it, uncounted): a record is committed once
-        # it is in the local log (RocksDB's write-ahead log, written by the append above, all of this
-        # partition's batches in one write; synced first under flush_policy=fsync).
-        if p.log.log_end_offset > p.high_watermark:
-            p.advance_high_watermark(p.log.log_end_offset)
+        # The leader's own copy counts from now (RocksDB's write-ahead log, all of this partition's
+        # batches in one write; synced first under flush_policy=fsync); the high watermark moves
+        # once every member of the ISR has it too.
+        p.on_append(end_offset)
         first = results[0]
         if acks == -1:
             # Answered once every in-sync replica holds it: when the high watermark passes it.
-            pending.waits.append((pr, p.wait_for_commit(p.log.log_end_offset)))
+            pending.waits.append((pr, p.wait_for_commit(end_offset, min_isr)))
         pr.base_offset = first.base_offset
         pr.log_start_offset = p.log.log_start_offset
         if log_append_time:
@@ -483,6 +499,18 @@ class Broker:
         return await asyncio.get_running_loop().run_in_executor(
             self._validator, check_payload, batch, rules, now_ms, max_inflated, records
         )
+
+    def min_insync_replicas(self, topic: str, cfg: dict[str, Any], p: Partition) -> int:
+        """The topic's min_insync_replicas; the node default is capped by the replica count (a
+        topic created on a smaller cluster than the default assumes still takes acks=all)."""
+        record = self.catalog.record(topic)
+        if record is not None and record.config("min_insync_replicas") is not None:
+            return int(cfg["min_insync_replicas"])
+        return min(int(cfg["min_insync_replicas"]), len(p.replicas))
+
+    async def sync_wal(self) -> None:
+        """Sync the write-ahead log, one sync shared by every caller meanwhile (group commit)."""
+        await self._group_commit.sync()
 
     def _maybe_recover_store(self) -> None:
         recover = getattr(self.store, "recover", None)

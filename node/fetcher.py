@@ -12,8 +12,10 @@ it: append the leader's batches verbatim, truncate on ``diverging_epoch`` (KIP-2
 restart the log on OFFSET_OUT_OF_RANGE (Kafka's AbstractFetcherThread), and stop fetching a
 partition whose metadata is behind (FENCED_LEADER_EPOCH) until the next image.
 
-Not yet: the leader counts no follower's progress (its high watermark is its own log end), so what
-a follower has copied decides nothing there; it matters once this node becomes the leader.
+A request's ``fetch_offset`` is the follower's word that it holds every record below: the leader
+counts it toward its high watermark and ISR. So under ``flush_policy=fsync`` a follower syncs what
+an answer wrote before it sends the next request: one write-ahead-log sync per answer, shared by
+all its partitions (group commit, off the event loop).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -47,7 +49,8 @@ R = replication_pb2
 log = logging.getLogger("headwater.node.fetcher")
 Key = tuple[str, int]
 
-# Bounds of the fetch loop (the leader bounds max_wait_ms and max_bytes by its own maxima too).
+# Default bounds of the fetch loop (settings replica_fetch_wait_max_ms, replica_fetch_max_bytes;
+# the leader bounds max_wait_ms and max_bytes by its own maxima too).
 FETCH_MAX_WAIT_MS = 500
 FETCH_MAX_BYTES = 8 * 1024 * 1024
 # Longest wait for an answer beyond max_wait_ms before the stream is taken for dead.
@@ -264,14 +267,14 @@ class _LeaderFetcher:
                     replica_id=manager.node_id,
                     broker_epoch=broker_epoch,
                     partitions=[request_for(p) for p in parts],
-                    max_wait_ms=FETCH_MAX_WAIT_MS,
-                    max_bytes=FETCH_MAX_BYTES,
+                    max_wait_ms=manager.max_wait_ms,
+                    max_bytes=manager.max_bytes,
                 )
                 if first:
                     request.node_token = manager.auth.token(request)
                     first = False
                 await call.write(request)
-                response = await asyncio.wait_for(call.read(), FETCH_MAX_WAIT_MS / 1000 + ANSWER_GRACE_S)
+                response = await asyncio.wait_for(call.read(), manager.max_wait_ms / 1000 + ANSWER_GRACE_S)
                 if response is grpc.aio.EOF:
                     return answered
                 answered = True
@@ -280,13 +283,18 @@ class _LeaderFetcher:
                     # the leader yet, or this incarnation is behind; back off, then a new stream.
                     log.info("node %d refused replication: %s", self.leader_id, response.error_message)
                     return False
-                self._apply(parts, asked, response)
+                if self._apply(parts, asked, response):
+                    # Synced before the next request tells the leader these records are held.
+                    await manager.sync_wal()
         finally:
             call.cancel()
 
-    def _apply(self, parts: list[Partition], asked: dict[Key, Requested], response: Any) -> None:
+    def _apply(self, parts: list[Partition], asked: dict[Key, Requested], response: Any) -> bool:
+        """Apply every partition's answer; True when a flush_policy=fsync partition was written
+        (the caller syncs once for all of them)."""
         now_s = self.manager.clock()
         by_key = {(p.topic_id, p.index): p for p in parts}
+        needs_sync = False
         for answer in response.partitions:
             p = by_key.get((answer.topic_id, answer.partition))
             if p is None:
@@ -294,11 +302,21 @@ class _LeaderFetcher:
             key = (p.topic, p.index)
             if self.partitions.get(key) is not p:
                 continue  # dropped or moved while the request was out
-            outcome = apply_answer(p, asked[key], answer, sync=self.manager.sync_for(p))
+            end = p.log.log_end_offset
+            outcome = apply_answer(p, asked[key], answer)
+            if self.manager.on_copied is not None and p.log.log_end_offset > end:
+                self.manager.on_copied(sum(map(len, answer.batches)))
+            if p.log.log_end_offset != end and self.manager.sync_for(p):
+                needs_sync = True
             if outcome is Answer.BACK_OFF:
                 self.holds[key] = _Hold(p.leader_epoch, p.partition_epoch, now_s + PARTITION_BACKOFF_S)
             elif outcome is Answer.AWAIT_METADATA:
                 self.holds[key] = _Hold(p.leader_epoch, p.partition_epoch, math.inf)
+        return needs_sync
+
+
+async def _no_sync() -> None:
+    return None
 
 
 class FetcherManager:
@@ -316,6 +334,10 @@ class FetcherManager:
         auth: NodeAuth | None,
         broker_epoch: Callable[[], int],
         sync_for: Callable[[Partition], bool] = lambda p: False,
+        sync_wal: Callable[[], Awaitable[None]] | None = None,
+        max_wait_ms: int = FETCH_MAX_WAIT_MS,
+        max_bytes: int = FETCH_MAX_BYTES,
+        on_copied: Callable[[int], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
@@ -324,8 +346,13 @@ class FetcherManager:
         self.channel = channel
         self.auth = auth
         self.broker_epoch = broker_epoch
-        # Whether a replica's topic has flush_policy=fsync (its writes are synced).
+        # Whether a replica's topic has flush_policy=fsync, and the sync its writes wait for.
         self.sync_for = sync_for
+        self.sync_wal = sync_wal or _no_sync
+        self.max_wait_ms = max_wait_ms
+        self.max_bytes = max_bytes
+        # Told the batch bytes of each answer appended (a metric).
+        self.on_copied = on_copied
         self.clock = clock
         self.rng = rng or random.Random()
         self.fetchers: dict[int, _LeaderFetcher] = {}

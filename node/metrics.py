@@ -15,6 +15,7 @@ from headwater.raft.commands import NO_LEADER
 if TYPE_CHECKING:
     from headwater.node.broker import Broker
     from headwater.node.cluster import ClusterLink
+    from headwater.node.isr import IsrSender
 
 __all__ = ["NodeMetrics"]
 
@@ -59,7 +60,7 @@ class _LogCollector(Collector):
         under_min_isr = 0
         for topic, p in led:
             try:
-                min_isr = int(self._broker.topic_config(topic)["min_insync_replicas"])
+                min_isr = self._broker.min_insync_replicas(topic, self._broker.topic_config(topic), p)
             except Exception:  # the topic went away between the two reads
                 continue
             under_min_isr += len(p.isr) < min_isr
@@ -68,6 +69,35 @@ class _LogCollector(Collector):
             "Partitions this node leads whose ISR is smaller than min_insync_replicas (acks=all refused).",
             value=under_min_isr,
         )
+        # Each follower's lag as its leader sees it: records behind the leader's log end, and time
+        # since it was last caught up (Kafka's lastCaughtUpTimeMs).
+        lag_records = GaugeMetricFamily(
+            "headwater_follower_lag_records",
+            "Records a follower is behind this leader's log end (as of its last fetch).",
+            labels=["topic", "partition", "follower"],
+        )
+        lag_seconds = GaugeMetricFamily(
+            "headwater_follower_lag_seconds",
+            "Time since a follower last caught up to this leader's log end.",
+            labels=["topic", "partition", "follower"],
+        )
+        now_ms = self._broker.replicas.now_ms()
+        for topic, p in led:
+            state = p.state
+            if state is None:
+                continue
+            for r in state.replicas:
+                if r == state.node_id:
+                    continue
+                f = state.follower(r)
+                lv = [topic, str(p.index), str(r)]
+                held = max(f.log_end_offset, 0)
+                lag_records.add_metric(lv, state.log_end_offset - held)
+                at_end = f.log_end_offset == state.log_end_offset
+                since_ms = 0 if at_end else max(0, now_ms - f.last_caught_up_time_ms)
+                lag_seconds.add_metric(lv, since_ms / 1000)
+        yield lag_records
+        yield lag_seconds
         # As in Kafka, the active controller reports the cluster's offline partitions; others say 0.
         broker = self._broker
         offline = 0
@@ -105,6 +135,22 @@ class NodeMetrics:
             "headwater_bytes_out", "Record batch bytes sent to readers.", registry=self.registry
         )
         self.records_in = Counter("headwater_records_in", "Records appended.", registry=self.registry)
+        self.ack_wait = Histogram(
+            "headwater_acks_all_wait_seconds",
+            "Time an acks=all produce waited, after its append, for every in-sync replica.",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=self.registry,
+        )
+        self.replication_bytes_out = Counter(
+            "headwater_replication_bytes_out",
+            "Record batch bytes this node sent to its followers.",
+            registry=self.registry,
+        )
+        self.replication_bytes_in = Counter(
+            "headwater_replication_bytes_in",
+            "Record batch bytes this node copied from its leaders.",
+            registry=self.registry,
+        )
         self.registry.register(_LogCollector(broker))
 
     def watch_lease(self, link: ClusterLink) -> None:
@@ -115,6 +161,21 @@ class NodeMetrics:
             registry=self.registry,
         )
         gap.set_function(lambda: link.heartbeat_gap_max_s)
+
+    def watch_isr(self, sender: IsrSender) -> None:
+        """Report the ISR changes this node's leaders had committed."""
+        shrinks = Gauge(
+            "headwater_isr_shrinks",
+            "ISR shrinks committed for partitions this node led, since it started.",
+            registry=self.registry,
+        )
+        expands = Gauge(
+            "headwater_isr_expands",
+            "ISR expansions committed for partitions this node led, since it started.",
+            registry=self.registry,
+        )
+        shrinks.set_function(lambda: sender.shrinks)
+        expands.set_function(lambda: sender.expands)
 
     async def serve_http(
         self, host: str, port: int, max_connections: int, timeout_s: float

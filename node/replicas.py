@@ -10,17 +10,16 @@ stop from it, ``fetcher.py``); request handling stays in ``broker.py``.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable
 
 from headwater.config import NodeConfig
 from headwater.node.partition import Partition
 from headwater.raft.metadata import ClusterMetadata, PartitionRecord
 from headwater.storage import LogStore, StorageError
-from headwater.v1 import errors_pb2
 
 __all__ = ["Replicas"]
 
-E = errors_pb2
 log = logging.getLogger("headwater.node")
 Key = tuple[str, int]
 
@@ -28,9 +27,18 @@ Key = tuple[str, int]
 class Replicas:
     """This node's replicas by ``(topic, partition)``, opened, moved and dropped as images say."""
 
-    def __init__(self, config: NodeConfig, store: LogStore) -> None:
+    def __init__(
+        self, config: NodeConfig, store: LogStore, *, now_ms: Callable[[], int] | None = None
+    ) -> None:
         self.config = config
         self.store = store
+        # The clock of replica states (follower lag, ISR changes): monotonic milliseconds.
+        self.now_ms = now_ms or (lambda: int(time.monotonic() * 1000))
+        # This node's broker epoch (from its registration; -1 before): a leader's ISR changes
+        # carry it.
+        self.broker_epoch: Callable[[], int] = lambda: -1
+        # Told of a leader replica whose ISR may grow (a follower out of it fetched): ``isr.py``.
+        self.isr_check: Callable[[Partition], None] = lambda p: None
         self.by_key: dict[Key, Partition] = {}
         # Set once the image has reached the metadata the controller had when this node registered:
         # only then may a replica missing from the image be a deleted one (and its data removed).
@@ -81,7 +89,15 @@ class Replicas:
                         key[1],
                         list(before.isr),
                     )
-            p.follow(rec.leader, rec.leader_epoch, rec.partition_epoch, rec.replicas, rec.isr)
+            p.follow(
+                rec.leader,
+                rec.leader_epoch,
+                rec.partition_epoch,
+                rec.replicas,
+                rec.isr,
+                broker_epoch=self.broker_epoch(),
+                now_ms=self.now_ms(),
+            )
         if unopened > 1:
             log.warning("%d replicas could not be opened yet", unopened)
         if self.caught_up and not self._orphans_swept and not unopened:
@@ -94,8 +110,7 @@ class Replicas:
         """Close a replica: its acks=all waiters fail, its parked readers wake (and find it gone),
         and with ``delete_data`` its log is removed."""
         del self.by_key[key]
-        p.fail_commit_waiters(E.ERROR_CODE_NOT_LEADER_OR_FOLLOWER)
-        p.wake()
+        p.close()
         if delete_data:
             log.info("removing replica %s-%d (topic %s)", key[0], key[1], p.topic_id.hex())
             try:
@@ -116,5 +131,4 @@ class Replicas:
     def close(self) -> None:
         """The node is stopping: acks=all waits end, parked readers wake."""
         for p in self.by_key.values():
-            p.fail_commit_waiters(E.ERROR_CODE_NOT_LEADER_OR_FOLLOWER)
-            p.wake()
+            p.close()

@@ -8,25 +8,25 @@ the log end: a follower copies past the high watermark (that is how records get 
 a client's Fetch never reads past it. Batches go out as the stored bytes, never re-encoded
 (``ReplicateResult``, as ``FetchResult`` does for Fetch).
 
-Follower progress is not recorded yet: a request's fetch offsets move no ISR and no high watermark
-here (``replica_state.ReplicaState`` is the pure core that will take them), so the leader's high
-watermark still follows its own log end while followers copy the log (``fetcher.py``).
+Each accepted fetch is the follower's word that it holds every record below ``fetch_offset``: the
+partition's ``ReplicaState`` (replica_state.py) counts it, which may move the high watermark and
+release acks=all waiters, and a follower outside the ISR that fetched is a candidate to join it
+(``isr.py`` proposes the change to the controller). A parked fetch is woken by the leader's appends.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import grpc
 
 from headwater.node.auth import NodeAuth
 from headwater.node.broker import Broker
 from headwater.node.partition import Partition, compare_leader_epoch
-from headwater.node.replica_state import diverging_epoch
 from headwater.node.rpc import Malformed, add_service
 from headwater.storage import OffsetOutOfRangeError
 from headwater.v1 import batch as batch_codec
@@ -77,8 +77,12 @@ class ReplicateResult:
 class ReplicationServicer:
     """Serves ``Replicate`` from this node's partition replicas (``broker.partitions``)."""
 
-    def __init__(self, broker: Broker, auth: NodeAuth | None) -> None:
+    def __init__(
+        self, broker: Broker, auth: NodeAuth | None, *, on_sent: Callable[[int], None] | None = None
+    ) -> None:
         self.broker = broker
+        # Told the batch bytes of each answer (a metric).
+        self.on_sent = on_sent
         # None: this node holds no cluster secret, so no follower can prove itself; every stream
         # is refused.
         self.auth = auth
@@ -109,6 +113,8 @@ class ReplicationServicer:
             if self.broker.closing:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "the node is stopping")
             result = await self.replicate(request, reader)
+            if self.on_sent is not None and result.batch_bytes:
+                self.on_sent(result.batch_bytes)
             try:
                 yield result.to_bytes()
             finally:
@@ -177,17 +183,15 @@ class ReplicationServicer:
             budget.release(reader, result.held)  # parked: hold nothing while waiting
             fut: asyncio.Future[None] = loop.create_future()
             for p in touched:
-                # Woken when the high watermark moves or the role changes. Today every append moves
-                # the high watermark to the log end; once followers count, an append must wake
-                # parked followers by itself.
-                p.park(fut)
+                # Woken when the leader appends or the role changes.
+                p.park_replica(fut)
             try:
                 await asyncio.wait_for(fut, remaining)
             except TimeoutError:
                 pass
             finally:
                 for p in touched:
-                    p.unpark(fut)
+                    p.unpark_replica(fut)
 
     def _read(
         self, request: R.ReplicateRequest, max_bytes: int
@@ -197,6 +201,7 @@ class ReplicationServicer:
         result = ReplicateResult()
         touched: list[Partition] = []
         answer_now = False
+        now_ms = self.broker.replicas.now_ms()
         for fp in request.partitions:
             pr = R.ReplicatePartitionResponse(
                 topic_id=fp.topic_id,
@@ -214,37 +219,43 @@ class ReplicationServicer:
                 continue
             log_start, log_end = p.log.log_start_offset, p.log.log_end_offset
             pr.high_watermark, pr.log_start_offset, pr.log_end_offset = p.high_watermark, log_start, log_end
-            # 4. Divergence (KIP-320): does the follower's log agree with this one up to fetch_offset?
-            if fp.last_fetched_epoch >= 0:
-                if fp.fetch_offset < log_start:
-                    pr.error_code = E.ERROR_CODE_OFFSET_OUT_OF_RANGE
-                    pr.error_message = f"fetch offset {fp.fetch_offset} is below the log start {log_start}"
-                    answer_now = True
-                    continue
-                diverged = diverging_epoch(
-                    p.log.epoch_entries(),
-                    log_end,
-                    fp.last_fetched_epoch,
-                    fp.fetch_offset,
-                    leader_epoch=p.leader_epoch,
-                )
-                if diverged is not None:
-                    answer_now = True
-                    if diverged.epoch < 0:
-                        pr.error_code = E.ERROR_CODE_OFFSET_OUT_OF_RANGE
-                        pr.error_message = (
-                            f"the leader's log has no end offset for epoch {fp.last_fetched_epoch}"
-                        )
-                    else:
-                        pr.diverging_epoch.epoch = diverged.epoch
-                        pr.diverging_epoch.end_offset = diverged.end_offset
-                    continue
-            # 5. The offset must be in the leader's log.
-            if not log_start <= fp.fetch_offset <= log_end:
+            # 4. The offset must not be below the leader's log start (retention moved it).
+            if fp.fetch_offset < log_start:
                 pr.error_code = E.ERROR_CODE_OFFSET_OUT_OF_RANGE
-                pr.error_message = f"fetch offset {fp.fetch_offset} is outside [{log_start}, {log_end}]"
+                pr.error_message = f"fetch offset {fp.fetch_offset} is below the log start {log_start}"
                 answer_now = True
                 continue
+            # 5. The leader's replica state: divergence (KIP-320), the offset against the log end,
+            # and, for an accepted fetch, the follower's progress (ISR and high watermark).
+            outcome = p.on_follower_fetch(
+                request.replica_id,
+                fp.fetch_offset,
+                current_leader_epoch=fp.current_leader_epoch,
+                last_fetched_epoch=fp.last_fetched_epoch,
+                now_ms=now_ms,
+            )
+            if outcome is None or outcome.error_code != E.ERROR_CODE_NONE:
+                pr.error_code = cast(
+                    errors_pb2.ErrorCode,
+                    E.ERROR_CODE_NOT_LEADER_OR_FOLLOWER if outcome is None else outcome.error_code,
+                )
+                pr.error_message = "this node no longer leads" if outcome is None else outcome.message
+                answer_now = True
+                continue
+            if outcome.diverging_epoch is not None:
+                answer_now = True
+                diverged = outcome.diverging_epoch
+                if diverged.epoch < 0:
+                    pr.error_code = E.ERROR_CODE_OFFSET_OUT_OF_RANGE
+                    pr.error_message = f"the leader's log has no end offset for epoch {fp.last_fetched_epoch}"
+                else:
+                    pr.diverging_epoch.epoch = diverged.epoch
+                    pr.diverging_epoch.end_offset = diverged.end_offset
+                continue
+            pr.high_watermark = p.high_watermark
+            if p.state is not None and request.replica_id not in p.state.isr:
+                # A follower out of the ISR fetched: it may have caught up enough to join.
+                self.broker.replicas.isr_check(p)
             # 6. The stored batches, up to the log end: a follower reads past the high watermark.
             touched.append(p)
             room = max_bytes - result.batch_bytes

@@ -24,6 +24,7 @@ from headwater.node.cluster import ClusterLink
 from headwater.node.controller_service import SERVICE_NAME as CONTROLLER_SERVICE_NAME
 from headwater.node.controller_service import add_controller_to_server
 from headwater.node.fetcher import FetcherManager
+from headwater.node.isr import IsrSender
 from headwater.node.limits import connection_cap, raise_descriptor_limit, restrict_new_files, secure_data_dir
 from headwater.node.metrics import NodeMetrics
 from headwater.node.metrics_http import MetricsEndpoint
@@ -123,7 +124,9 @@ def _fsync_topic(broker: Broker, topic: str) -> bool:
     return bool(broker.topic_config(topic)["flush_policy"] == "fsync")
 
 
-def _start_fetchers(config: NodeConfig, broker: Broker, link: ClusterLink) -> FetcherManager:
+def _start_fetchers(
+    config: NodeConfig, broker: Broker, link: ClusterLink, metrics: NodeMetrics
+) -> FetcherManager:
     fetchers = FetcherManager(
         config.node_id,
         image=lambda: broker.image,
@@ -131,11 +134,30 @@ def _start_fetchers(config: NodeConfig, broker: Broker, link: ClusterLink) -> Fe
         auth=link.auth,
         broker_epoch=lambda: link.broker_epoch,
         sync_for=lambda p: _fsync_topic(broker, p.topic),
+        sync_wal=broker.sync_wal,
+        max_wait_ms=config.replica_fetch_wait_max_ms,
+        max_bytes=config.replica_fetch_max_bytes,
+        on_copied=metrics.replication_bytes_in.inc,
     )
     broker.replicas.on_roles = fetchers.update
     fetchers.update(broker.partitions.values())
     fetchers.start()
     return fetchers
+
+
+def _start_isr_sender(config: NodeConfig, broker: Broker, link: ClusterLink) -> IsrSender:
+    sender = IsrSender(
+        config.node_id,
+        broker.replicas,
+        image=lambda: broker.image,
+        call_controller=lambda method, request, timeout_s: link.call_controller(
+            method, request, timeout_s, authenticate=True
+        ),
+        broker_epoch=lambda: link.broker_epoch,
+        replica_lag_time_max_ms=config.replica_lag_time_max_ms,
+    )
+    sender.start()
+    return sender
 
 
 async def run_node(config: NodeConfig, stop: asyncio.Event) -> None:
@@ -148,11 +170,13 @@ async def run_node(config: NodeConfig, stop: asyncio.Event) -> None:
     store = LogStore(os.path.join(config.data_dir, "log"))
     link: ClusterLink | None = None
     fetchers: FetcherManager | None = None
+    isr_sender: IsrSender | None = None
     metrics_endpoint: MetricsEndpoint | None = None
     try:
         _check_store_owner(config, store)
         broker = Broker(config, store)
         link = ClusterLink(config, broker, asyncio.get_running_loop())
+        broker.replicas.broker_epoch = lambda: link.broker_epoch if link is not None else -1
         broker.catalog.cluster_id = _cluster_id(link, store)
         controller_servicer = link.start_voter(broker.catalog.cluster_id)
         metrics = NodeMetrics(broker)
@@ -168,7 +192,10 @@ async def run_node(config: NodeConfig, stop: asyncio.Event) -> None:
         add_to_server(service, server)
         add_controller_to_server(controller_servicer, server)
         # Followers authenticate with node tokens made from the cluster secret ``start_voter`` read.
-        add_replication_to_server(ReplicationServicer(broker, link.auth), server)
+        add_replication_to_server(
+            ReplicationServicer(broker, link.auth, on_sent=metrics.replication_bytes_out.inc), server
+        )
+        broker.on_ack_wait = metrics.ack_wait.observe
         services = [SERVICE_NAME, CONTROLLER_SERVICE_NAME, REPLICATION_SERVICE_NAME]
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -202,7 +229,9 @@ async def run_node(config: NodeConfig, stop: asyncio.Event) -> None:
         ready.cancel()
         if link.ready.is_set() and not stop.is_set():
             # Followers copy their leaders' logs once this node is registered and caught up.
-            fetchers = _start_fetchers(config, broker, link)
+            fetchers = _start_fetchers(config, broker, link, metrics)
+            isr_sender = _start_isr_sender(config, broker, link)
+            metrics.watch_isr(isr_sender)
             await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
             await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
             log.info(
@@ -218,6 +247,8 @@ async def run_node(config: NodeConfig, stop: asyncio.Event) -> None:
         await link.controlled_shutdown(min(config.shutdown_grace_s, 2 * config.session_timeout_ms / 1000))
         if fetchers is not None:
             await fetchers.close()
+        if isr_sender is not None:
+            await isr_sender.close()
         broker.close()
         service.close_streams()
         # The voter and its metadata streams stop first, so the server's grace covers in-flight
@@ -232,6 +263,8 @@ async def run_node(config: NodeConfig, stop: asyncio.Event) -> None:
         if fetchers is not None:
             broker.replicas.on_roles = None
             await fetchers.close()
+        if isr_sender is not None:
+            await isr_sender.close()
         if metrics_endpoint is not None:
             await metrics_endpoint.close()
         if link is not None:

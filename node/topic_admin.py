@@ -62,13 +62,17 @@ def _offset(o: Outcome, last: int) -> int:
 
 
 def _shape(
-    t: pb.CreatableTopic, config: NodeConfig
+    t: pb.CreatableTopic, config: NodeConfig, registered: int
 ) -> tuple[int, int, tuple[tuple[int, ...], ...] | None, str]:
     """Partition count, replication factor and explicit assignments of a topic, or why they are bad.
 
     0 (what proto3 sends for a field left out) and -1 both mean the node's default: no topic has 0
-    partitions or 0 replicas (client.proto)."""
-    rf = config.default_replication_factor if t.replication_factor in _DEFAULT else t.replication_factor
+    partitions or 0 replicas (client.proto). The default replication factor is capped by the
+    ``registered`` nodes, so a cluster smaller than the default still creates topics."""
+    if t.replication_factor in _DEFAULT:
+        rf = min(config.default_replication_factor, max(1, registered))
+    else:
+        rf = t.replication_factor
     if t.assignments:
         by_partition = {a.partition: tuple(a.replicas) for a in t.assignments}
         n = len(by_partition)
@@ -101,11 +105,12 @@ async def create_topics(
     seen: set[str] = set()
     # Partitions the request would create: topics whose own count is out of range are refused for
     # that alone, and do not count against the others.
-    counts = [_shape(t, config)[0] for t in req.topics]
+    registered = len(runtime.quorum.metadata.nodes)
+    counts = [_shape(t, config, registered)[0] for t in req.topics]
     requested = sum(n for n in counts if 1 <= n <= config.max_partitions_per_topic)
     for t in req.topics:
         r = resp.topics.add(name=t.name)
-        partitions, rf, assignments, bad_assignment = _shape(t, config)
+        partitions, rf, assignments, bad_assignment = _shape(t, config, registered)
         r.num_partitions, r.replication_factor = partitions, rf
         if (first := _first_answer(runtime, request_id, t.name, r)) is not None:
             last = max(last, first)

@@ -198,16 +198,11 @@ def test_a_subscribe_flood_that_never_reads_is_bounded_and_other_readers_go_on(
             producer.send("target", bytes([i]) * 100_000, partition=0)  # 10 MB behind the known records
         producer.flush()
     request = pb.SubscribeRequest(topic="target", partition=0, offset=-2)
-    channels = [
-        grpc.insecure_channel(c.nodes[victim].bootstrap, options=NEVER_READS)
-        for _ in range(4)
-    ]
+    channels = [grpc.insecure_channel(c.nodes[victim].bootstrap, options=NEVER_READS) for _ in range(4)]
     with Admin(c.bootstrap) as admin:
         admin.create_topics([NewTopic("quiet", partitions=1, replica_assignments={0: [victim]})])
     quiet_request = pb.SubscribeRequest(topic="quiet", partition=0, offset=-2)
-    quiet_channel = grpc.insecure_channel(
-        c.nodes[victim].bootstrap, options=NEVER_READS
-    )
+    quiet_channel = grpc.insecure_channel(c.nodes[victim].bootstrap, options=NEVER_READS)
     calls = []
     refused = 0
     try:

@@ -266,7 +266,12 @@ def test_subscribe_streams_the_stored_batches_as_fetch_serves_them(
     stream.cancel()
     assert got == want
     assert [r.value for b in got for r in codec.decode_records(b)] == [
-        b"v0-0", b"v1-0", b"v1-1", b"v2-0", b"v2-1", b"v2-2"
+        b"v0-0",
+        b"v1-0",
+        b"v1-1",
+        b"v2-0",
+        b"v2-1",
+        b"v2-2",
     ]
 
 

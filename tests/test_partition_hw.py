@@ -1,5 +1,6 @@
-"""One high watermark per replica: loaded from the log's checkpoint, written back by the node, and
-set to the log end only when the leader is the whole ISR."""
+"""One high watermark per replica: loaded from the log's checkpoint, written back by the node; on a
+leader, moved by its followers' fetches (the smallest log end over the ISR), at once to the log end
+only when the leader is the whole ISR."""
 
 from __future__ import annotations
 
@@ -30,7 +31,11 @@ def test_the_high_watermark_is_checkpointed_and_loaded_back(tmp_path: Path) -> N
     assert p.high_watermark == 0  # nothing committed yet: the checkpoint of a new log
     p.follow(1, 1, 1, (1, 2, 3), (1, 2, 3))  # leader with followers in the ISR: no jump to the end
     assert p.high_watermark == 0
-    p.advance_high_watermark(3)
+    fetch = {"current_leader_epoch": 1, "last_fetched_epoch": 0, "now_ms": 10}
+    p.on_follower_fetch(2, 4, **fetch)
+    assert p.high_watermark == 0  # follower 3 has not fetched: it may hold nothing
+    p.on_follower_fetch(3, 3, **fetch)
+    assert p.high_watermark == 3  # the smallest log end over the ISR
     p.checkpoint_high_watermark(sync=True)
     store.close()
     store = LogStore(str(tmp_path / "log"))
@@ -66,11 +71,29 @@ def test_acks_all_waiters_are_released_by_the_high_watermark_or_failed_by_a_lead
         done = p.wait_for_commit(0)
         assert done.done() and done.result() == E.ERROR_CODE_NONE
         w3, w5, w6 = p.wait_for_commit(3), p.wait_for_commit(5), p.wait_for_commit(6)
-        p.advance_high_watermark(5)
+        p.on_follower_fetch(2, 5, current_leader_epoch=1, last_fetched_epoch=0, now_ms=10)
+        assert p.high_watermark == 5
         assert w3.result() == E.ERROR_CODE_NONE and w5.result() == E.ERROR_CODE_NONE
         assert not w6.done()
-        p.follow(2, 2, 2, (1, 2), (1, 2))  # another leader now: this one cannot vouch for offset 5
-        assert w6.result() == E.ERROR_CODE_NOT_LEADER_OR_FOLLOWER
+        # min_insync_replicas=2 and then the ISR shrinks to the leader alone: the write reached it,
+        # but not min_insync_replicas members.
+        w6b = p.wait_for_commit(6, 2)
+        p.follow(1, 1, 2, (1, 2), (1,))
+        assert w6.result() == E.ERROR_CODE_NONE and p.high_watermark == 6
+        assert w6b.result() == E.ERROR_CODE_NOT_ENOUGH_REPLICAS_AFTER_APPEND
+        w7 = p.wait_for_commit(6)
+        assert w7.result() == E.ERROR_CODE_NONE
+        p.follow(1, 1, 3, (1, 2), (1, 2))  # the follower is back in the ISR
+        p.log.append(batch_codec.build_batch([(None, b"late", None, NOW)]), 1, now_ms=NOW)
+        p.on_append(7)
+        assert p.high_watermark == 6
+        w8 = p.wait_for_commit(7)
+        cancelled = p.wait_for_commit(7)
+        cancelled.cancel()
+        await asyncio.sleep(0)  # the done callback forgets the cancelled waiter
+        assert p.state is not None and p.state.ack_waiter_count == 1
+        p.follow(2, 2, 3, (1, 2), (1, 2))  # another leader now: this one cannot vouch for offset 7
+        assert w8.result() == E.ERROR_CODE_NOT_LEADER_OR_FOLLOWER and p.state is None
 
     try:
         asyncio.run(main())

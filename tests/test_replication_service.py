@@ -1,6 +1,6 @@
 """The leader side of ReplicationService.Replicate, against a cluster of three node processes.
 
-Followers do not fetch yet, so every request here is the test's own, made as a follower would make
+The nodes' own followers fetch too; every request here is the test's, made as a follower would make
 it: with a node token from the cluster secret, the follower's registered broker epoch, and the
 partition's leader epoch from the metadata.
 """
@@ -123,7 +123,7 @@ def replicate(c: Cluster, node_id: int, requests: Iterable[R.ReplicateRequest]) 
 
 
 def produce(c: Cluster, t: Placed, n: int) -> None:
-    with Producer(bootstrap=c.nodes[t.leader].bootstrap, acks=1, linger_ms=0) as producer:
+    with Producer(bootstrap=c.nodes[t.leader].bootstrap, acks="all", linger_ms=0) as producer:
         for i in range(n):
             producer.send(t.name, b"r%d" % i, partition=0)
             producer.flush()  # one batch per record
@@ -187,13 +187,15 @@ def test_a_follower_reads_the_stored_batches_up_to_the_log_end_as_fetch_serves_t
 ) -> None:
     t = create(cluster, "copies")
     produce(cluster, t, 5)
+    # The real followers copy the records and the high watermark reaches the log end.
+    eventually(lambda: len(fetch(cluster, t, 0).batches) == 5, 20, "five batches committed")
     follower = t.followers[0]
     [resp] = replicate(cluster, t.leader, [request(cluster, t, follower)])
     part = only(resp)
     assert part.error_code == E.ERROR_CODE_NONE, part.error_message
     assert not part.HasField("diverging_epoch")
     assert (part.log_start_offset, part.log_end_offset) == (0, 5)
-    # Read to the log end, not bounded by the high watermark (which today follows the log end).
+    # Read to the log end, not bounded by the high watermark.
     assert part.log_start_offset <= part.high_watermark <= part.log_end_offset
     last = part.batches[-1]
     assert last.base_offset + last.last_offset_delta + 1 == part.log_end_offset
