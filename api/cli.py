@@ -204,6 +204,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="first Raft port of the voters (default: port + 200)",
     )
     p.add_argument(
+        "--replication-factor",
+        type=_positive_int,
+        default=3,
+        help="default replicas of a new topic (default %(default)s; capped by the number of nodes)",
+    )
+    p.add_argument(
+        "--min-insync-replicas",
+        type=_positive_int,
+        default=2,
+        help="default in-sync replicas an acks=all write needs (default %(default)s; capped by a "
+        "topic's replica count)",
+    )
+    p.add_argument(
         "--start-timeout-s",
         type=float,
         default=60.0,
@@ -252,7 +265,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = topic_sub.add_parser("describe", help="partitions of topics: leader, epochs, replicas, ISR, offsets")
     p.add_argument("names", nargs="*", metavar="NAME", help="topics to describe (default: every topic)")
-    p.add_argument("--no-offsets", action="store_true", help="skip the log start/end offsets")
+    p.add_argument(
+        "--no-offsets",
+        action="store_true",
+        help="skip the offsets and replica lag (asked of every leader; default: shown)",
+    )
+    p.add_argument(
+        "--under-replicated",
+        action="store_true",
+        help="only partitions whose ISR is smaller than their replica set (default: all)",
+    )
+    p.add_argument(
+        "--under-min-isr",
+        action="store_true",
+        help="only partitions whose ISR is smaller than min_insync_replicas: acks=all is refused "
+        "there (default: all)",
+    )
     _add_bootstrap(p)
     _add_format(p)
     p.set_defaults(func=cmd_topic_describe)
@@ -781,87 +809,107 @@ def cmd_topic_describe(args: argparse.Namespace) -> int:
     admin = _admin(args.bootstrap)
     try:
         descriptions = sorted(admin.describe_topics(args.names or None), key=lambda d: d.name)
+        min_isr = _min_insync(admin, descriptions) if args.under_min_isr else {}
+        status: dict[tuple[str, int], Any] = {}
+        if not args.no_offsets:
+            status = {(r.topic, r.partition): r for r in admin.describe_replicas(args.names or None)}
     finally:
         admin.close()
-    offsets: dict[tuple[str, int], tuple[int, int]] = {}
-    if not args.no_offsets:
-        offsets = _log_offsets(args.bootstrap, descriptions)
+    rows_of = [
+        (d, p)
+        for d in descriptions
+        for p in d.partitions
+        if (not args.under_replicated or len(p.isr) < len(p.replicas))
+        and (not args.under_min_isr or len(p.isr) < _capped(min_isr[d.name], p))
+    ]
     if args.format == "json":
+        by_topic: dict[str, list[dict[str, Any]]] = {}
+        for d, p in rows_of:
+            entry: dict[str, Any] = {
+                "partition": p.partition,
+                "leader": p.leader,
+                "leader_epoch": p.leader_epoch,
+                "partition_epoch": p.partition_epoch,
+                "replicas": list(p.replicas),
+                "isr": list(p.isr),
+                "offline_replicas": list(p.offline_replicas),
+                "offline": p.offline,
+            }
+            r = status.get((d.name, p.partition))
+            if r is not None:
+                entry.update(
+                    high_watermark=r.high_watermark,
+                    log_start_offset=r.log_start_offset,
+                    log_end_offset=r.log_end_offset,
+                    replica_status=[
+                        {
+                            "node_id": x.node_id,
+                            "log_end_offset": x.log_end_offset,
+                            "lag_records": x.lag_records,
+                            "caught_up_ms_ago": x.caught_up_ms_ago,
+                            "in_isr": x.in_isr,
+                        }
+                        for x in r.replicas
+                    ],
+                )
+            by_topic.setdefault(d.name, []).append(entry)
         _print_json(
             [
                 {
                     "name": d.name,
                     "topic_id": str(d.topic_id) if d.topic_id else None,
-                    "partitions": [
-                        {
-                            "partition": p.partition,
-                            "leader": p.leader,
-                            "leader_epoch": p.leader_epoch,
-                            "partition_epoch": p.partition_epoch,
-                            "replicas": list(p.replicas),
-                            "isr": list(p.isr),
-                            "offline_replicas": list(p.offline_replicas),
-                            "offline": p.offline,
-                            **(
-                                {
-                                    "log_start_offset": offsets[(d.name, p.partition)][0],
-                                    "log_end_offset": offsets[(d.name, p.partition)][1],
-                                }
-                                if (d.name, p.partition) in offsets
-                                else {}
-                            ),
-                        }
-                        for p in d.partitions
-                    ],
+                    "partitions": by_topic.get(d.name, []),
                 }
                 for d in descriptions
+                if d.name in by_topic or not (args.under_replicated or args.under_min_isr)
             ]
         )
         return 0
-    columns = [
-        "topic",
-        "partition",
-        "leader",
-        "leader_epoch",
-        "partition_epoch",
-        "replicas",
-        "isr",
-        "offline_replicas",
-        "status",
-    ]
-    labels = [
-        "topic",
-        "part",
-        "leader",
-        "leader epoch",
-        "part epoch",
-        "replicas",
-        "isr",
-        "offline replicas",
-        "status",
-    ]
-    if offsets:
-        columns += ["log_start_offset", "log_end_offset"]
-        labels += ["start", "end"]
+    columns = ["topic", "partition", "leader", "leader_epoch", "partition_epoch", "replicas", "isr"]
+    labels = ["topic", "part", "leader", "leader epoch", "part epoch", "replicas", "isr"]
+    columns += ["offline_replicas", "status"]
+    labels += ["offline replicas", "status"]
+    if not args.no_offsets:
+        columns += ["log_start_offset", "high_watermark", "log_end_offset", "replica_lag"]
+        labels += ["start", "hw", "end", "lag (node:records)"]
     rows = []
-    for d in descriptions:
-        for p in d.partitions:
-            row: list[Any] = [
-                d.name,
-                p.partition,
-                p.leader if p.leader >= 0 else "none",
-                p.leader_epoch,
-                p.partition_epoch,
-                _ids(p.replicas),
-                _ids(p.isr),
-                _ids(p.offline_replicas),
-                _partition_status(p),
-            ]
-            if offsets:
-                row += list(offsets.get((d.name, p.partition), ("", "")))
-            rows.append(row)
+    for d, p in rows_of:
+        row: list[Any] = [
+            d.name,
+            p.partition,
+            p.leader if p.leader >= 0 else "none",
+            p.leader_epoch,
+            p.partition_epoch,
+            _ids(p.replicas),
+            _ids(p.isr),
+            _ids(p.offline_replicas),
+            _partition_status(p),
+        ]
+        if not args.no_offsets:
+            r = status.get((d.name, p.partition))
+            if r is None:
+                row += ["", "", "", ""]
+            else:
+                lag = ",".join(f"{x.node_id}:{x.lag_records}" for x in r.replicas if x.node_id != r.leader)
+                row += [r.log_start_offset, r.high_watermark, r.log_end_offset, lag or "-"]
+        rows.append(row)
     _print_table(columns, rows, labels=labels)
     return 0
+
+
+def _min_insync(admin: Any, descriptions: Sequence[Any]) -> dict[str, tuple[int, bool]]:
+    """Each topic's min_insync_replicas and whether the topic sets it (else the node default,
+    capped by the replica count, applies)."""
+    out: dict[str, tuple[int, bool]] = {}
+    for d in descriptions:
+        entry = admin.describe_configs(d.name, ["min_insync_replicas"]).get("min_insync_replicas")
+        out[d.name] = (int(entry.value), entry.source == "topic") if entry is not None else (1, False)
+    return out
+
+
+def _capped(min_isr: tuple[int, bool], p: Any) -> int:
+    value, own = min_isr
+    return value if own else min(value, len(p.replicas))
 
 
 def _partition_status(p: Any) -> str:
@@ -869,28 +917,6 @@ def _partition_status(p: Any) -> str:
     if p.offline:
         return "offline"
     return "under-replicated" if len(p.isr) < len(p.replicas) else "ok"
-
-
-def _log_offsets(bootstrap: str, descriptions: Sequence[Any]) -> dict[tuple[str, int], tuple[int, int]]:
-    """Log start and end offset of every partition, through one consumer; empty when it fails."""
-    from headwater.client import Consumer, TopicPartition
-
-    tps = [TopicPartition(d.name, p.partition) for d in descriptions for p in d.partitions]
-    if not tps:
-        return {}
-    try:
-        consumer = Consumer(bootstrap=bootstrap)
-    except Exception:
-        return {}
-    try:
-        start = consumer.beginning_offsets(tps)
-        end = consumer.end_offsets(tps)
-        return {(tp.topic, tp.partition): (start[tp], end[tp]) for tp in tps if tp in start and tp in end}
-    except Exception:
-        # Offsets are a convenience here: a partition without a leader must not hide the rest.
-        return {}
-    finally:
-        consumer.close()
 
 
 def cmd_topic_delete(args: argparse.Namespace) -> int:
@@ -943,12 +969,18 @@ def cmd_cluster_describe(args: argparse.Namespace) -> int:
     admin = _admin(args.bootstrap)
     try:
         d = admin.describe_cluster()
+        partitions = [p for t in admin.describe_topics(None) for p in t.partitions]
     finally:
         admin.close()
+    offline = sum(1 for p in partitions if p.offline)
+    under_replicated = sum(1 for p in partitions if not p.offline and len(p.isr) < len(p.replicas))
     if args.format == "json":
         _print_json(
             {
                 "cluster_id": d.cluster_id,
+                "partitions": len(partitions),
+                "under_replicated_partitions": under_replicated,
+                "offline_partitions": offline,
                 "controller_id": d.controller_id,
                 "answered_by": d.answered_by,
                 "raft_term": d.raft_term,
@@ -998,6 +1030,9 @@ def cmd_cluster_describe(args: argparse.Namespace) -> int:
             ["raft_term", d.raft_term],
             ["commit_index", d.commit_index],
             ["metadata_offset", d.metadata_offset],
+            ["partitions", len(partitions)],
+            ["under_replicated_partitions", under_replicated],
+            ["offline_partitions", offline],
             ["voters", ",".join(f"{k}={v}" for k, v in d.voters.items())],
         ],
         title="metadata quorum",
@@ -1540,6 +1575,8 @@ def cmd_local_up(args: argparse.Namespace) -> int:
         "--voters", ",".join(f"{n.node_id}@{n.raft}" for n in nodes if n.raft_port),
         "--controller-addresses", ",".join(n.client for n in nodes if n.raft_port),
         "--cluster-secret-file", secret_file,
+        "--default-replication-factor", str(args.replication_factor),
+        "--min-insync-replicas", str(args.min_insync_replicas),
     ]  # fmt: skip
     for n in nodes:
         n.cluster_args = cluster_args

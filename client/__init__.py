@@ -15,7 +15,9 @@ from headwater.client.types import (
     NodeDescription,
     OffsetAndTimestamp,
     PartitionInfo,
+    PartitionReplicas,
     RecordMetadata,
+    ReplicaLag,
     TopicDescription,
     TopicPartition,
 )
@@ -31,6 +33,8 @@ __all__ = [
     "OffsetAndTimestamp",
     "TopicDescription",
     "PartitionInfo",
+    "PartitionReplicas",
+    "ReplicaLag",
     "ConfigEntry",
     "ClusterDescription",
     "NodeDescription",

@@ -43,6 +43,8 @@ from headwater.client.types import (
     NewTopic,
     NodeDescription,
     PartitionInfo,
+    PartitionReplicas,
+    ReplicaLag,
     TopicDescription,
     TopicPartition,
 )
@@ -294,6 +296,44 @@ class Admin:
             metadata_offset=answer.metadata_offset,
             voters=dict(sorted(answer.voters.items())),
         )
+
+    def describe_replicas(self, topics: Iterable[str] | None = None) -> list[PartitionReplicas]:
+        """Each partition's replicas as its leader sees them: log end offset, lag, ISR membership.
+
+        Every node of the metadata is asked for the partitions it leads; a node that does not answer
+        leaves its partitions out (an offline partition has no leader to ask). Sorted by topic and
+        partition. ``topics``: only these (None: every topic).
+        """
+        wanted = list(topics or [])
+        self._metadata(wanted)  # learns the nodes
+        request = client_pb2.DescribeReplicasRequest(topics=wanted)
+        out: dict[tuple[str, int], PartitionReplicas] = {}
+        for node_id in sorted(self._cluster.nodes):
+            try:
+                stub = self._cluster.stub_for_node(node_id)
+                answer = stub.DescribeReplicas(request, timeout=self._timeout_s)
+            except grpc.RpcError:
+                continue
+            for p in answer.partitions:
+                replicas = tuple(
+                    ReplicaLag(r.node_id, r.log_end_offset, r.lag_records, r.caught_up_ms_ago, r.in_isr)
+                    for r in p.replicas
+                )
+                found = PartitionReplicas(
+                    p.topic,
+                    p.partition,
+                    p.leader_id,
+                    p.leader_epoch,
+                    p.high_watermark,
+                    p.log_start_offset,
+                    p.log_end_offset,
+                    replicas,
+                )
+                # Two nodes may both still think they lead right after a change: the newer epoch wins.
+                known = out.get((p.topic, p.partition))
+                if known is None or known.leader_epoch < found.leader_epoch:
+                    out[(p.topic, p.partition)] = found
+        return [out[k] for k in sorted(out)]
 
     def elect_leaders(
         self,

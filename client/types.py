@@ -22,6 +22,8 @@ __all__ = [
     "NewTopic",
     "PartitionInfo",
     "TopicDescription",
+    "ReplicaLag",
+    "PartitionReplicas",
     "ConfigEntry",
     "NodeDescription",
     "ClusterDescription",
@@ -106,6 +108,34 @@ class TopicDescription:
     topic_id: uuid.UUID | None
     is_internal: bool
     partitions: tuple[PartitionInfo, ...]
+
+
+@dataclass(frozen=True)
+class ReplicaLag:
+    """One replica of a partition as its leader sees it (``Admin.describe_replicas``).
+
+    ``log_end_offset`` is -1 until a follower's first fetch in the current leadership;
+    ``caught_up_ms_ago`` is 0 for a replica at the leader's log end."""
+
+    node_id: int
+    log_end_offset: int
+    lag_records: int
+    caught_up_ms_ago: int
+    in_isr: bool
+
+
+@dataclass(frozen=True)
+class PartitionReplicas:
+    """A partition's leader offsets and each replica's progress, the leader first."""
+
+    topic: str
+    partition: int
+    leader: int
+    leader_epoch: int
+    high_watermark: int
+    log_start_offset: int
+    log_end_offset: int
+    replicas: tuple[ReplicaLag, ...]
 
 
 @dataclass(frozen=True)

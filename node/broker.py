@@ -725,6 +725,38 @@ class Broker:
 
     # ----------------------------------------------------------------- configs
 
+    def describe_replicas(self, req: pb.DescribeReplicasRequest) -> pb.DescribeReplicasResponse:
+        """The replicas of the partitions this node leads, as their replica states see them."""
+        resp = pb.DescribeReplicasResponse(node_id=self.config.node_id)
+        wanted = set(req.topics)
+        now_ms = self.replicas.now_ms()
+        for (topic, index), p in sorted(self.partitions.items()):
+            state = p.state
+            if state is None or (wanted and topic not in wanted):
+                continue
+            pr = resp.partitions.add(
+                topic=topic,
+                partition=index,
+                leader_id=p.node_id,
+                leader_epoch=p.leader_epoch,
+                high_watermark=p.high_watermark,
+                log_start_offset=p.log.log_start_offset,
+                log_end_offset=p.log.log_end_offset,
+            )
+            pr.replicas.add(node_id=p.node_id, log_end_offset=p.log.log_end_offset, in_isr=True)
+            for r in state.replicas:
+                if r == p.node_id:
+                    continue
+                records, ms = state.lag(r, now_ms)
+                pr.replicas.add(
+                    node_id=r,
+                    log_end_offset=state.follower(r).log_end_offset,
+                    lag_records=records,
+                    caught_up_ms_ago=ms,
+                    in_isr=r in state.isr,
+                )
+        return resp
+
     def describe_configs(self, req: pb.DescribeConfigsRequest) -> pb.DescribeConfigsResponse:
         resp = pb.DescribeConfigsResponse()
         for res in req.resources:

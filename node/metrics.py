@@ -89,13 +89,10 @@ class _LogCollector(Collector):
             for r in state.replicas:
                 if r == state.node_id:
                     continue
-                f = state.follower(r)
                 lv = [topic, str(p.index), str(r)]
-                held = max(f.log_end_offset, 0)
-                lag_records.add_metric(lv, state.log_end_offset - held)
-                at_end = f.log_end_offset == state.log_end_offset
-                since_ms = 0 if at_end else max(0, now_ms - f.last_caught_up_time_ms)
-                lag_seconds.add_metric(lv, since_ms / 1000)
+                records, ms = state.lag(r, now_ms)
+                lag_records.add_metric(lv, records)
+                lag_seconds.add_metric(lv, ms / 1000)
         yield lag_records
         yield lag_seconds
         # As in Kafka, the active controller reports the cluster's offline partitions; others say 0.

@@ -304,6 +304,15 @@ class ReplicaState:
         """The leader's knowledge of one follower; KeyError for a node that is not a follower."""
         return self._followers[replica_id]
 
+    def lag(self, replica_id: int, now_ms: int) -> tuple[int, int]:
+        """``(records, ms)`` a follower is behind: records below the leader's log end it is not
+        known to hold, and time since it last caught up (0 when it is at the log end)."""
+        f = self._followers[replica_id]
+        records = self.log_end_offset - max(f.log_end_offset, 0)
+        if f.log_end_offset == self.log_end_offset:
+            return records, 0
+        return records, max(0, now_ms - f.last_caught_up_time_ms)
+
     def is_caught_up(self, replica_id: int, now_ms: int, replica_lag_time_max_ms: int) -> bool:
         """At the leader's log end, or caught up within the lag time (Kafka's ``isCaughtUp``)."""
         f = self._followers[replica_id]

@@ -268,6 +268,13 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
     ) -> pb.ListOffsetsResponse:  # noqa: N802,E501
         return await self._handle("ListOffsets", request, context, lambda: self.broker.list_offsets(request))
 
+    async def DescribeReplicas(
+        self, request: pb.DescribeReplicasRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DescribeReplicasResponse:  # noqa: N802,E501
+        return await self._handle(
+            "DescribeReplicas", request, context, lambda: self.broker.describe_replicas(request)
+        )
+
     async def DescribeConfigs(
         self, request: pb.DescribeConfigsRequest, context: grpc.aio.ServicerContext
     ) -> pb.DescribeConfigsResponse:  # noqa: N802,E501

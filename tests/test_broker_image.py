@@ -49,10 +49,13 @@ def cluster(*commands: object) -> ClusterMetadata:
     return md
 
 
-def produce(broker: Broker, topic: str, partition: int, acks: int = 1) -> pb.ProducePartitionResponse:
+def produce(
+    broker: Broker, topic: str, partition: int, acks: int = 1, timeout_ms: int = 0
+) -> pb.ProducePartitionResponse:
     b = batch_codec.build_batch([(None, b"v", (), 1_000)])
     req = pb.ProduceRequest(
         acks=acks,
+        timeout_ms=timeout_ms,
         topics=[
             pb.ProduceTopicData(
                 topic=topic, partitions=[pb.ProducePartitionData(partition=partition, batches=[b])]
@@ -70,8 +73,11 @@ def test_replicas_open_with_the_role_the_image_gives(broker: Broker) -> None:
     assert produce(broker, "t", 0).error_code == E.ERROR_CODE_NONE
     refused = produce(broker, "t", 1)
     assert refused.error_code == E.ERROR_CODE_NOT_LEADER_OR_FOLLOWER and refused.leader_id == 2
-    # acks=all cannot be promised while another replica is in the ISR and copies nothing yet.
-    assert produce(broker, "t", 0, acks=-1).error_code == E.ERROR_CODE_NOT_ENOUGH_REPLICAS
+    # acks=all waits for the other member of the ISR, which copies nothing here: out of time, the
+    # records stay in the leader's log, below no high watermark.
+    timed_out = produce(broker, "t", 0, acks=-1, timeout_ms=100)
+    assert timed_out.error_code == E.ERROR_CODE_REQUEST_TIMED_OUT
+    assert broker.partitions[("t", 0)].high_watermark == 0
     # The image moves leadership: the roles follow, with the new epoch.
     moved = copy.deepcopy(md)
     assert moved.apply(ElectLeader(TID, 1, 1, 0)).ok

@@ -396,6 +396,54 @@ class SubscribeResponse(_message.Message):
     records: _containers.RepeatedCompositeFieldContainer[_records_pb2.ConsumerRecord]
     def __init__(self, error_code: _Optional[_Union[_errors_pb2.ErrorCode, str]] = ..., error_message: _Optional[str] = ..., high_watermark: _Optional[int] = ..., batches: _Optional[_Iterable[_Union[_records_pb2.RecordBatch, _Mapping]]] = ..., records: _Optional[_Iterable[_Union[_records_pb2.ConsumerRecord, _Mapping]]] = ...) -> None: ...
 
+class DescribeReplicasRequest(_message.Message):
+    __slots__ = ("topics",)
+    TOPICS_FIELD_NUMBER: _ClassVar[int]
+    topics: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, topics: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class DescribeReplicasResponse(_message.Message):
+    __slots__ = ("node_id", "partitions")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    PARTITIONS_FIELD_NUMBER: _ClassVar[int]
+    node_id: int
+    partitions: _containers.RepeatedCompositeFieldContainer[ReplicaStatusPartition]
+    def __init__(self, node_id: _Optional[int] = ..., partitions: _Optional[_Iterable[_Union[ReplicaStatusPartition, _Mapping]]] = ...) -> None: ...
+
+class ReplicaStatusPartition(_message.Message):
+    __slots__ = ("topic", "partition", "leader_id", "leader_epoch", "high_watermark", "log_start_offset", "log_end_offset", "replicas")
+    TOPIC_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    LEADER_ID_FIELD_NUMBER: _ClassVar[int]
+    LEADER_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    HIGH_WATERMARK_FIELD_NUMBER: _ClassVar[int]
+    LOG_START_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LOG_END_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    topic: str
+    partition: int
+    leader_id: int
+    leader_epoch: int
+    high_watermark: int
+    log_start_offset: int
+    log_end_offset: int
+    replicas: _containers.RepeatedCompositeFieldContainer[ReplicaStatus]
+    def __init__(self, topic: _Optional[str] = ..., partition: _Optional[int] = ..., leader_id: _Optional[int] = ..., leader_epoch: _Optional[int] = ..., high_watermark: _Optional[int] = ..., log_start_offset: _Optional[int] = ..., log_end_offset: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ...) -> None: ...
+
+class ReplicaStatus(_message.Message):
+    __slots__ = ("node_id", "log_end_offset", "lag_records", "caught_up_ms_ago", "in_isr")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    LOG_END_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LAG_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    CAUGHT_UP_MS_AGO_FIELD_NUMBER: _ClassVar[int]
+    IN_ISR_FIELD_NUMBER: _ClassVar[int]
+    node_id: int
+    log_end_offset: int
+    lag_records: int
+    caught_up_ms_ago: int
+    in_isr: bool
+    def __init__(self, node_id: _Optional[int] = ..., log_end_offset: _Optional[int] = ..., lag_records: _Optional[int] = ..., caught_up_ms_ago: _Optional[int] = ..., in_isr: _Optional[bool] = ...) -> None: ...
+
 class ListOffsetsRequest(_message.Message):
     __slots__ = ("isolation_level", "topics")
     ISOLATION_LEVEL_FIELD_NUMBER: _ClassVar[int]

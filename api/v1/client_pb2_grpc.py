@@ -93,6 +93,11 @@ class HeadwaterServiceStub:
                 request_serializer=headwater_dot_v1_dot_client__pb2.AlterConfigsRequest.SerializeToString,
                 response_deserializer=headwater_dot_v1_dot_client__pb2.AlterConfigsResponse.FromString,
                 _registered_method=True)
+        self.DescribeReplicas = channel.unary_unary(
+                '/headwater.v1.HeadwaterService/DescribeReplicas',
+                request_serializer=headwater_dot_v1_dot_client__pb2.DescribeReplicasRequest.SerializeToString,
+                response_deserializer=headwater_dot_v1_dot_client__pb2.DescribeReplicasResponse.FromString,
+                _registered_method=True)
 
 
 class HeadwaterServiceServicer:
@@ -146,7 +151,8 @@ class HeadwaterServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Fetch(self, request, context):
-        """Read batches from many partitions, with long poll (max_wait_ms, min_bytes). Followers use it too.
+        """Read batches from many partitions, with long poll (max_wait_ms, min_bytes), up to the high
+        watermark. Followers copy logs with ReplicationService.Replicate instead.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -174,6 +180,14 @@ class HeadwaterServiceServicer:
 
     def AlterConfigs(self, request, context):
         """Incremental: each entry sets or deletes one config (KIP-339).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DescribeReplicas(self, request, context):
+        """The replicas of the partitions this node leads, as the leader sees them: each follower's log end
+        offset (its last fetch), lag and ISR membership. Ask every node to cover the whole cluster.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -231,6 +245,11 @@ def add_HeadwaterServiceServicer_to_server(servicer, server):
                     servicer.AlterConfigs,
                     request_deserializer=headwater_dot_v1_dot_client__pb2.AlterConfigsRequest.FromString,
                     response_serializer=headwater_dot_v1_dot_client__pb2.AlterConfigsResponse.SerializeToString,
+            ),
+            'DescribeReplicas': grpc.unary_unary_rpc_method_handler(
+                    servicer.DescribeReplicas,
+                    request_deserializer=headwater_dot_v1_dot_client__pb2.DescribeReplicasRequest.FromString,
+                    response_serializer=headwater_dot_v1_dot_client__pb2.DescribeReplicasResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -512,6 +531,33 @@ class HeadwaterService:
             '/headwater.v1.HeadwaterService/AlterConfigs',
             headwater_dot_v1_dot_client__pb2.AlterConfigsRequest.SerializeToString,
             headwater_dot_v1_dot_client__pb2.AlterConfigsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DescribeReplicas(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/headwater.v1.HeadwaterService/DescribeReplicas',
+            headwater_dot_v1_dot_client__pb2.DescribeReplicasRequest.SerializeToString,
+            headwater_dot_v1_dot_client__pb2.DescribeReplicasResponse.FromString,
             options,
             channel_credentials,
             insecure,
