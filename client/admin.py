@@ -300,17 +300,19 @@ class Admin:
     def describe_replicas(self, topics: Iterable[str] | None = None) -> list[PartitionReplicas]:
         """Each partition's replicas as its leader sees them: log end offset, lag, ISR membership.
 
-        Every node of the metadata is asked for the partitions it leads; a node that does not answer
-        leaves its partitions out (an offline partition has no leader to ask). Sorted by topic and
+        Every unfenced node of the metadata is asked for the partitions it leads; a node that does
+        not answer leaves its partitions out (an offline partition has no leader to ask). Sorted by topic and
         partition. ``topics``: only these (None: every topic).
         """
         wanted = list(topics or [])
-        self._metadata(wanted)  # learns the nodes
+        nodes = self._metadata(wanted).nodes
         request = client_pb2.DescribeReplicasRequest(topics=wanted)
         out: dict[tuple[str, int], PartitionReplicas] = {}
-        for node_id in sorted(self._cluster.nodes):
+        for node in sorted(nodes, key=lambda n: n.node_id):
+            if node.fenced:  # leads nothing, and may not answer
+                continue
             try:
-                stub = self._cluster.stub_for_node(node_id)
+                stub = self._cluster.stub_for_address(f"{node.host}:{node.port}")
                 answer = stub.DescribeReplicas(request, timeout=self._timeout_s)
             except grpc.RpcError:
                 continue

@@ -305,7 +305,7 @@ class _LeaderFetcher:
             end = p.log.log_end_offset
             outcome = apply_answer(p, asked[key], answer)
             if self.manager.on_copied is not None and p.log.log_end_offset > end:
-                self.manager.on_copied(sum(map(len, answer.batches)))
+                self.manager.on_copied(sum(b.ByteSize() for b in answer.batches))
             if p.log.log_end_offset != end and self.manager.sync_for(p):
                 needs_sync = True
             if outcome is Answer.BACK_OFF:
