@@ -82,6 +82,32 @@ def percentile(ordered: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def wait_quiet(pids: list[int], max_wait_s: float = 60.0) -> None:
+    """Wait until the processes' background work (RocksDB flushes and compactions, followers
+    finishing their copies) has settled, so each workload starts on quiet nodes."""
+    ticks = os.sysconf("SC_CLK_TCK")
+
+    def cpu_s() -> float:
+        total = 0.0
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / ticks
+        return total
+
+    deadline = time.monotonic() + max_wait_s
+    last = cpu_s()
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = cpu_s()
+        if now - last < 0.05 * len(pids):  # under 10% of a core each
+            return
+        last = now
+
+
 # ------------------------------------------------------------------ Headwater
 
 
@@ -173,6 +199,7 @@ class Headwater:
     def perf(
         self, topic: str, n: int, size: int, acks: str, throughput: int = -1, linger_ms: int = 5
     ) -> dict[str, float]:
+        wait_quiet([node["pid"] for node in self.state["nodes"]])
         out = self.cli(
             "perf", "produce", topic,
             "--num-records", str(n), "--record-size", str(size), "--acks", acks,

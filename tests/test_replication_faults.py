@@ -110,6 +110,38 @@ class Load:
         assert not self._thread.is_alive()
 
 
+class Reader:
+    """A consumer thread polling every partition from the beginning until stopped; keeps what it
+    saw and any error the application would have seen."""
+
+    def __init__(self, bootstrap: str, topic: str, partitions: int) -> None:
+        self.seen: dict[tuple[int, int], bytes] = {}
+        self.errors: list[BaseException] = []
+        self._stop = threading.Event()
+        self._consumer = Consumer(bootstrap=bootstrap, auto_offset_reset="earliest")
+        self._consumer.assign([TopicPartition(topic, p) for p in range(partitions)])
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Reader:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                for r in self._consumer.poll(0.2):
+                    self.seen[(r.partition, r.offset)] = r.value
+            except Exception as e:  # what the application would see
+                self.errors.append(e)
+                time.sleep(0.2)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+        self._consumer.close()
+        assert not self._thread.is_alive()
+
+
 def _read_all(
     bootstrap: str, topic: str, partitions: int, until: dict[int, int]
 ) -> dict[tuple[int, int], bytes]:
@@ -170,15 +202,23 @@ def test_kill9_of_a_leader_under_acks_all_load_loses_no_acknowledged_record(
     _start(c)
     _create(c, "load", 3)
     victim = _leader_of(c, "load", 0, list(c.nodes))
-    with Load(c.bootstrap, "load", 3) as load:
+    with Load(c.bootstrap, "load", 3) as load, Reader(c.bootstrap, "load", 3) as reader:
         eventually(lambda: len(load.acked) >= 300, 30, "records acknowledged before the kill")
         c.nodes[victim].kill9()
         killed_at = len(load.acked)
         survivors = [i for i in c.nodes if i != victim]
         eventually(lambda: len(load.acked) >= killed_at + 500, 60, "the load to go on after the kill")
-    # The acknowledged records are all there, at their offsets, on the surviving replicas.
-    _check_acked(load, _read_all(_survivor_bootstrap(c), "load", 3, _until(load)))
-    print(f"{len(load.acked)} acknowledged, {load.failed} failed; node {victim} killed")
+        # The consumer reads on through the failover, up to what was acknowledged.
+        eventually(lambda: len(reader.seen) >= killed_at + 500, 60, "the consumer to go on after the kill")
+    # Producer and consumer carried on with their retries: the application saw no error.
+    assert load.failed == 0 and not reader.errors, (load.failed, reader.errors[:3])
+    # The acknowledged records are all there, at their offsets, on the surviving replicas; and
+    # nothing the consumer read during the failover is gone or changed.
+    final = _read_all(_survivor_bootstrap(c), "load", 3, _until(load))
+    _check_acked(load, final)
+    changed = {at: v for at, v in reader.seen.items() if final.get(at) != v}
+    assert not changed, f"the consumer read {len(changed)} records that are gone, e.g. {list(changed)[:5]}"
+    print(f"{len(load.acked)} acknowledged, {len(reader.seen)} read; node {victim} killed")
 
     # The killed node comes back with its data, catches up and rejoins every ISR by itself.
     c.nodes[victim].start()
