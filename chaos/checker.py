@@ -175,6 +175,20 @@ class _Observations:
         return False
 
 
+def _str(op: Op, name: str) -> str:
+    value = op.value.get(name)
+    if not isinstance(value, str):
+        raise HistoryFormatError(f"op {op.index}: value field {name!r} must be a string, got {value!r}")
+    return value
+
+
+def _int(op: Op, name: str) -> int:
+    value = op.value.get(name)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise HistoryFormatError(f"op {op.index}: value field {name!r} must be an integer, got {value!r}")
+    return value
+
+
 def _records(op: Op) -> list[tuple[int, int, str, str]]:
     raw = op.value.get("records", [])
     if not isinstance(raw, list):
@@ -189,7 +203,7 @@ def _read_final(ops: Sequence[Op], observations: _Observations, final: _FinalRea
     for op in ops:
         if op.f != "final-read" or op.type != "ok":
             continue
-        topic, partition = str(op.value["topic"]), int(op.value["partition"])
+        topic, partition = _str(op, "topic"), _int(op, "partition")
         final.add_chunk(topic, partition, bool(op.value.get("complete", False)))
         for record_partition, offset, _key, value in _records(op):
             if observations.observe(topic, record_partition, offset, value, op.index):
@@ -212,8 +226,7 @@ def _check_sends(
     writes whose absence cannot be judged (their partition's final read is incomplete)."""
     unknown = 0
     for send in sends:
-        value = send.done.value
-        topic, record_value = str(value["topic"]), str(value["value"])
+        topic, record_value = _str(send.done, "topic"), _str(send.done, "value")
         present = (topic, record_value) in final.positions
         if send.done.type == "fail" and present:
             anomalies.add(
@@ -222,7 +235,7 @@ def _check_sends(
             )
         if send.done.type != "ok":
             continue
-        partition, offset = int(value["partition"]), int(value["offset"])
+        partition, offset = _int(send.done, "partition"), _int(send.done, "offset")
         observations.observe(topic, partition, offset, record_value, send.done.index)
         if present:
             continue
@@ -240,8 +253,8 @@ def _check_key_order(sends: list[Send], final: _FinalRead, anomalies: _Anomalies
         if send.done.type != "ok":
             continue
         value = send.done.value
-        topic, key = str(value["topic"]), str(value["key"])
-        position = final.first_position(topic, str(value["value"]))
+        topic, key = _str(send.done, "topic"), _str(send.done, "key")
+        position = final.first_position(topic, _str(send.done, "value"))
         if position is None:
             continue
         state_key = (send.done.process, topic, key)
@@ -272,7 +285,7 @@ class _PollChecker:
         self.partitions: set[_PartitionKey] = set()
 
     def poll(self, op: Op) -> None:
-        topic, assignment = str(op.value["topic"]), int(op.value["assignment"])
+        topic, assignment = _str(op, "topic"), _int(op, "assignment")
         self.polls += 1
         for partition, offset, _key, value in _records(op):
             self.records_polled += 1
@@ -327,7 +340,7 @@ def _incomplete_partitions(
     mentioned: set[_PartitionKey] = set(final.complete) | polled
     for send in sends:
         if send.done.type == "ok":
-            mentioned.add((str(send.done.value["topic"]), int(send.done.value["partition"])))
+            mentioned.add((_str(send.done, "topic"), _int(send.done, "partition")))
     incomplete = []
     for topic, partition in sorted(mentioned):
         if (topic, partition) not in final.complete:

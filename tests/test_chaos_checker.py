@@ -339,6 +339,14 @@ def test_history_round_trip_skips_a_cut_short_last_line(tmp_path: Path) -> None:
     assert loaded.skipped_last_line == '{"index": 11, "time_s": 0.1, "proc'
 
 
+def test_send_ack_without_its_offset_is_a_format_error() -> None:
+    history = History()
+    history.op(0, "invoke", "send", {"topic": TOPIC, "key": "k", "value": "v"})
+    history.op(0, "ok", "send", {"topic": TOPIC, "key": "k", "value": "v", "partition": 0})
+    with pytest.raises(HistoryFormatError, match="'offset'"):
+        check(history.ops)
+
+
 def test_bad_line_inside_the_history_is_an_error(tmp_path: Path) -> None:
     path = tmp_path / "history.jsonl"
     path.write_text('{"index": 0, "value": {}}\n{"index": 1}\n', encoding="utf-8")
@@ -383,8 +391,8 @@ def large_valid_history(sends: int, partitions: int, processes: int, seed: int) 
                 [partition, offset, f"k{partition}", log[offset]]
                 for offset in range(start, min(start + 100, len(log)))
             ]
-            value = {"topic": TOPIC, "assignment": 0, "records": records}
-            history.op(processes, "ok", "poll", value)
+            polled = {"topic": TOPIC, "assignment": 0, "records": records}
+            history.op(processes, "ok", "poll", polled)
         records = [[partition, offset, f"k{partition}", value] for offset, value in enumerate(log)]
         history.op(
             0,

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from headwater.chaos.checker import ANOMALIES, check
-from headwater.chaos.history import Op
+from headwater.chaos.history import Op, OpF, OpType
 from headwater.chaos.report import fault_windows, per_second, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -18,8 +19,8 @@ def history_with_a_kill() -> list[Op]:
     one acknowledged write is missing from the final read."""
     ops: list[Op] = []
 
-    def op(time_s: float, process: int, type: str, f: str, value: dict[str, object]) -> None:
-        ops.append(Op(len(ops), time_s, process, type, f, value))  # type: ignore[arg-type]
+    def op(time_s: float, process: int, type: OpType, f: OpF, value: dict[str, Any]) -> None:
+        ops.append(Op(len(ops), time_s, process, type, f, value))
 
     records = []
     for n in range(120):
