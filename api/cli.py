@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
 import json
 import os
 import signal
@@ -435,6 +434,74 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_bootstrap(p)
     p.set_defaults(func=cmd_consume)
+
+    # --- chaos
+    p = sub.add_parser("chaos", help="break a cluster on purpose and check what clients saw")
+    chaos_sub = p.add_subparsers(dest="chaos_command", metavar="ACTION", required=True, help="one of:")
+    p = chaos_sub.add_parser(
+        "run",
+        help="run producers and consumers under faults, then check the history",
+        description="Starts its own cluster (or uses one given by --state), runs acks=all producers "
+        "and consumers while nemeses kill, pause and cut nodes apart, heals every fault, reads "
+        "every partition back and checks the history for lost, duplicated and reordered records. "
+        "Exit code 0: valid; 1: an anomaly; 2: the run could not be made.",
+    )
+    p.add_argument(
+        "--nodes", type=_positive_int, default=3, help="nodes of the cluster (default %(default)s)"
+    )
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        default=300.0,
+        metavar="S",
+        help="seconds of faults and load (default %(default)s)",
+    )
+    p.add_argument(
+        "--nemesis",
+        default="kill,pause,partition",
+        help="faults to inject, comma separated: kill, pause, partition (default %(default)s; partition "
+        "needs root for network namespaces and is left out, with a note, without it)",
+    )
+    p.add_argument(
+        "--rate", type=float, default=500.0, help="records/s the producers offer (default %(default)s)"
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the fault schedule and workload (default %(default)s)"
+    )
+    p.add_argument("--out", default="chaos-runs", help="directory for run reports (default %(default)s)")
+    p.add_argument(
+        "--partitions", type=_positive_int, default=4, help="partitions of the topic (default %(default)s)"
+    )
+    p.add_argument(
+        "--consumers", type=_non_negative_int, default=2, help="consumer threads (default %(default)s)"
+    )
+    p.add_argument(
+        "--fault-max-s",
+        type=float,
+        default=15.0,
+        help="longest a fault lasts (default %(default)s; shortest 3)",
+    )
+    p.add_argument(
+        "--state",
+        default="",
+        metavar="LOCAL_JSON",
+        help="work on a running cluster: the local.json of 'headwater local up', which names the node "
+        "processes to kill and pause (default: start a cluster of its own)",
+    )
+    p.add_argument(
+        "--bootstrap",
+        default="",
+        help="with --state: the nodes to connect to (default: the bootstrap the state file names)",
+    )
+    p.add_argument(
+        "--keep-data",
+        action="store_true",
+        help="keep the cluster's data dir after the run (default: removed)",
+    )
+    p.set_defaults(func=cmd_chaos_run)
+    p = chaos_sub.add_parser("check", help="check a saved run's history again and print the verdict")
+    p.add_argument("run_dir", help="a run's directory (holding history.jsonl)")
+    p.set_defaults(func=cmd_chaos_check)
 
     # --- perf
     p = sub.add_parser("perf", help="measure produce and consume throughput")
@@ -1348,238 +1415,38 @@ _TEXT_ENCODERS: dict[str, Callable[[bytes], bytes]] = {
 
 # ------------------------------------------------------------------ local cluster
 
-LOCAL_STATE_FILE = "local.json"
-
-
-def _port_free(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket() as s:
-        # SO_REUSEADDR as the node's server sets it: a port in TIME_WAIT is free for it, a listened
-        # one is not.
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _log_tail(path: str, lines: int = 15) -> str:
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, fh.tell() - 16384))
-            text = fh.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
-    return "\n".join("    " + line for line in text.splitlines()[-lines:])
-
-
-def _parent_death_signal() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that makes a node get SIGTERM if the launcher dies (Linux), else None."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    pr_set_pdeathsig = 1
-
-    def setup() -> None:  # runs in the child between fork and exec: no imports, no locks
-        prctl(pr_set_pdeathsig, int(signal.SIGTERM))
-
-    return setup
-
-
-class _LocalNode:
-    """One child node process of ``headwater local up``."""
-
-    def __init__(
-        self,
-        node_id: int,
-        port: int,
-        metrics_port: int,
-        data_dir: str,
-        log_path: str,
-        raft_port: int = 0,
-    ) -> None:
-        self.node_id = node_id
-        self.port = port
-        self.metrics_port = metrics_port
-        self.data_dir = data_dir
-        self.log_path = log_path
-        # Its Raft port when it is a voter, else 0.
-        self.raft_port = raft_port
-        # Settings every node of the cluster shares (voters, controller addresses, secret file).
-        self.cluster_args: list[str] = []
-        self.proc: Any = None
-
-    @property
-    def raft(self) -> str | None:
-        return f"127.0.0.1:{self.raft_port}" if self.raft_port else None
-
-    @property
-    def client(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        import subprocess
-
-        argv = [
-            sys.executable, "-m", "headwater.node",
-            "--node-id", str(self.node_id),
-            "--host", "127.0.0.1",
-            "--port", str(self.port),
-            "--data-dir", self.data_dir,
-            "--metrics-port", str(self.metrics_port),
-            *self.cluster_args,
-        ]  # fmt: skip
-        with open(self.log_path, "ab") as log:
-            # Its own process group: Ctrl-C reaches only the launcher, which then stops the nodes in
-            # order; the parent-death signal stops them should the launcher itself be killed.
-            self.proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                process_group=0,
-                preexec_fn=_parent_death_signal(),
-            )
-
-    def exit_code(self) -> int | None:
-        return None if self.proc is None else self.proc.poll()
-
-    def describe_exit(self) -> str:
-        code = self.exit_code()
-        how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
-        tail = _log_tail(self.log_path)
-        return f"node {self.node_id} (pid {self.proc.pid}) {how}; its log is {self.log_path}" + (
-            f":\n{tail}" if tail else ""
-        )
-
-
-def _wait_serving(node: _LocalNode, deadline: float, stopping: Callable[[], bool]) -> None:
-    from headwater._health import EXITED, TIMED_OUT, wait_serving
-
-    outcome = wait_serving(
-        node.client, deadline, exited=lambda: node.exit_code() is not None, stopping=stopping
-    )
-    if outcome == EXITED:
-        raise CliError(node.describe_exit())
-    if outcome == TIMED_OUT:
-        raise CliError(f"node {node.node_id} is not serving on {node.client} yet; see {node.log_path}")
-
-
-def _stop_nodes(nodes: Sequence[_LocalNode], grace_s: float = 30.0) -> list[_LocalNode]:
-    """SIGTERM every running node and wait; SIGKILL any still running after ``grace_s``.
-
-    Returns the nodes that did not stop cleanly (non-zero exit or killed).
-    """
-    import subprocess
-
-    running = [n for n in nodes if n.proc is not None and n.proc.poll() is None]
-    for n in running:
-        n.proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    unclean = []
-    for n in running:
-        try:
-            n.proc.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            n.proc.kill()
-            n.proc.wait()
-        if n.proc.returncode != 0:
-            unclean.append(n)
-    return unclean
-
-
-def _previous_cluster(state_path: str) -> list[int]:
-    try:
-        with open(state_path) as fh:
-            state = json.load(fh)
-        return [int(n["pid"]) for n in state.get("nodes", []) if _pid_alive(int(n["pid"]))]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return []
-
-
-def _voter_count(nodes: int) -> int:
-    """Voters of a local cluster: 1, 3 or 5 (an odd quorum); the other nodes are brokers only."""
-    return 1 if nodes < 3 else 3 if nodes < 5 else 5
-
-
-def _cluster_secret_file(data_dir: str) -> str:
-    """The local cluster's secret, made once and readable by this user alone; never printed."""
-    from headwater.config import write_secret_file
-
-    path = os.path.join(data_dir, "cluster.secret")
-    if not os.path.exists(path):
-        write_secret_file(path)
-    return path
-
 
 def cmd_local_up(args: argparse.Namespace) -> int:
+    from headwater.launcher import LaunchError, LocalCluster, running_pids
+
     metrics_base = args.port + 100 if args.metrics_port is None else args.metrics_port
     raft_base = args.port + 200 if args.raft_port is None else args.raft_port
     if max(args.port, metrics_base, raft_base) + args.nodes > 65536:
         raise CliError("ports out of range: choose a lower --port / --metrics-port / --raft-port", EXIT_USAGE)
-    data_dir = os.path.abspath(args.data_dir)
-    state_path = os.path.join(data_dir, LOCAL_STATE_FILE)
-    alive = _previous_cluster(state_path)
+    cluster = LocalCluster(
+        args.data_dir,
+        args.nodes,
+        port=args.port,
+        metrics_port=metrics_base,
+        raft_port=raft_base,
+        settings={
+            "default_replication_factor": str(args.replication_factor),
+            "min_insync_replicas": str(args.min_insync_replicas),
+        },
+    )
+    alive = running_pids(cluster.state_path)
     if alive:
         raise CliError(
-            f"a local cluster is already running from {data_dir} (pids {_ids(alive)}); stop it first"
+            f"a local cluster is already running from {cluster.root} (pids {_ids(alive)}); stop it first"
         )
-    voters = _voter_count(args.nodes)
-    nodes = [
-        _LocalNode(
-            node_id=i,
-            port=args.port + i - 1,
-            metrics_port=metrics_base + i - 1 if metrics_base else 0,
-            data_dir=os.path.join(data_dir, f"node-{i}"),
-            log_path=os.path.join(data_dir, f"node-{i}.log"),
-            raft_port=raft_base + i - 1 if i <= voters else 0,
-        )
-        for i in range(1, args.nodes + 1)
-    ]
-    for n in nodes:
-        if not _port_free(n.port):
-            raise CliError(
-                f"port {n.port} on 127.0.0.1 is already in use (another node?); choose another with --port"
-            )
-        if n.metrics_port and not _port_free(n.metrics_port):
-            raise CliError(
-                f"metrics port {n.metrics_port} on 127.0.0.1 is already in use; choose another with "
-                "--metrics-port (0 disables metrics)"
-            )
-        if n.raft_port and not _port_free(n.raft_port):
-            raise CliError(
-                f"raft port {n.raft_port} on 127.0.0.1 is already in use; choose another with --raft-port"
-            )
+    busy = cluster.busy_ports()
+    if busy:
+        raise CliError(busy[0])
     from headwater.node.limits import restrict_new_files, secure_data_dir
 
     restrict_new_files()  # the nodes' logs, local.json and what the nodes write: this user's alone
-    secure_data_dir(data_dir)
-    secret_file = _cluster_secret_file(data_dir)
-    cluster_args = [
-        "--voters", ",".join(f"{n.node_id}@{n.raft}" for n in nodes if n.raft_port),
-        "--controller-addresses", ",".join(n.client for n in nodes if n.raft_port),
-        "--cluster-secret-file", secret_file,
-        "--default-replication-factor", str(args.replication_factor),
-        "--min-insync-replicas", str(args.min_insync_replicas),
-    ]  # fmt: skip
-    for n in nodes:
-        n.cluster_args = cluster_args
+    cluster.prepare()
+    secure_data_dir(cluster.root)
 
     stop_signal: list[int] = []
 
@@ -1588,18 +1455,16 @@ def cmd_local_up(args: argparse.Namespace) -> int:
 
     handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     previous = {s: signal.signal(s, on_signal) for s in handled}
-    bootstrap = ",".join(n.client for n in nodes)
-    failed: _LocalNode | None = None
+    nodes = list(cluster.nodes.values())
+    all_stopped = False
     try:
-        for n in nodes:
-            os.makedirs(n.data_dir, exist_ok=True)
-            n.start()
-        deadline = time.monotonic() + args.start_timeout_s
-        for n in nodes:
-            _wait_serving(n, deadline, lambda: bool(stop_signal))
+        try:
+            cluster.start(args.start_timeout_s, lambda: bool(stop_signal))
+        except LaunchError as e:
+            raise CliError(str(e)) from None
         if not stop_signal:
-            _write_local_state(state_path, bootstrap, nodes)
-            _print_local_banner(bootstrap, nodes, data_dir)
+            cluster.write_state()
+            _print_local_banner(cluster.bootstrap, nodes, cluster.root)
         gone: set[int] = set()
         while not stop_signal:
             for n in nodes:
@@ -1612,18 +1477,17 @@ def cmd_local_up(args: argparse.Namespace) -> int:
                         flush=True,
                     )
             if len(gone) == len(nodes):
-                failed = nodes[-1]
+                all_stopped = True
                 break
             time.sleep(0.2)
     finally:
-        if failed is None and stop_signal:
+        if not all_stopped and stop_signal:
             print("Stopping the local cluster...", file=sys.stderr, flush=True)
-        unclean = _stop_nodes(nodes)
-        with contextlib.suppress(OSError):
-            os.remove(state_path)
+        unclean = cluster.stop()
+        cluster.remove_state()
         for s, handler in previous.items():
             signal.signal(s, handler)
-    if failed is not None:
+    if all_stopped:
         raise CliError("every node of the local cluster has stopped")
     if unclean:
         raise CliError("; ".join(n.describe_exit() for n in unclean))
@@ -1631,31 +1495,7 @@ def cmd_local_up(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_local_state(path: str, bootstrap: str, nodes: Sequence[_LocalNode]) -> None:
-    state = {
-        "bootstrap": bootstrap,
-        "nodes": [
-            {
-                "node_id": n.node_id,
-                "pid": n.proc.pid,
-                "client": n.client,
-                "raft": n.raft,
-                "voter": bool(n.raft_port),
-                "metrics": f"127.0.0.1:{n.metrics_port}" if n.metrics_port else None,
-                "log": n.log_path,
-                "data_dir": n.data_dir,
-            }
-            for n in nodes
-        ],
-    }
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(state, fh, indent=2)
-        fh.write("\n")
-    os.replace(tmp, path)
-
-
-def _print_local_banner(bootstrap: str, nodes: Sequence[_LocalNode], data_dir: str) -> None:
+def _print_local_banner(bootstrap: str, nodes: Sequence[Any], data_dir: str) -> None:
     b = "" if bootstrap == DEFAULT_BOOTSTRAP else f" -b {bootstrap}"
     plural = "s" if len(nodes) != 1 else ""
     lines = [
@@ -1667,6 +1507,42 @@ def _print_local_banner(bootstrap: str, nodes: Sequence[_LocalNode], data_dir: s
         "Ctrl-C stops the cluster.",
     ]
     print("\n".join(lines), flush=True)
+
+
+# ------------------------------------------------------------------ chaos
+
+
+def cmd_chaos_run(args: argparse.Namespace) -> int:
+    from headwater.chaos.nemesis import NEMESES
+    from headwater.chaos.runner import RunConfig, run
+
+    nemeses = tuple(n.strip() for n in args.nemesis.split(",") if n.strip())
+    unknown = [n for n in nemeses if n not in NEMESES]
+    if unknown:
+        raise CliError(f"unknown nemesis {unknown[0]!r}: choose from {', '.join(NEMESES)}", EXIT_USAGE)
+    if args.time_limit <= 0 or args.rate <= 0:
+        raise CliError("--time-limit and --rate must be > 0", EXIT_USAGE)
+    cfg = RunConfig(
+        nodes=args.nodes,
+        time_limit_s=args.time_limit,
+        nemeses=nemeses,
+        rate=args.rate,
+        seed=args.seed,
+        out=args.out,
+        partitions=args.partitions,
+        consumers=args.consumers,
+        fault_max_s=max(3.0, args.fault_max_s),
+        state=args.state,
+        bootstrap=args.bootstrap,
+        keep_data=args.keep_data,
+    )
+    return run(cfg)
+
+
+def cmd_chaos_check(args: argparse.Namespace) -> int:
+    from headwater.chaos.runner import recheck
+
+    return recheck(args.run_dir)
 
 
 # ------------------------------------------------------------------ perf

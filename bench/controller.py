@@ -36,12 +36,10 @@ import secrets
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +47,7 @@ import grpc
 
 from headwater import Admin, NewTopic
 from headwater._health import EXITED, SERVING, wait_serving
+from headwater.launcher import NodeProcess, NodeSpec
 from headwater.v1 import client_pb2 as pb
 from headwater.v1 import client_pb2_grpc, controller_pb2, controller_pb2_grpc, errors_pb2
 
@@ -78,25 +77,9 @@ def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-@dataclass
-class Node:
-    node_id: int
-    port: int
-    raft_port: int
-    data_dir: Path
-    log_path: Path
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-
 class LocalCluster:
-    """Voter processes on loopback ports, with the few calls the benchmark makes to them."""
+    """Voter processes on loopback ports (``headwater.launcher``), with the few calls the benchmark
+    makes to them."""
 
     def __init__(self, root: Path, voters: int, heartbeat_interval_ms: int, session_timeout_ms: int) -> None:
         self.root = root
@@ -104,50 +87,48 @@ class LocalCluster:
         fd = os.open(self.secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.write(secrets.token_hex(32) + "\n")
-        self.nodes = {
-            i: Node(i, free_port(), free_port(), root / f"node-{i}", root / f"node-{i}.log")
-            for i in range(1, voters + 1)
+        ports = {i: (free_port(), free_port()) for i in range(1, voters + 1)}
+        settings = {
+            "voters": ",".join(f"{i}@127.0.0.1:{raft}" for i, (_, raft) in ports.items()),
+            "controller_addresses": ",".join(f"127.0.0.1:{port}" for port, _ in ports.values()),
+            "cluster_secret_file": str(self.secret_file),
+            "log_level": "WARNING",
+            "heartbeat_interval_ms": str(heartbeat_interval_ms),
+            "session_timeout_ms": str(session_timeout_ms),
         }
-        self.voters = ",".join(f"{n.node_id}@127.0.0.1:{n.raft_port}" for n in self.nodes.values())
-        self.controller_addresses = ",".join(n.address for n in self.nodes.values())
-        self.lease_flags = [
-            "--heartbeat-interval-ms", str(heartbeat_interval_ms),
-            "--session-timeout-ms", str(session_timeout_ms),
-        ]  # fmt: skip
+        self.nodes = {
+            i: NodeProcess(
+                NodeSpec(
+                    node_id=i,
+                    port=port,
+                    raft_port=raft,
+                    data_dir=str(root / f"node-{i}"),
+                    log_path=str(root / f"node-{i}.log"),
+                    settings=settings,
+                )
+            )
+            for i, (port, raft) in ports.items()
+        }
         self._channels: dict[int, grpc.Channel] = {}
 
     @property
     def bootstrap(self) -> str:
-        return ",".join(n.address for n in self.nodes.values() if n.alive())
+        return ",".join(n.client for n in self.nodes.values() if n.alive())
 
     def launch(self, node_id: int) -> None:
         n = self.nodes[node_id]
         assert not n.alive(), f"node {node_id} is already running"
-        args = [
-            sys.executable, "-m", "headwater.node",
-            "--node-id", str(node_id),
-            "--host", "127.0.0.1",
-            "--port", str(n.port),
-            "--data-dir", str(n.data_dir),
-            "--voters", self.voters,
-            "--controller-addresses", self.controller_addresses,
-            "--cluster-secret-file", str(self.secret_file),
-            "--log-level", "WARNING",
-            *self.lease_flags,
-        ]  # fmt: skip
-        with open(n.log_path, "ab") as log:
-            n.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        n.start()
 
     def kill9(self, node_id: int) -> float:
         """SIGKILL a node; returns the monotonic time the signal was sent."""
         n = self.nodes[node_id]
-        assert n.proc is not None and n.alive(), f"node {node_id} is not running"
+        assert n.alive(), f"node {node_id} is not running"
         channel = self._channels.pop(node_id, None)
         if channel is not None:
             channel.close()
-        n.proc.send_signal(signal.SIGKILL)
         killed_at = time.monotonic()
-        n.proc.wait()
+        n.kill()
         return killed_at
 
     def stop(self) -> None:
@@ -155,25 +136,23 @@ class LocalCluster:
             channel.close()
         self._channels.clear()
         for n in self.nodes.values():
-            if n.proc is not None and n.proc.poll() is None:
-                n.proc.kill()
-                n.proc.wait()
+            n.kill()
 
     def wait_serving(self, node_id: int, timeout_s: float = ROUND_TIMEOUT_S) -> None:
         """Until the node reports SERVING on the health service (registered and unfenced)."""
         n = self.nodes[node_id]
         outcome = wait_serving(
-            n.address, time.monotonic() + timeout_s, exited=lambda: not n.alive(), interval_s=0.1
+            n.client, time.monotonic() + timeout_s, exited=lambda: not n.alive(), interval_s=0.1
         )
         if outcome == EXITED:
-            raise RuntimeError(f"node {node_id} exited; see {n.log_path.name}")
+            raise RuntimeError(f"node {node_id} exited; see {Path(n.spec.log_path).name}")
         if outcome != SERVING:
             raise RuntimeError(f"node {node_id} not serving after {timeout_s:.0f} s")
 
     def _channel(self, node_id: int) -> grpc.Channel:
         channel = self._channels.get(node_id)
         if channel is None:
-            channel = self._channels[node_id] = grpc.insecure_channel(self.nodes[node_id].address)
+            channel = self._channels[node_id] = grpc.insecure_channel(self.nodes[node_id].client)
         return channel
 
     def client_stub(self, node_id: int) -> client_pb2_grpc.HeadwaterServiceStub:
@@ -438,7 +417,7 @@ def run(args: argparse.Namespace, c: LocalCluster) -> dict[str, Any]:
     rates = []
     for sent_to, node_id in (("controller", controller_id), ("other voter", other_id)):
         for threads in (1, args.threads):
-            r = commit_rate(c.nodes[node_id].address, threads, args.rate_seconds, values, 10.0)
+            r = commit_rate(c.nodes[node_id].client, threads, args.rate_seconds, values, 10.0)
             rates.append({"sent_to": sent_to, **r})
             progress(f"commit rate, {threads} client(s) to the {sent_to}: {r['commands_per_s']:.0f}/s")
 
@@ -481,8 +460,9 @@ def run(args: argparse.Namespace, c: LocalCluster) -> dict[str, Any]:
 
 def log_tails(c: LocalCluster, lines: int = 15) -> None:
     for n in c.nodes.values():
-        if n.log_path.exists():
-            tail = n.log_path.read_text(errors="replace").splitlines()[-lines:]
+        log_path = Path(n.spec.log_path)
+        if log_path.exists():
+            tail = log_path.read_text(errors="replace").splitlines()[-lines:]
             progress(f"--- last lines of node {n.node_id}'s log\n" + "\n".join(tail))
 
 

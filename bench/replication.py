@@ -43,6 +43,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from headwater.launcher import NodeProcess, NodeSpec
+
 MB = 1024 * 1024
 
 
@@ -220,42 +222,28 @@ class Headwater:
                 self.proc.wait()
 
 
-def restart_node(hw: Headwater, node_id: int) -> subprocess.Popen[bytes]:
-    """Start a killed node again by hand, with the arguments ``local up`` gave it."""
+def restart_node(hw: Headwater, node_id: int) -> NodeProcess:
+    """Start a killed node again, with the settings ``local up`` gave it (from its local.json)."""
     n = hw.node(node_id)
-    voters = ",".join(f"{m['node_id']}@{m['raft']}" for m in hw.state["nodes"] if m["voter"])
-    controllers = ",".join(m["client"] for m in hw.state["nodes"] if m["voter"])
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "headwater.node",
-            "--node-id",
-            str(node_id),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            n["client"].rsplit(":", 1)[1],
-            "--data-dir",
-            n["data_dir"],
-            "--metrics-port",
-            str(hw.metrics_port(node_id)),
-            "--voters",
-            voters,
-            "--controller-addresses",
-            controllers,
-            "--cluster-secret-file",
-            str(hw.root / "cluster.secret"),
-            "--default-replication-factor",
-            "3",
-            "--min-insync-replicas",
-            "2",
-            "--log-level",
-            "WARNING",
-        ],  # fmt: skip
-        stdout=subprocess.DEVNULL,
-        stderr=open(n["log"], "ab"),  # noqa: SIM115 - handed to the child
+    voters = [m for m in hw.state["nodes"] if m["voter"]]
+    spec = NodeSpec(
+        node_id=node_id,
+        port=int(n["client"].rsplit(":", 1)[1]),
+        data_dir=n["data_dir"],
+        log_path=n["log"],
+        metrics_port=hw.metrics_port(node_id),
+        settings={
+            "voters": ",".join(f"{m['node_id']}@{m['raft']}" for m in voters),
+            "controller_addresses": ",".join(m["client"] for m in voters),
+            "cluster_secret_file": str(hw.root / "cluster.secret"),
+            "default_replication_factor": "3",
+            "min_insync_replicas": "2",
+            "log_level": "WARNING",
+        },
     )
+    node = NodeProcess(spec)
+    node.start()
+    return node
 
 
 # ------------------------------------------------------------------ NATS
@@ -414,9 +402,9 @@ def catch_up(hw: Headwater, args: argparse.Namespace) -> dict[str, float]:
     produced = hw.perf(topic, n, args.record_size, "1")
     labels = f'{{partition="0",topic="{topic}"}}'
     target = hw.metric(leader, "headwater_log_end_offset", labels)
-    proc = restart_node(hw, follower)
+    node = restart_node(hw, follower)
     started = time.monotonic()
-    catch_spy = spy(proc.pid, str(hw.root / "catchup.prof")) if args.profile else None
+    catch_spy = spy(node.pid, str(hw.root / "catchup.prof")) if args.profile else None
     first: float | None = None  # the restarted node serves the replica (its metrics show it)
     try:
         while True:
@@ -433,8 +421,7 @@ def catch_up(hw: Headwater, args: argparse.Namespace) -> dict[str, float]:
         if catch_spy is not None:
             catch_spy.send_signal(signal.SIGINT)
             catch_spy.wait(30)
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
+        node.stop(60)
     assert first is not None
     elapsed = done - first
     mb = n * args.record_size / MB

@@ -24,6 +24,8 @@ import sys
 import tempfile
 import time
 
+from headwater.launcher import NodeProcess, NodeSpec
+
 FLOORS_MB_S = {"produce acks=1": 80.0, "produce acks=all": 80.0, "consume": 200.0}
 
 
@@ -33,12 +35,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_node(bootstrap: str, proc: subprocess.Popen[bytes], timeout_s: float = 30) -> None:
+def wait_node(bootstrap: str, proc: NodeProcess, timeout_s: float = 30) -> None:
     from headwater._health import EXITED, SERVING, wait_serving
 
-    outcome = wait_serving(bootstrap, time.monotonic() + timeout_s, exited=lambda: proc.poll() is not None)
+    outcome = wait_serving(bootstrap, time.monotonic() + timeout_s, exited=lambda: not proc.alive())
     if outcome == EXITED:
-        raise SystemExit(f"node exited with {proc.returncode}")
+        raise SystemExit(f"node exited with {proc.exit_code()}")
     if outcome != SERVING:
         raise SystemExit("node did not start")
 
@@ -100,19 +102,16 @@ def main() -> int:
     data = tempfile.mkdtemp(prefix="headwater-bench-")
     port = free_port()
     bootstrap = f"127.0.0.1:{port}"
-    node = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "headwater.node",
-            "--port",
-            str(port),
-            "--data-dir",
-            data,
-            "--log-level",
-            "WARNING",
-        ]
+    node = NodeProcess(
+        NodeSpec(
+            node_id=1,
+            port=port,
+            data_dir=os.path.join(data, "node"),
+            log_path=os.path.join(data, "node.log"),
+            settings={"log_level": "WARNING"},
+        )
     )
+    node.start()
     spies: list[tuple[str, subprocess.Popen[bytes], str]] = []
     try:
         wait_node(bootstrap, node)
@@ -183,8 +182,7 @@ def main() -> int:
         for _, spy, _ in spies:
             spy.send_signal(signal.SIGINT)
             spy.wait(30)
-        node.send_signal(signal.SIGTERM)
-        node.wait(30)
+        node.stop(30)
 
     print(
         f"\nHeadwater single node, {args.num_records} records of {args.record_size} B, "

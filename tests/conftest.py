@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import pytest
 
-from headwater._health import EXITED, SERVING, wait_serving
+from headwater import launcher
 from headwater.v1 import client_pb2 as pb
 from headwater.v1 import client_pb2_grpc, controller_pb2, controller_pb2_grpc
 
@@ -63,57 +60,73 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@dataclass
-class NodeProcess:
-    """A ``python -m headwater.node`` child process with its own data dir and port."""
+class NodeProcess(launcher.NodeProcess):
+    """A ``python -m headwater.node`` child process with its own data dir and port, started with the
+    project's launcher (``headwater.launcher``); ``extra_args`` are its flags."""
 
-    data_dir: Path
-    port: int
-    extra_args: list[str] = field(default_factory=list)
-    env: dict[str, str] = field(default_factory=dict)
-    proc: subprocess.Popen[bytes] | None = None
-    log_path: Path | None = None
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int,
+        extra_args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        proc: subprocess.Popen[bytes] | None = None,
+    ) -> None:
+        super().__init__(
+            launcher.NodeSpec(
+                node_id=1,
+                port=port,
+                data_dir=str(data_dir),
+                log_path=str(data_dir.parent / f"node-{port}.log"),
+                extra_args=list(extra_args or []),
+                env=dict(env or {}),
+            )
+        )
+        self.data_dir = data_dir
+        self.proc = proc  # a process started elsewhere, watched here
+
+    @property
+    def port(self) -> int:
+        return self.spec.port
+
+    @property
+    def extra_args(self) -> list[str]:
+        return self.spec.extra_args
+
+    @extra_args.setter
+    def extra_args(self, value: list[str]) -> None:
+        self.spec.extra_args = list(value)
+
+    @property
+    def log_path(self) -> Path:
+        return Path(self.spec.log_path)
+
+    @log_path.setter
+    def log_path(self, value: Path) -> None:
+        self.spec.log_path = str(value)
 
     @property
     def bootstrap(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return self.spec.client
 
-    def start(self, timeout_s: float = 20.0) -> NodeProcess:
+    def start(self, timeout_s: float = 20.0) -> NodeProcess:  # type: ignore[override]
         self.launch()
         self.wait_serving(timeout_s)
         return self
 
     def launch(self) -> NodeProcess:
         """Start the process without waiting (a cluster's nodes serve once a quorum is up)."""
-        assert self.proc is None or self.proc.poll() is not None, "node already running"
-        self.log_path = self.data_dir.parent / f"node-{self.port}.log"
-        args = [
-            sys.executable,
-            "-m",
-            "headwater.node",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--data-dir",
-            str(self.data_dir),
-            *self.extra_args,
-        ]
-        env = {**os.environ, **self.env}
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+        assert not self.alive(), "node already running"
+        launcher.NodeProcess.start(self)
         return self
 
-    def wait_serving(self, timeout_s: float) -> None:
-        proc = self.proc
-        assert proc is not None
-        outcome = wait_serving(
-            self.bootstrap, time.monotonic() + timeout_s, exited=lambda: proc.poll() is not None
-        )
-        if outcome == EXITED:
-            raise RuntimeError(f"node exited with {proc.returncode}:\n{self.log()}")
-        if outcome != SERVING:
-            raise TimeoutError(f"node not serving after {timeout_s}s:\n{self.log()}")
+    def wait_serving(self, timeout_s: float) -> None:  # type: ignore[override]
+        try:
+            launcher.NodeProcess.wait_serving(self, time.monotonic() + timeout_s)
+        except launcher.LaunchError as e:
+            if self.exit_code() is not None:
+                raise RuntimeError(f"node exited with {self.exit_code()}:\n{self.log()}") from None
+            raise TimeoutError(f"node not serving after {timeout_s}s:\n{self.log()}") from e
 
     def wait_serving_within(self, timeout_s: float) -> bool:
         """Whether the node reports SERVING within ``timeout_s`` (False, not an error, when not)."""
@@ -124,12 +137,9 @@ class NodeProcess:
         return True
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self, timeout_s: float = 20.0) -> int:
+    def stop(self, timeout_s: float = 20.0) -> int:  # type: ignore[override]
         """SIGTERM and wait (a graceful shutdown); SIGKILL if it hangs. Returns the exit code."""
         if self.proc is None:
             return 0
@@ -145,8 +155,7 @@ class NodeProcess:
 
     def kill9(self) -> None:
         assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
+        self.kill()
 
 
 @pytest.fixture

@@ -1,0 +1,71 @@
+"""``headwater chaos run`` end to end, short: its own cluster, faults, a valid verdict, the report
+files, ``chaos check`` agreeing, and nothing left behind (processes, namespaces)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from headwater.chaos import net
+from headwater.chaos.history import read_history
+
+
+def _node_processes(marker: str) -> list[str]:
+    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if "headwater.node" in line and marker in line]
+
+
+def test_a_short_run_under_faults_is_valid_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    out_dir = tmp_path / "runs"
+    nemeses = "kill,pause,partition" if not net.available() else "kill,pause"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "headwater",
+            "chaos",
+            "run",
+            "--time-limit",
+            "30",
+            "--nemesis",
+            nemeses,
+            "--rate",
+            "200",
+            "--seed",
+            "11",
+            "--out",
+            str(out_dir),
+            "--fault-max-s",
+            "6",
+            "--partitions",
+            "3",
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "verdict: VALID" in done.stdout
+    [run_dir] = list(out_dir.iterdir())
+    result = json.loads((run_dir / "results.json").read_text())
+    assert result["valid"] is True and sum(result["counts"].values()) == result["counts"].get("duplicate", 0)
+    for name in ("history.jsonl", "timeline.png", "report.md", "run.json"):
+        assert (run_dir / name).stat().st_size > 0, name
+    assert sorted(p.name for p in (run_dir / "logs").iterdir()) == ["node-1.log", "node-2.log", "node-3.log"]
+    ops = read_history(run_dir / "history.jsonl").ops
+    sends_ok = [op for op in ops if op.f == "send" and op.type == "ok"]
+    faults = [op for op in ops if op.f == "fault" and op.value["phase"] == "start"]
+    finals = [op for op in ops if op.f == "final-read"]
+    assert len(sends_ok) > 1000 and faults and finals
+    # Every fault started was stopped.
+    assert len([op for op in ops if op.f == "fault" and op.value["phase"] == "stop"]) == len(faults)
+    # The saved history checks the same again.
+    again = subprocess.run(
+        [sys.executable, "-m", "headwater", "chaos", "check", str(run_dir)], capture_output=True, text=True
+    )
+    assert again.returncode == 0 and "verdict: VALID" in again.stdout
+    # Nothing left: node processes of the run, or its namespaces.
+    assert not _node_processes("headwater-chaos-")
+    assert net.cleanup_stale() == []
