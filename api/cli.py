@@ -1513,6 +1513,9 @@ def _print_local_banner(bootstrap: str, nodes: Sequence[Any], data_dir: str) -> 
 
 
 def cmd_chaos_run(args: argparse.Namespace) -> int:
+    # The harness restarts nodes (fork and exec) while its clients' gRPC threads run: gRPC's fork
+    # handlers cannot run then, and say so on every restart. Nothing in the child uses gRPC.
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
     from headwater.chaos.nemesis import NEMESES
     from headwater.chaos.runner import RunConfig, run
 

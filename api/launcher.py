@@ -16,12 +16,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from headwater._health import EXITED, TIMED_OUT, wait_serving
@@ -80,22 +82,29 @@ def log_tail(path: str, lines: int = 15) -> str:
     return "\n".join("    " + line for line in text.splitlines()[-lines:])
 
 
-def _parent_death_signal() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that makes a node get SIGTERM if the launcher dies (Linux), else None."""
+# Run before the node, in the child: ask the kernel for SIGTERM when the launcher dies (Linux's
+# parent-death signal, kept across exec), and exit at once if it died already. Done by a small
+# program the child execs, not by a preexec_fn: that would force a plain fork of a launcher whose
+# gRPC threads are running (gRPC's fork handlers complain then), where this lets the launcher spawn.
+_EXIT_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))\n"
+    "if os.getppid() != int(sys.argv[1]): sys.exit(1)\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+# Linux sends the parent-death signal when the *thread* that started the child ends, so every node
+# is started from this one thread, which lives as long as the launcher's process.
+_SPAWNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="headwater-launcher")
+
+
+def _exit_with_parent(argv: list[str]) -> list[str]:
+    """``argv`` run so that the process gets SIGTERM when this one dies (Linux; else unchanged)."""
     if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    pr_set_pdeathsig = 1
-
-    def setup() -> None:  # runs in the child between fork and exec: no imports, no locks
-        prctl(pr_set_pdeathsig, int(signal.SIGTERM))
-
-    return setup
+        return argv
+    program = argv[0] if os.path.isabs(argv[0]) else (shutil.which(argv[0]) or argv[0])
+    return [sys.executable, "-c", _EXIT_WITH_PARENT, str(os.getpid()), program, *argv[1:]]
 
 
 @dataclass
@@ -173,15 +182,15 @@ class NodeProcess:
             raise LaunchError(f"node {self.node_id} is already running (pid {self.pid})")
         os.makedirs(self.spec.data_dir, exist_ok=True)
         with open(self.spec.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                self.spec.argv(),
+            self.proc = _SPAWNER.submit(
+                subprocess.Popen,
+                _exit_with_parent(self.spec.argv()),
                 env={**os.environ, **self.spec.env} if self.spec.env else None,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 process_group=0,
-                preexec_fn=_parent_death_signal(),
-            )
+            ).result()
         self.paused = False
 
     def wait_serving(self, deadline: float, stopping: Callable[[], bool] | None = None) -> None:

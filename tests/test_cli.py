@@ -510,7 +510,7 @@ def test_local_up_serves_a_cluster_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -
             {"node_id": i + 1, "pid": pids[i], "client": f"127.0.0.1:{port + i}",
              "raft": f"127.0.0.1:{raft_port + i}", "voter": True,
              "metrics": f"127.0.0.1:{metrics_port + i}", "log": str(data_dir / f"node-{i + 1}.log"),
-             "data_dir": str(data_dir / f"node-{i + 1}")}
+             "data_dir": str(data_dir / f"node-{i + 1}"), "netns": None}
             for i in range(3)
         ]  # fmt: skip
         assert all(_pid_alive(pid) for pid in pids)
