@@ -156,6 +156,8 @@ class _Run:
         self.current: tuple[Nemesis, Fault] | None = None
         self.nemeses: list[Nemesis] = []
         self.stop = threading.Event()
+        self.producers: Producers | None = None
+        self.consumers: Consumers | None = None
 
     def clock(self) -> float:
         return time.monotonic() - self.started
@@ -346,14 +348,14 @@ class _Run:
             self.started = time.monotonic()
             history_path = self.run_dir / "history.jsonl"
             self.history = HistoryWriter(history_path)
-            producers = Producers(
+            self.producers = producers = Producers(
                 self.history, self.clock, self.counters, bootstrap=self.bootstrap, topic=TOPIC,
                 rate=cfg.rate, seed=self.rng.randrange(2**31),
             )  # fmt: skip
-            consumers = Consumers(
+            self.consumers = consumers = Consumers(
                 self.history, self.clock, self.counters, bootstrap=self.bootstrap, topic=TOPIC,
                 partitions=cfg.partitions, count=cfg.consumers, seed=self.rng.randrange(2**31),
-                first_process=1_000,
+                first_process=1_000, restart_mean_s=min(300.0, cfg.time_limit_s / 3),
             )  # fmt: skip
             producers.start()
             consumers.start()
@@ -373,6 +375,7 @@ class _Run:
                 cfg.notes.append(f"the cluster did not settle (whole ISRs) within {cfg.settle_s:.0f} s")
             producers.stop(40.0)
             consumers.stop()
+            self.producers = self.consumers = None
             self.say("final read of every partition")
             incomplete = final_read(
                 self.history, self.clock, bootstrap=self.bootstrap, topic=TOPIC,
@@ -402,6 +405,13 @@ class _Run:
         return EXIT_VALID if result.valid is True else EXIT_ANOMALY
 
     def cleanup(self) -> None:
+        # The clients first (interrupted: their history is cut short), then faults, nodes, network.
+        if self.producers is not None:
+            with contextlib.suppress(Exception):
+                self.producers.stop(5.0)
+        if self.consumers is not None:
+            with contextlib.suppress(Exception):
+                self.consumers.stop()
         with contextlib.suppress(Exception):
             self.heal()
         if self.history is not None:

@@ -8,7 +8,8 @@
   after the record was handed to the client, since a retried batch may have been stored), or
   ``fail`` (refused before it left: the client's buffer was full or closed).
 - ``Consumers``: threads that poll every partition from the beginning and record each poll with the
-  records it returned; now and then one restarts from the beginning (a new ``assignment``).
+  records it returned; now and then (on average every ``restart_mean_s``) one restarts from the
+  beginning (a new ``assignment``).
 - ``final_read``: every partition read from its beginning to its end offset once faults healed, in
   chunks, each chunk marked ``complete`` when the read reached the end.
 """
@@ -155,8 +156,8 @@ class Producers:
 
 
 class Consumers:
-    """``count`` consumer threads polling every partition; each restarts from the beginning with
-    probability ``restart_p`` per poll."""
+    """``count`` consumer threads polling every partition; each restarts from the beginning after an
+    exponentially distributed time of mean ``restart_mean_s``."""
 
     def __init__(
         self,
@@ -170,7 +171,7 @@ class Consumers:
         count: int,
         seed: int,
         first_process: int,
-        restart_p: float = 0.005,
+        restart_mean_s: float = 300.0,
     ) -> None:
         self.history = history
         self.clock = clock
@@ -178,7 +179,7 @@ class Consumers:
         self.bootstrap = bootstrap
         self.topic = topic
         self.partitions = partitions
-        self.restart_p = restart_p
+        self.restart_mean_s = restart_mean_s
         self.rng = random.Random(seed)
         self._stop = threading.Event()
         self._threads = [
@@ -201,6 +202,7 @@ class Consumers:
         rng = random.Random(seed)
         assignment = 0
         consumer: Consumer | None = None
+        restart_at = time.monotonic() + rng.expovariate(1 / self.restart_mean_s)
         while not self._stop.is_set():
             if consumer is None:
                 try:
@@ -224,10 +226,11 @@ class Consumers:
             )
             self.counters.add("polls")
             self.counters.add("read", len(got))
-            if rng.random() < self.restart_p:
+            if time.monotonic() >= restart_at:
                 consumer.close()
                 consumer = None
                 assignment += 1
+                restart_at = time.monotonic() + rng.expovariate(1 / self.restart_mean_s)
         if consumer is not None:
             consumer.close()
 

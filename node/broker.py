@@ -458,8 +458,6 @@ class Broker:
                 batches, p.leader_epoch, now_ms=now_ms, log_append_time=log_append_time
             )
             end_offset = p.log.log_end_offset
-            # Followers parked at the leader copy the new records now.
-            p.wake_replicas()
             if sync:
                 # fsync policy: the append counts once the write-ahead log is synced, by one sync
                 # shared with every append made meanwhile (group commit, off the event loop).
@@ -473,8 +471,8 @@ class Broker:
         except StorageError as e:  # e.g. the topic was deleted meanwhile
             return E.ERROR_CODE_UNKNOWN_TOPIC_OR_PARTITION, f"{topic}-{pd.partition} is gone: {e}"
         # The leader's own copy counts from now (RocksDB's write-ahead log, all of this partition's
-        # batches in one write; synced first under flush_policy=fsync); the high watermark moves
-        # once every member of the ISR has it too.
+        # batches in one write; synced first under flush_policy=fsync): parked followers wake to
+        # copy it, and the high watermark moves once every member of the ISR has it too.
         p.on_append(end_offset)
         first = results[0]
         if acks == -1:

@@ -251,7 +251,9 @@ class Partition:
         the error that ended the wait (NOT_ENOUGH_REPLICAS_AFTER_APPEND, NOT_LEADER_OR_FOLLOWER).
         Cancel it (a timeout) and the replica state forgets it."""
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        if self.state is None:
+        if self.state is None or offset > self.state.log_end_offset:
+            # Not the leader, or a leadership that does not count those records (it began after a
+            # truncation while the append waited for its sync): this one cannot vouch for them.
             fut.set_result(errors_pb2.ERROR_CODE_NOT_LEADER_OR_FOLLOWER)
             return fut
         self._commit_seq += 1

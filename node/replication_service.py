@@ -256,13 +256,16 @@ class ReplicationServicer:
             if p.state is not None and request.replica_id not in p.state.isr:
                 # A follower out of the ISR fetched: it may have caught up enough to join.
                 self.broker.replicas.isr_check(p)
-            # 6. The stored batches, up to the log end: a follower reads past the high watermark.
+            # 6. The stored batches, up to the leader's counted log end: a follower reads past the
+            # high watermark, but not past what the leader's own copy counts for (under
+            # flush_policy=fsync, what is synced), so its next fetch offset is never beyond it.
             touched.append(p)
             room = max_bytes - result.batch_bytes
             if room <= 0 and result.batch_bytes > 0:
                 continue
+            counted = p.state.log_end_offset if p.state is not None else log_end
             try:
-                raw = p.log.read(fp.fetch_offset, max(room, 1), None)
+                raw = p.log.read(fp.fetch_offset, max(room, 1), counted)
             except OffsetOutOfRangeError as e:  # retention moved the log start since it was read
                 pr.error_code, pr.error_message = E.ERROR_CODE_OFFSET_OUT_OF_RANGE, str(e)
                 answer_now = True
