@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import json
 import os
 import shutil
@@ -42,6 +41,8 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from profiling import profile_summary, spy
 
 from headwater.launcher import NodeProcess, NodeSpec
 
@@ -342,42 +343,6 @@ async def nats_publish(
 
 
 # ------------------------------------------------------------------ profile
-
-
-def spy(pid: int, path: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [
-            "py-spy",
-            "record",
-            "--format",
-            "raw",
-            "-o",
-            path,
-            "--pid",
-            str(pid),
-            "--nonblocking",
-            "--subprocesses",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-
-def profile_summary(raw_path: str, top: int = 10) -> list[tuple[float, str]]:
-    self_time: collections.Counter[str] = collections.Counter()
-    total = 0
-    try:
-        lines = Path(raw_path).read_text().splitlines()
-    except OSError:
-        return []
-    for line in lines:
-        stack, _, count = line.rpartition(" ")
-        if not count.isdigit():
-            continue
-        frames = stack.split(";")
-        self_time[frames[-1]] += int(count)
-        total += int(count)
-    return [(100 * c / total, f) for f, c in self_time.most_common(top)] if total else []
 
 
 # ------------------------------------------------------------------ main

@@ -24,6 +24,8 @@ import sys
 import tempfile
 import time
 
+from profiling import profile_summary, spy
+
 from headwater.launcher import NodeProcess, NodeSpec
 
 FLOORS_MB_S = {"produce acks=1": 80.0, "produce acks=all": 80.0, "consume": 200.0}
@@ -76,19 +78,6 @@ def wait_quiet(pid: int, max_wait_s: float = 30.0) -> None:
         last = now
 
 
-def profile_summary(raw_path: str, top: int = 12) -> list[tuple[float, str]]:
-    """Self time per function from py-spy's collapsed stacks."""
-    self_time: collections.Counter[str] = collections.Counter()
-    total = 0
-    with open(raw_path) as fh:
-        for line in fh:
-            stack, _, count = line.rstrip().rpartition(" ")
-            leaf = stack.split(";")[-1]
-            self_time[leaf] += int(count)
-            total += int(count)
-    return [(100.0 * n / max(total, 1), frame) for frame, n in self_time.most_common(top)]
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--num-records", type=int, default=300_000)
@@ -117,27 +106,7 @@ def main() -> int:
         wait_node(bootstrap, node)
         if args.profile:
             path = os.path.join(data, "node.prof")
-            spies.append(
-                (
-                    "node",
-                    subprocess.Popen(
-                        [
-                            "py-spy",
-                            "record",
-                            "--format",
-                            "raw",
-                            "-o",
-                            path,
-                            "--pid",
-                            str(node.pid),
-                            "--nonblocking",
-                        ],
-                        stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL,
-                    ),
-                    path,
-                )
-            )
+            spies.append(("node", spy(node.pid, path), path))
         results: dict[str, list[dict[str, float]]] = collections.defaultdict(list)
         n, size = str(args.num_records), str(args.record_size)
         for run in range(args.repeat):
@@ -179,9 +148,9 @@ def main() -> int:
                 cli(bootstrap, "perf", "consume", f"bench-all-{run}", "--num-records", n)
             )
     finally:
-        for _, spy, _ in spies:
-            spy.send_signal(signal.SIGINT)
-            spy.wait(30)
+        for _, sampler, _ in spies:
+            sampler.send_signal(signal.SIGINT)
+            sampler.wait(30)
         node.stop(30)
 
     print(

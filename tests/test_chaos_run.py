@@ -3,6 +3,7 @@ files, ``chaos check`` agreeing, and nothing left behind (processes, namespaces)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -69,3 +70,94 @@ def test_a_short_run_under_faults_is_valid_and_leaves_nothing_behind(tmp_path: P
     # Nothing left: node processes of the run, or its namespaces.
     assert not _node_processes("headwater-chaos-")
     assert net.cleanup_stale() == []
+
+
+def test_a_run_on_a_cluster_that_local_up_started(tmp_path: Path) -> None:
+    """``--state local.json``: the harness kills, pauses and restarts the nodes of a running cluster
+    it did not start (by pid and command line), and the history is valid."""
+    import os
+    import signal
+    import time
+
+    from conftest import free_port
+
+    data_dir = tmp_path / "cluster"
+    port = free_port()
+    up = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "headwater",
+            "local",
+            "up",
+            "--data-dir",
+            str(data_dir),
+            "--port",
+            str(port),
+            "--metrics-port",
+            "0",
+            "--raft-port",
+            str(free_port()),
+        ],  # fmt: skip
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    state = data_dir / "local.json"
+    restarted: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while not state.exists():
+            assert up.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        before = {n["pid"] for n in json.loads(state.read_text())["nodes"]}
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "headwater",
+                "chaos",
+                "run",
+                "--state",
+                str(state),
+                "--time-limit",
+                "25",
+                "--nemesis",
+                "kill,pause",
+                "--rate",
+                "150",
+                "--seed",
+                "5",
+                "--out",
+                str(tmp_path / "runs"),
+                "--fault-max-s",
+                "5",
+                "--partitions",
+                "2",
+            ],  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "verdict: VALID" in done.stdout and "partition nemesis left out" in done.stdout
+        [run_dir] = list((tmp_path / "runs").iterdir())
+        ops = read_history(run_dir / "history.jsonl").ops
+        kinds = {op.value["kind"] for op in ops if op.f == "fault"}
+        assert kinds and kinds <= {"kill", "pause"}
+        # Nodes it restarted run on, as processes of their own (the cluster's, now without local up's
+        # supervision): found by their data dir.
+        out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+        restarted = [
+            int(line.split()[0])
+            for line in out.splitlines()
+            if "headwater.node" in line and str(data_dir) in line and int(line.split()[0]) not in before
+        ]
+    finally:
+        up.send_signal(signal.SIGINT)
+        try:
+            up.wait(60)
+        except subprocess.TimeoutExpired:
+            up.kill()
+        for pid in restarted:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
