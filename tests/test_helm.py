@@ -1,0 +1,259 @@
+"""The Helm chart (helm/headwater): it lints, renders valid Kubernetes 1.30 manifests for each
+scenario under ci/, refuses bad values, and gives every pod the identity the quorum expects.
+
+helm comes from scripts/check-helm, which installs it into .cache/ when it is missing.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import importlib.machinery
+import importlib.util
+import json
+import os
+import re
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from headwater.config import NodeConfig, load_config
+from headwater.raft.quorum import parse_voters
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "helm" / "headwater"
+NAMESPACE = "streaming"
+POD_DOMAIN = f"hw-headwater-headless.{NAMESPACE}.svc.cluster.local"
+# Settings the chart sets itself; config.* may not name them.
+CHART_OWNED = {
+    "node_id",
+    "host",
+    "port",
+    "advertised_host",
+    "data_dir",
+    "voters",
+    "controller_addresses",
+    "cluster_secret",
+    "cluster_secret_file",
+    "raft_port",
+    "metrics_port",
+}
+
+
+def _load_check_helm() -> ModuleType:
+    loader = importlib.machinery.SourceFileLoader("check_helm", str(ROOT / "scripts" / "check-helm"))
+    spec = importlib.util.spec_from_loader("check_helm", loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+check_helm = _load_check_helm()
+
+
+@pytest.fixture(scope="module")
+def helm() -> str:
+    return str(check_helm.helm_path())
+
+
+def render(helm: str, *args: str) -> list[dict[str, Any]]:
+    result = check_helm.render(helm, *args)
+    assert result.returncode == 0, f"helm template {' '.join(args)} failed:\n{result.stderr}"
+    docs: list[dict[str, Any]] = check_helm.split_manifests(result.stdout)
+    return docs
+
+
+def one(manifests: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [m for m in manifests if m["kind"] == kind and (name is None or m["metadata"]["name"] == name)]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def pod_env(container: dict[str, Any], pod_name: str) -> dict[str, str]:
+    """The container's environment as Kubernetes gives it: metadata.name from the downward API,
+    $(VAR) references to earlier variables expanded."""
+    env: dict[str, str] = {}
+    for var in container.get("env", []):
+        if "valueFrom" in var:
+            assert var["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}, var
+            env[var["name"]] = pod_name
+        else:
+            env[var["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env.get(m[1], m[0]), var["value"])
+    return env
+
+
+def run_start_script(container: dict[str, Any], env: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    """Run the container's start command with stand-ins for python3 (the DNS wait) and headwater,
+    which prints the HEADWATER_* environment and arguments it was started with."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "python3").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "headwater").write_text('#!/bin/sh\nenv | grep "^HEADWATER_"\necho "ARGS=$*"\n')
+    for tool in ("python3", "headwater"):
+        (bin_dir / tool).chmod(stat.S_IRWXU)
+    path = f"{bin_dir}:{os.environ['PATH']}"
+    result = subprocess.run(
+        container["command"], env={**env, "PATH": path}, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, result.stderr
+    return dict(line.split("=", 1) for line in result.stdout.splitlines())
+
+
+# ------------------------------------------------------------------ lint, render, validate, refuse
+
+
+def test_check_helm_script_passes() -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "check-helm")], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, f"scripts/check-helm failed:\n{result.stdout}\n{result.stderr}"
+
+
+@pytest.mark.parametrize("values", sorted(p.name for p in (CHART / "ci").glob("*-values.yaml")))
+def test_each_scenario_renders_manifests_valid_for_kubernetes_1_30(helm: str, values: str) -> None:
+    check_helm.ensure_kubernetes_validate()
+    manifests = render(helm, "-f", str(CHART / "ci" / values))
+    assert check_helm.validate(manifests, values) == []
+
+
+@pytest.mark.parametrize(("what", "args", "word"), check_helm.BAD_VALUES, ids=[b[0] for b in check_helm.BAD_VALUES])
+def test_bad_values_are_refused_at_render(helm: str, what: str, args: list[str], word: str) -> None:
+    result = check_helm.render(helm, *args)
+    assert result.returncode != 0, f"helm template accepted {what}"
+    assert word in result.stderr, f"the error for {what} does not name {word!r}:\n{result.stderr}"
+
+
+def test_the_schema_offers_every_node_setting_the_chart_does_not_own() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    config = schema["properties"]["config"]
+    kinds = {"int": "integer", "float": "number", "str": "string", "bool": "boolean"}
+    expected = {
+        f.name: kinds[f.type if isinstance(f.type, str) else f.type.__name__]
+        for f in dataclasses.fields(NodeConfig)
+        if f.name not in CHART_OWNED
+    }
+    assert config["additionalProperties"] is False
+    assert {name: p["type"] for name, p in config["properties"].items()} == expected
+
+
+def test_every_level_of_the_schema_refuses_unknown_keys() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    # Kubernetes objects passed through as they are (affinity terms, spread constraints, network
+    # peers, valueFrom) are checked by the API server; Helm's own global is left open.
+    open_ok = {"global", "nodeAffinity", "podAffinity", "podAntiAffinity", "valueFrom", "items"}
+
+    def walk(node: dict[str, Any], where: str) -> None:
+        if node.get("type") == "object" and where.rsplit(".", 1)[-1] not in open_ok:
+            assert "additionalProperties" in node, f"{where} accepts unknown keys"
+        for name, child in node.get("properties", {}).items():
+            walk(child, f"{where}.{name}")
+        if isinstance(node.get("items"), dict) and "properties" in node["items"]:
+            walk(node["items"], f"{where}[]")
+
+    walk(schema, "values")
+
+
+def test_every_value_is_documented_with_param_and_in_the_readme() -> None:
+    import yaml
+
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    text = (CHART / "values.yaml").read_text()
+    readme = (CHART / "README.md").read_text()
+    documented = set(re.findall(r"@param (\S+)", text))
+
+    def leaves(node: Any, prefix: str) -> list[str]:
+        # A map is documented as a whole when it has its own @param (resources, config, ...).
+        if isinstance(node, dict) and node and prefix not in documented:
+            return [leaf for k, v in node.items() for leaf in leaves(v, f"{prefix}.{k}" if prefix else k)]
+        return [prefix]
+
+    for name in leaves(values, ""):
+        assert name in documented, f"value {name} has no @param comment"
+        assert f"`{name}`" in readme, f"value {name} is missing from the README's table"
+
+
+# ------------------------------------------------------------------ what each pod runs
+
+
+@pytest.mark.parametrize(("replicas", "voters"), [(3, 3), (1, 1), (7, 5), (4, 3)])
+def test_each_pod_gets_its_node_id_the_voters_and_its_advertised_host(
+    helm: str, tmp_path: Path, replicas: int, voters: int
+) -> None:
+    manifests = render(helm, "--set", f"replicaCount={replicas}", "--set", f"voters={voters}")
+    statefulset = one(manifests, "StatefulSet")
+    assert statefulset["spec"]["replicas"] == replicas
+    assert statefulset["spec"]["podManagementPolicy"] == "Parallel"
+    assert statefulset["spec"]["serviceName"] == "hw-headwater-headless"
+    node_toml = tmp_path / "node.toml"
+    node_toml.write_text(one(manifests, "ConfigMap")["data"]["node.toml"])
+    (container,) = statefulset["spec"]["template"]["spec"]["containers"]
+    expected_voters = {i + 1: f"hw-headwater-{i}.{POD_DOMAIN}:9392" for i in range(voters)}
+    expected_controllers = ",".join(f"hw-headwater-{i}.{POD_DOMAIN}:9192" for i in range(voters))
+    for ordinal in range(replicas):
+        pod = f"hw-headwater-{ordinal}"
+        started = run_start_script(container, pod_env(container, pod), tmp_path)
+        assert started["ARGS"] == "node --config /etc/headwater/node.toml"
+        config = load_config(str(node_toml), env=started)
+        assert config.node_id == ordinal + 1, pod
+        assert config.advertised() == (f"{pod}.{POD_DOMAIN}", 9192)
+        assert config.host == "0.0.0.0"
+        assert parse_voters(config.voters) == expected_voters
+        assert config.controller_addresses == expected_controllers
+        assert (config.node_id in expected_voters) == (ordinal < voters)
+        assert config.cluster_secret_file == "/etc/headwater/secret/cluster.secret"
+        assert config.data_dir.startswith("/var/lib/headwater/")
+
+
+def test_no_secret_value_appears_in_any_container_args_or_env(helm: str) -> None:
+    manifests = render(
+        helm, "-f", str(CHART / "ci" / "metrics-values.yaml"), "--set", "extraEnv[0].name=HEADWATER_LOG_LEVEL"
+    )
+    secret = one(manifests, "Secret")
+    value = base64.b64decode(secret["data"]["cluster.secret"]).decode()
+    assert len(value) >= 32
+    pods = [one(manifests, "StatefulSet")["spec"]["template"]["spec"], one(manifests, "Pod")["spec"]]
+    for pod in pods:
+        for container in pod["containers"]:
+            exposed = json.dumps([container.get("command"), container.get("args"), container.get("env")])
+            assert value not in exposed, f"the cluster secret shows in container {container['name']}"
+            assert "CLUSTER_SECRET" not in exposed, "the secret must come from the file alone"
+    assert value not in one(manifests, "ConfigMap")["data"]["node.toml"]
+    volumes = {v["name"]: v for v in pods[0]["volumes"]}
+    assert volumes["cluster-secret"]["secret"]["secretName"] == secret["metadata"]["name"]
+
+
+def test_an_existing_secret_replaces_the_generated_one(helm: str) -> None:
+    manifests = render(helm, "-f", str(CHART / "ci" / "existing-secret-values.yaml"))
+    assert not [m for m in manifests if m["kind"] == "Secret"]
+    pod = one(manifests, "StatefulSet")["spec"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "cluster-secret"]
+    assert volume["secret"]["secretName"] == "headwater-secret"
+    assert volume["secret"]["items"] == [{"key": "secret", "path": "secret"}]
+    assert 'cluster_secret_file = "/etc/headwater/secret/secret"' in one(manifests, "ConfigMap")["data"]["node.toml"]
+
+
+def test_pods_run_unprivileged_with_health_probes_and_room_to_shut_down(helm: str) -> None:
+    manifests = render(helm)
+    pod = one(manifests, "StatefulSet")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] > 0
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    security = container["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert container["readinessProbe"]["grpc"] == {"port": 9192}
+    assert container["startupProbe"]["grpc"] == {"port": 9192}
+    assert container["livenessProbe"]["tcpSocket"] == {"port": "client"}
+    assert pod["terminationGracePeriodSeconds"] >= 2 * 10 + 5
+    assert one(manifests, "PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
+    assert "preferredDuringSchedulingIgnoredDuringExecution" in pod["affinity"]["podAntiAffinity"]
+    assert pod["topologySpreadConstraints"][0]["whenUnsatisfiable"] == "ScheduleAnyway"
+    assert one(manifests, "Service", "hw-headwater-headless")["spec"]["publishNotReadyAddresses"] is True
