@@ -122,7 +122,9 @@ def test_each_scenario_renders_manifests_valid_for_kubernetes_1_30(helm: str, va
     assert check_helm.validate(manifests, values) == []
 
 
-@pytest.mark.parametrize(("what", "args", "word"), check_helm.BAD_VALUES, ids=[b[0] for b in check_helm.BAD_VALUES])
+@pytest.mark.parametrize(
+    ("what", "args", "word"), check_helm.BAD_VALUES, ids=[b[0] for b in check_helm.BAD_VALUES]
+)
 def test_bad_values_are_refused_at_render(helm: str, what: str, args: list[str], word: str) -> None:
     result = check_helm.render(helm, *args)
     assert result.returncode != 0, f"helm template accepted {what}"
@@ -235,7 +237,10 @@ def test_an_existing_secret_replaces_the_generated_one(helm: str) -> None:
     (volume,) = [v for v in pod["volumes"] if v["name"] == "cluster-secret"]
     assert volume["secret"]["secretName"] == "headwater-secret"
     assert volume["secret"]["items"] == [{"key": "secret", "path": "secret"}]
-    assert 'cluster_secret_file = "/etc/headwater/secret/secret"' in one(manifests, "ConfigMap")["data"]["node.toml"]
+    assert (
+        'cluster_secret_file = "/etc/headwater/secret/secret"'
+        in one(manifests, "ConfigMap")["data"]["node.toml"]
+    )
 
 
 def test_pods_run_unprivileged_with_health_probes_and_room_to_shut_down(helm: str) -> None:
