@@ -262,3 +262,139 @@ def test_pods_run_unprivileged_with_health_probes_and_room_to_shut_down(helm: st
     assert "preferredDuringSchedulingIgnoredDuringExecution" in pod["affinity"]["podAntiAffinity"]
     assert pod["topologySpreadConstraints"][0]["whenUnsatisfiable"] == "ScheduleAnyway"
     assert one(manifests, "Service", "hw-headwater-headless")["spec"]["publishNotReadyAddresses"] is True
+
+
+# ------------------------------------------------------------------ the rendered pods, run here
+
+
+def _free_port_on_all(hosts: list[str]) -> int:
+    """A port free on every one of the hosts (loopback addresses)."""
+    import socket
+
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind((hosts[0], 0))
+            port = int(probe.getsockname()[1])
+        free = True
+        for host in hosts[1:]:
+            with socket.socket() as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    free = False
+                    break
+        if free:
+            return port
+    raise AssertionError("no port free on every loopback address")
+
+
+def _serving(address: str) -> bool:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        try:
+            answer = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=1
+            )
+        except grpc.RpcError:
+            return False
+    return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def test_the_rendered_pod_commands_form_a_cluster(helm: str, tmp_path: Path) -> None:
+    """Three pods as the chart renders them, run as local processes: each pod DNS name becomes a
+    loopback address, each volume a folder. They form the quorum, serve, and carry a record."""
+    import signal
+    import time
+
+    from headwater import Admin, Consumer, ConsumerRecord, NewTopic, Producer, TopicPartition
+
+    replicas = 3
+    hosts = [f"127.0.0.{10 + i}" for i in range(replicas)]
+    client_port = _free_port_on_all(hosts)
+    raft_port = _free_port_on_all(hosts)
+    manifests = render(
+        helm, "--set", f"replicaCount={replicas}", "--set", f"ports.client={client_port}",
+        "--set", f"ports.raft={raft_port}",
+    )  # fmt: skip
+    statefulset = one(manifests, "StatefulSet")
+    pod_spec = statefulset["spec"]["template"]["spec"]
+    (container,) = pod_spec["containers"]
+    names = {f"hw-headwater-{i}.{POD_DOMAIN}": hosts[i] for i in range(replicas)}
+    secret = one(manifests, "Secret")
+    secret_dir = tmp_path / "secret"
+    secret_dir.mkdir()
+    for key, value in secret["data"].items():
+        (secret_dir / key).write_bytes(base64.b64decode(value))
+        (secret_dir / key).chmod(0o600)
+
+    def localize(text: str, mounts: dict[str, str]) -> str:
+        for name, host in names.items():
+            text = text.replace(name, host)
+        for mount_path in sorted(mounts, key=len, reverse=True):
+            text = text.replace(mount_path, mounts[mount_path])
+        return text
+
+    processes: list[subprocess.Popen[bytes]] = []
+    logs: list[Path] = []
+    try:
+        for i in range(replicas):
+            pod_dir = tmp_path / f"pod-{i}"
+            pod_dir.mkdir()
+            mounts: dict[str, str] = {}
+            for mount in container["volumeMounts"]:
+                if mount["name"] == "config":
+                    mounts[mount["mountPath"]] = str(pod_dir / mount["subPath"])
+                elif mount["name"] == "cluster-secret":
+                    mounts[mount["mountPath"]] = str(secret_dir)
+                else:
+                    (pod_dir / mount["name"]).mkdir()
+                    mounts[mount["mountPath"]] = str(pod_dir / mount["name"])
+            node_toml = one(manifests, "ConfigMap")["data"]["node.toml"]
+            (pod_dir / "node.toml").write_text(localize(node_toml, mounts))
+            env = {k: localize(v, mounts) for k, v in pod_env(container, f"hw-headwater-{i}").items()}
+            # The pod listens on 0.0.0.0 with a port of its own; here the three share the ports.
+            env["HEADWATER_HOST"] = hosts[i]
+            env["PATH"] = os.environ["PATH"]
+            command = [localize(part, mounts) for part in container["command"]]
+            logs.append(pod_dir / "node.log")
+            with open(logs[-1], "wb") as log:
+                processes.append(
+                    subprocess.Popen(
+                        command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                    )
+                )
+        addresses = [f"{host}:{client_port}" for host in hosts]
+        deadline = time.monotonic() + 90
+        while not all(_serving(a) for a in addresses):
+            dead = [i for i, p in enumerate(processes) if p.poll() is not None]
+            assert not dead, f"pod {dead[0]} exited:\n{logs[dead[0]].read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "the pods did not all serve within 90 s"
+            time.sleep(0.2)
+
+        admin = Admin(addresses)
+        try:
+            admin.create_topics([NewTopic("orders", partitions=1, replication_factor=3)])
+        finally:
+            admin.close()
+        with Producer(addresses) as producer:
+            metadata = producer.send("orders", value=b"order-1", key=b"alice").result(timeout=30)
+        assert metadata.offset == 0
+        with Consumer(addresses, auto_offset_reset="earliest") as consumer:
+            consumer.assign([TopicPartition("orders", 0)])
+            records: list[ConsumerRecord] = []
+            deadline = time.monotonic() + 30
+            while not records and time.monotonic() < deadline:
+                records = consumer.poll(timeout_s=1.0)
+        assert [(r.key, r.value) for r in records] == [(b"alice", b"order-1")]
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in processes:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=10)
