@@ -332,9 +332,9 @@ def test_the_rendered_pod_commands_form_a_cluster(helm: str, tmp_path: Path) -> 
     def localize(text: str, mounts: dict[str, str]) -> str:
         for name, host in names.items():
             text = text.replace(name, host)
-        for mount_path in sorted(mounts, key=len, reverse=True):
-            text = text.replace(mount_path, mounts[mount_path])
-        return text
+        # One pass, longest path first: a folder put in place of one path must not be rewritten again.
+        pattern = "|".join(re.escape(path) for path in sorted(mounts, key=len, reverse=True))
+        return re.sub(pattern, lambda m: mounts[m[0]], text)
 
     processes: list[subprocess.Popen[bytes]] = []
     logs: list[Path] = []
