@@ -264,6 +264,24 @@ def test_pods_run_unprivileged_with_health_probes_and_room_to_shut_down(helm: st
     assert one(manifests, "Service", "hw-headwater-headless")["spec"]["publishNotReadyAddresses"] is True
 
 
+def test_metrics_scenario_keeps_raft_to_the_chart_pods_and_alerts_on_partitions(helm: str) -> None:
+    manifests = render(helm, "-f", str(CHART / "ci" / "metrics-values.yaml"))
+    selector = one(manifests, "StatefulSet")["spec"]["selector"]["matchLabels"]
+    rules = one(manifests, "NetworkPolicy")["spec"]["ingress"]
+    raft_rules = [r for r in rules if any(p["port"] == 9392 for p in r["ports"])]
+    assert raft_rules == [
+        {"from": [{"podSelector": {"matchLabels": selector}}], "ports": [{"port": 9392, "protocol": "TCP"}]}
+    ]
+    assert "metrics_port = 9404" in one(manifests, "ConfigMap")["data"]["node.toml"]
+    monitor = one(manifests, "ServiceMonitor")
+    assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    alerts = {r["alert"]: r for g in one(manifests, "PrometheusRule")["spec"]["groups"] for r in g["rules"]}
+    assert "headwater_under_replicated_partitions" in alerts["HeadwaterUnderReplicatedPartitions"]["expr"]
+    assert alerts["HeadwaterUnderReplicatedPartitions"]["for"] == "5m"
+    assert "headwater_offline_partitions" in alerts["HeadwaterOfflinePartitions"]["expr"]
+
+
 # ------------------------------------------------------------------ the rendered pods, run here
 
 
