@@ -212,6 +212,18 @@ def test_each_pod_gets_its_node_id_the_voters_and_its_advertised_host(
         assert config.data_dir.startswith("/var/lib/headwater/")
 
 
+def test_advertised_host_may_name_each_pod_outside_the_cluster(helm: str, tmp_path: Path) -> None:
+    manifests = render(helm, "--set", "advertisedHost=$(POD_NAME).headwater.example.com")
+    (container,) = one(manifests, "StatefulSet")["spec"]["template"]["spec"]["containers"]
+    node_toml = tmp_path / "node.toml"
+    node_toml.write_text(one(manifests, "ConfigMap")["data"]["node.toml"])
+    started = run_start_script(container, pod_env(container, "hw-headwater-1"), tmp_path)
+    config = load_config(str(node_toml), env=started)
+    assert config.advertised() == ("hw-headwater-1.headwater.example.com", 9192)
+    # The quorum still goes by the pod DNS names.
+    assert parse_voters(config.voters)[2] == f"hw-headwater-1.{POD_DOMAIN}:9392"
+
+
 def test_no_secret_value_appears_in_any_container_args_or_env(helm: str) -> None:
     manifests = render(
         helm, "-f", str(CHART / "ci" / "metrics-values.yaml"), "--set", "extraEnv[0].name=HEADWATER_LOG_LEVEL"
