@@ -418,6 +418,17 @@ def test_the_rendered_pod_commands_form_a_cluster(helm: str, tmp_path: Path) -> 
             while not records and time.monotonic() < deadline:
                 records = consumer.poll(timeout_s=1.0)
         assert [(r.key, r.value) for r in records] == [(b"alice", b"order-1")]
+
+        # The helm test pod's script, against the same nodes (bootstrap: the client Service there).
+        (test_container,) = one(manifests, "Pod")["spec"]["containers"]
+        test_env = {"HEADWATER_BOOTSTRAP": ",".join(addresses), "PATH": os.environ["PATH"]}
+        helm_test = subprocess.run(
+            test_container["command"], env=test_env, capture_output=True, text=True, timeout=120
+        )
+        assert helm_test.returncode == 0, (
+            f"the helm test script failed:\n{helm_test.stdout}{helm_test.stderr}"
+        )
+        assert "consumed: one three two" in helm_test.stdout
     finally:
         for p in processes:
             if p.poll() is None:
