@@ -95,8 +95,9 @@ _EXIT_WITH_PARENT = (
 
 
 # Linux sends the parent-death signal when the *thread* that started the child ends, so every node
-# is started from this one thread, which lives as long as the launcher's process.
-_SPAWNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="headwater-launcher")
+# is started from this one thread, which lives as long as the launcher's process (named apart from the
+# client library's "headwater-" threads, which tests count).
+_SPAWNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="node-launcher")
 
 
 def _exit_with_parent(argv: list[str]) -> list[str]:
