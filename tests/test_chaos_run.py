@@ -13,9 +13,20 @@ from headwater.chaos import net
 from headwater.chaos.history import read_history
 
 
-def _node_processes(marker: str) -> list[str]:
-    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if "headwater.node" in line and marker in line]
+def _node_processes(marker: str) -> list[int]:
+    """Pids of node processes whose command line holds ``marker`` (read whole from /proc: ps cuts
+    long command lines short when its output is not a terminal)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # gone meanwhile
+            continue
+        if "headwater.node" in args and marker in args:
+            pids.append(int(entry.name))
+    return pids
 
 
 def test_a_short_run_under_faults_is_valid_and_leaves_nothing_behind(tmp_path: Path) -> None:
@@ -103,7 +114,7 @@ def test_a_run_on_a_cluster_that_local_up_started(tmp_path: Path) -> None:
         stderr=subprocess.DEVNULL,
     )
     state = data_dir / "local.json"
-    restarted: list[int] = []
+    before: set[int] = set()
     try:
         deadline = time.monotonic() + 60
         while not state.exists():
@@ -144,20 +155,16 @@ def test_a_run_on_a_cluster_that_local_up_started(tmp_path: Path) -> None:
         ops = read_history(run_dir / "history.jsonl").ops
         kinds = {op.value["kind"] for op in ops if op.f == "fault"}
         assert kinds and kinds <= {"kill", "pause"}
-        # Nodes it restarted run on, as processes of their own (the cluster's, now without local up's
-        # supervision): found by their data dir.
-        out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-        restarted = [
-            int(line.split()[0])
-            for line in out.splitlines()
-            if "headwater.node" in line and str(data_dir) in line and int(line.split()[0]) not in before
-        ]
     finally:
         up.send_signal(signal.SIGINT)
         try:
             up.wait(60)
         except subprocess.TimeoutExpired:
             up.kill()
+        # Nodes the harness restarted run on, as processes of their own (local up no longer
+        # supervises them): found by their data dir, and stopped here.
+        restarted = [pid for pid in _node_processes(str(data_dir)) if pid not in before]
         for pid in restarted:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+    assert not _node_processes(str(data_dir))
