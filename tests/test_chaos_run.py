@@ -167,4 +167,8 @@ def test_a_run_on_a_cluster_that_local_up_started(tmp_path: Path) -> None:
         for pid in restarted:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+    # SIGKILL is delivered, and the orphans reaped, a moment later.
+    deadline = time.monotonic() + 10
+    while _node_processes(str(data_dir)) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert not _node_processes(str(data_dir))
