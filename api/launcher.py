@@ -35,6 +35,7 @@ __all__ = [
     "LaunchError",
     "voter_count",
     "port_free",
+    "free_port_block",
     "pid_alive",
     "log_tail",
 ]
@@ -59,6 +60,20 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
         except OSError:
             return False
     return True
+
+
+def free_port_block(count: int, host: str = "127.0.0.1") -> int | None:
+    """A first port ``p`` with ports ``p .. p+count-1`` free, and the same at ``p+100`` and
+    ``p+200`` (client, metrics and Raft ports, as ``local up`` lays them out); None if none found."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind((host, 0))
+            base = int(s.getsockname()[1])
+        if base + 200 + count < 65536 and all(
+            port_free(base + k + i, host) for k in (0, 100, 200) for i in range(count)
+        ):
+            return base
+    return None
 
 
 def pid_alive(pid: int) -> bool:

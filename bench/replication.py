@@ -44,7 +44,7 @@ from typing import Any
 
 from profiling import profile_summary, spy
 
-from headwater.launcher import NodeProcess, NodeSpec
+from headwater.launcher import NodeProcess, NodeSpec, free_port_block
 
 MB = 1024 * 1024
 
@@ -53,26 +53,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def free_block(count: int) -> int:
-    """A first port with ``count`` consecutive free ports from it, and the same at +100 and +200."""
-    for _ in range(200):
-        base = free_port()
-        if base + 200 + count >= 65536:
-            continue
-        ports = [base + k + i for k in (0, 100, 200) for i in range(count)]
-        ok = True
-        for p in ports:
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", p))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return base
-    raise SystemExit("no free block of ports")
 
 
 def progress(message: str) -> None:
@@ -119,7 +99,10 @@ class Headwater:
 
     def __init__(self, root: Path, nodes: int = 3) -> None:
         self.root = root
-        self.port = free_block(nodes)
+        port = free_port_block(nodes)
+        if port is None:
+            raise SystemExit("no free block of ports")
+        self.port = port
         self.nodes = nodes
         self.proc = subprocess.Popen(
             [

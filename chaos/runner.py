@@ -46,7 +46,7 @@ from headwater.chaos.history import NEMESIS_PROCESS, HistoryWriter, read_history
 from headwater.chaos.nemesis import Fault, KillNemesis, Nemesis, PartitionNemesis, PauseNemesis, Targets
 from headwater.chaos.report import write_report
 from headwater.chaos.workload import Consumers, Counters, Producers, final_read
-from headwater.launcher import LaunchError, LocalCluster, NodeProcess, NodeSpec, pid_alive
+from headwater.launcher import LaunchError, LocalCluster, NodeProcess, NodeSpec, free_port_block, pid_alive
 
 __all__ = ["RunConfig", "run", "recheck", "EXIT_VALID", "EXIT_ANOMALY", "EXIT_CANNOT_RUN", "RunError"]
 
@@ -187,7 +187,10 @@ class _Run:
             hosts = [self.network.host(i) for i in range(1, cfg.nodes + 1)]
             netns = {i: self.network.netns(i) for i in range(1, cfg.nodes + 1)}
         else:
-            port = _free_block(cfg.nodes)
+            found = free_port_block(cfg.nodes)
+            if found is None:
+                raise RunError("no free block of ports on 127.0.0.1")
+            port = found
         self.cluster = LocalCluster(
             str(self.data_dir / "cluster"),
             cfg.nodes,
@@ -444,23 +447,6 @@ def verdict_text(result: CheckResult, notes: Sequence[str] = ()) -> str:
     for note in notes:
         lines.append(f"note: {note}")
     return "\n".join(lines)
-
-
-def _free_block(count: int) -> int:
-    """A first port with ``count`` free ports there and at +100 and +200 (client, metrics, Raft)."""
-    import socket
-
-    from headwater.launcher import port_free
-
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = int(s.getsockname()[1])
-        if base + 200 + count < 65536 and all(
-            port_free(base + k + i) for k in (0, 100, 200) for i in range(count)
-        ):
-            return base
-    raise RunError("no free block of ports on 127.0.0.1")
 
 
 def run(cfg: RunConfig, out: TextIO = sys.stdout) -> int:

@@ -90,14 +90,11 @@ def request_for(p: Partition) -> R.ReplicatePartitionRequest:
     )
 
 
-def apply_answer(
-    p: Partition, asked: Requested, answer: R.ReplicatePartitionResponse, *, sync: bool = False
-) -> Answer:
+def apply_answer(p: Partition, asked: Requested, answer: R.ReplicatePartitionResponse) -> Answer:
     """Apply one partition's answer to the follower replica ``p`` (replication.proto, "What the
     follower does with each answer"). An answer to a request the replica has moved on from (a new
-    role, leader or epoch, or a log end that changed meanwhile) changes nothing. ``sync``: the
-    topic's flush_policy is fsync, so every write here is synced before the next request reports
-    the new log end as held (one sync per partition and answer)."""
+    role, leader or epoch, or a log end that changed meanwhile) changes nothing. Nothing here is
+    synced: under flush_policy=fsync the fetcher syncs once for all of an answer's partitions."""
     if (
         p.role is not Role.FOLLOWER
         or p.leader_id != asked.leader_id
@@ -113,10 +110,10 @@ def apply_answer(
         if code == E.ERROR_CODE_OFFSET_OUT_OF_RANGE:
             if answer.log_end_offset < asked.fetch_offset:
                 # Kafka's rule for a leader whose log ends below ours (after an unclean election).
-                plog.truncate_to(answer.log_end_offset, sync=sync)
+                plog.truncate_to(answer.log_end_offset)
             elif asked.fetch_offset < answer.log_start_offset:
                 # Retention moved the leader's start past our end: nothing here can be compared.
-                plog.truncate_fully_and_start_at(answer.log_start_offset, sync=sync)
+                plog.truncate_fully_and_start_at(answer.log_start_offset)
             else:
                 return Answer.BACK_OFF
             p.on_log_changed()
@@ -142,14 +139,14 @@ def apply_answer(
                 cut,
             )
             # Truncate before appending anything more; the high-watermark checkpoint follows.
-            plog.truncate_to(cut, sync=sync)
+            plog.truncate_to(cut)
             p.on_log_changed()
             return Answer.CONTINUE
         if answer.batches:
             # The leader's bytes, offsets and epochs; all or none, in one write (append_replicated).
-            plog.append_replicated(list(answer.batches), sync=sync)
+            plog.append_replicated(list(answer.batches))
         if answer.log_start_offset > plog.log_start_offset:
-            plog.delete_before(min(answer.log_start_offset, plog.log_end_offset), sync=sync)
+            plog.delete_before(min(answer.log_start_offset, plog.log_end_offset))
             p.on_log_changed()
     except StorageError as e:
         # A batch that does not continue the log is a leader bug or a stale answer: drop it.
@@ -291,7 +288,7 @@ class _LeaderFetcher:
 
     def _apply(self, parts: list[Partition], asked: dict[Key, Requested], response: Any) -> bool:
         """Apply every partition's answer; True when a flush_policy=fsync partition was written
-        (the caller syncs once for all of them)."""
+        (appended, truncated or trimmed: the caller syncs once for all of them)."""
         now_s = self.manager.clock()
         by_key = {(p.topic_id, p.index): p for p in parts}
         needs_sync = False
@@ -302,11 +299,12 @@ class _LeaderFetcher:
             key = (p.topic, p.index)
             if self.partitions.get(key) is not p:
                 continue  # dropped or moved while the request was out
-            end = p.log.log_end_offset
+            start, end = p.log.log_start_offset, p.log.log_end_offset
             outcome = apply_answer(p, asked[key], answer)
             if self.manager.on_copied is not None and p.log.log_end_offset > end:
                 self.manager.on_copied(sum(b.ByteSize() for b in answer.batches))
-            if p.log.log_end_offset != end and self.manager.sync_for(p):
+            changed = (p.log.log_start_offset, p.log.log_end_offset) != (start, end)
+            if changed and self.manager.sync_for(p):
                 needs_sync = True
             if outcome is Answer.BACK_OFF:
                 self.holds[key] = _Hold(p.leader_epoch, p.partition_epoch, now_s + PARTITION_BACKOFF_S)

@@ -150,11 +150,7 @@ class Partition:
         self.role, self.leader_id, self.leader_epoch = role, leader_id, leader_epoch
         self.partition_epoch, self.replicas, self.isr = partition_epoch, replicas, isr
         if moved or role is not Role.LEADER:
-            if self.state is not None:
-                self._settle(self.state.resign())
-                self.state = None
-            # A write waiting on the old leadership can no longer be vouched for by this one.
-            self.fail_commit_waiters(errors_pb2.ERROR_CODE_NOT_LEADER_OR_FOLLOWER)
+            self._end_leadership()
         if role is Role.LEADER:
             if self.state is None:
                 leo = self.log.log_end_offset
@@ -168,9 +164,9 @@ class Partition:
                     high_watermark_checkpoint=min(max(self._high_watermark, 0), leo),
                     now_ms=now_ms,
                 )
-                self._settle(self.state.on_leader_append(leo))
+                self.settle(self.state.on_leader_append(leo))
             else:
-                self._settle(self.state.on_metadata(record, now_ms))
+                self.settle(self.state.on_metadata(record, now_ms))
         if moved:
             self.wake()
             self.wake_replicas()
@@ -197,21 +193,18 @@ class Partition:
             epoch_entries=self.log.epoch_entries(),
             now_ms=now_ms,
         )
-        self._settle(outcome.released)
+        self.settle(outcome.released)
         return outcome
 
     def on_append(self, end_offset: int) -> None:
         """The leader's records below ``end_offset`` count toward the high watermark (appended, and
         synced under flush_policy=fsync); parked followers wake to copy them."""
         if self.state is not None and end_offset > self.state.log_end_offset:
-            self._settle(self.state.on_leader_append(min(end_offset, self.log.log_end_offset)))
+            self.settle(self.state.on_leader_append(min(end_offset, self.log.log_end_offset)))
         self.wake_replicas()
 
     def settle(self, released: tuple[AckRelease, ...]) -> None:
-        """Answer the acks=all waiters the replica state released (an ISR change, say)."""
-        self._settle(released)
-
-    def _settle(self, released: tuple[AckRelease, ...]) -> None:
+        """Answer the acks=all waiters the replica state released, and take its high watermark."""
         for r in released:
             fut = self._commit_waiters.pop(r.waiter_id, None)
             if fut is not None and not fut.done():
@@ -233,15 +226,16 @@ class Partition:
             # Only truncation below the high watermark moves it back.
             self._high_watermark = offset
 
+    def _within_log(self) -> int:
+        return min(max(self._high_watermark, self.log.log_start_offset), self.log.log_end_offset)
+
     def checkpoint_high_watermark(self, *, sync: bool = False) -> None:
         """Write the high watermark to the log's checkpoint (where a restart loads it from)."""
-        hw = min(max(self._high_watermark, self.log.log_start_offset), self.log.log_end_offset)
-        self.log.checkpoint_high_watermark(hw, sync=sync)
+        self.log.checkpoint_high_watermark(self._within_log(), sync=sync)
 
     def on_log_changed(self) -> None:
         """After retention or truncation: keep the high watermark inside the log."""
-        hw = min(max(self._high_watermark, self.log.log_start_offset), self.log.log_end_offset)
-        self._high_watermark = hw
+        self._high_watermark = self._within_log()
 
     # ----------------------------------------------------------------- acks=all waiters
 
@@ -261,7 +255,7 @@ class Partition:
         self._commit_waiters[waiter_id] = fut
         state = self.state
         fut.add_done_callback(lambda f: self._forget(state, waiter_id) if f.cancelled() else None)
-        self._settle(state.add_ack_waiter(waiter_id, offset, min_insync_replicas))
+        self.settle(state.add_ack_waiter(waiter_id, offset, min_insync_replicas))
         return fut
 
     def _forget(self, state: ReplicaState, waiter_id: int) -> None:
@@ -275,13 +269,17 @@ class Partition:
             if not fut.done():
                 fut.set_result(code)
 
+    def _end_leadership(self) -> None:
+        """The leadership (if any) ends: a write waiting on it can no longer be vouched for."""
+        if self.state is not None:
+            self.settle(self.state.resign())
+            self.state = None
+        self.fail_commit_waiters(errors_pb2.ERROR_CODE_NOT_LEADER_OR_FOLLOWER)
+
     def close(self) -> None:
         """The replica is dropped or the node stops: the leadership's waits end, parked readers and
         followers wake (and find it gone)."""
-        if self.state is not None:
-            self._settle(self.state.resign())
-            self.state = None
-        self.fail_commit_waiters(errors_pb2.ERROR_CODE_NOT_LEADER_OR_FOLLOWER)
+        self._end_leadership()
         self.wake()
         self.wake_replicas()
 
@@ -295,9 +293,7 @@ class Partition:
 
     def wake(self) -> None:
         waiters, self._waiters = self._waiters, set()
-        for fut in waiters:
-            if not fut.done():
-                fut.set_result(None)
+        _release(waiters)
 
     def park_replica(self, fut: asyncio.Future[None]) -> None:
         self._replica_waiters.add(fut)
@@ -307,6 +303,10 @@ class Partition:
 
     def wake_replicas(self) -> None:
         waiters, self._replica_waiters = self._replica_waiters, set()
-        for fut in waiters:
-            if not fut.done():
-                fut.set_result(None)
+        _release(waiters)
+
+
+def _release(waiters: set[asyncio.Future[None]]) -> None:
+    for fut in waiters:
+        if not fut.done():
+            fut.set_result(None)

@@ -216,10 +216,32 @@ def test_acked_writes_survive_a_leader_kill_once_followers_copied_them(
     )
 
 
-def test_answers_of_an_fsync_topic_are_applied_synced(store: LogStore) -> None:
+def test_answers_of_an_fsync_topic_are_applied_then_synced_once(store: LogStore) -> None:
     p = follower(store)
-    got = apply_answer(p, asked(p), answer(batches=[stamped(0, 0)], high_watermark=2), sync=True)
-    assert got is Answer.CONTINUE and p.log.log_end_offset == 2 and p.high_watermark == 2
+    fsync_topic = {p.topic}
+    manager = FetcherManager(
+        2,
+        image=ClusterMetadata,
+        channel=lambda address: pytest.fail("no stream here"),
+        auth=None,
+        broker_epoch=lambda: -1,
+        sync_for=lambda q: q.topic in fsync_topic,
+    )
+    manager.update([p])
+    fetcher = manager.fetchers[1]
+    response = R.ReplicateResponse()
+    response.partitions.append(answer(batches=[stamped(0, 0)], high_watermark=2))
+    # The answer is applied, and the fetcher is told to sync before its next request.
+    assert fetcher._apply([p], {(p.topic, p.index): asked(p)}, response) is True
+    assert p.log.log_end_offset == 2 and p.high_watermark == 2
+    assert not fetcher.holds  # applied (Answer.CONTINUE), not held back
+    # Nothing written, or a topic without fsync: no sync.
+    assert fetcher._apply([p], {(p.topic, p.index): asked(p)}, R.ReplicateResponse()) is False
+    fsync_topic.clear()
+    response = R.ReplicateResponse()
+    response.partitions.append(answer(batches=[stamped(2, 0)], high_watermark=4))
+    assert fetcher._apply([p], {(p.topic, p.index): asked(p)}, response) is False
+    assert p.log.log_end_offset == 4
 
 
 def test_the_manager_keeps_one_fetcher_per_leader_of_this_nodes_followers(store: LogStore) -> None:
