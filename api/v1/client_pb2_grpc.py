@@ -98,6 +98,16 @@ class HeadwaterServiceStub:
                 request_serializer=headwater_dot_v1_dot_client__pb2.DescribeReplicasRequest.SerializeToString,
                 response_deserializer=headwater_dot_v1_dot_client__pb2.DescribeReplicasResponse.FromString,
                 _registered_method=True)
+        self.Publish = channel.unary_unary(
+                '/headwater.v1.HeadwaterService/Publish',
+                request_serializer=headwater_dot_v1_dot_client__pb2.PublishRequest.SerializeToString,
+                response_deserializer=headwater_dot_v1_dot_client__pb2.PublishResponse.FromString,
+                _registered_method=True)
+        self.PublishStream = channel.stream_stream(
+                '/headwater.v1.HeadwaterService/PublishStream',
+                request_serializer=headwater_dot_v1_dot_client__pb2.PublishStreamRequest.SerializeToString,
+                response_deserializer=headwater_dot_v1_dot_client__pb2.PublishStreamResponse.FromString,
+                _registered_method=True)
 
 
 class HeadwaterServiceServicer:
@@ -193,6 +203,26 @@ class HeadwaterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Publish(self, request, context):
+        """Produce plain records with no client library (grpcurl, any gRPC stack), through any node. The
+        node picks each record's partition (the rule below), builds the batches, appends them on the
+        partitions' leaders (forwarding inside the cluster, and retrying a leader change until
+        timeout_ms) and answers each record with its partition and offset, or its own error.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PublishStream(self, request_iterator, context):
+        """Publish over one long-lived stream, for callers that keep many requests in flight: each
+        request is answered in the order sent. Requests of one stream are appended concurrently, so
+        records that must keep their order go in one request (see PublishRequest). A malformed request
+        ends the stream with INVALID_ARGUMENT.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HeadwaterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -250,6 +280,16 @@ def add_HeadwaterServiceServicer_to_server(servicer, server):
                     servicer.DescribeReplicas,
                     request_deserializer=headwater_dot_v1_dot_client__pb2.DescribeReplicasRequest.FromString,
                     response_serializer=headwater_dot_v1_dot_client__pb2.DescribeReplicasResponse.SerializeToString,
+            ),
+            'Publish': grpc.unary_unary_rpc_method_handler(
+                    servicer.Publish,
+                    request_deserializer=headwater_dot_v1_dot_client__pb2.PublishRequest.FromString,
+                    response_serializer=headwater_dot_v1_dot_client__pb2.PublishResponse.SerializeToString,
+            ),
+            'PublishStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.PublishStream,
+                    request_deserializer=headwater_dot_v1_dot_client__pb2.PublishStreamRequest.FromString,
+                    response_serializer=headwater_dot_v1_dot_client__pb2.PublishStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -558,6 +598,60 @@ class HeadwaterService:
             '/headwater.v1.HeadwaterService/DescribeReplicas',
             headwater_dot_v1_dot_client__pb2.DescribeReplicasRequest.SerializeToString,
             headwater_dot_v1_dot_client__pb2.DescribeReplicasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Publish(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/headwater.v1.HeadwaterService/Publish',
+            headwater_dot_v1_dot_client__pb2.PublishRequest.SerializeToString,
+            headwater_dot_v1_dot_client__pb2.PublishResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PublishStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/headwater.v1.HeadwaterService/PublishStream',
+            headwater_dot_v1_dot_client__pb2.PublishStreamRequest.SerializeToString,
+            headwater_dot_v1_dot_client__pb2.PublishStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,
