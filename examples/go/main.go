@@ -15,6 +15,7 @@ import (
 	"io"
 	"math/rand"
 	"os"
+	"path/filepath"
 	"sort"
 	"strings"
 	"time"
@@ -136,7 +137,7 @@ func (w written) count() int {
 func main() {
 	topic := flag.String("topic", "", "topic to create (default: a random name)")
 	partitions := flag.Int("partitions", 6, "partitions of the topic")
-	goldenPath := flag.String("golden", "../../proto/testdata/golden.json", "the golden vectors")
+	goldenPath := flag.String("golden", defaultGolden(), "the golden vectors")
 	flag.Parse()
 	if flag.NArg() != 1 {
 		fmt.Fprintln(os.Stderr, "usage: headwater-example-go [-topic NAME] [-partitions N] [-golden PATH] BOOTSTRAP")
@@ -184,6 +185,15 @@ func main() {
 		os.Exit(1)
 	}
 	fmt.Printf("OK: %d checks passed in %.1f s\n", c.passed, time.Since(started).Seconds())
+}
+
+// defaultGolden is the repository's golden vectors, found from the executable (examples/go/build/).
+func defaultGolden() string {
+	rel := filepath.Join("proto", "testdata", "golden.json")
+	if exe, err := os.Executable(); err == nil {
+		return filepath.Join(filepath.Dir(exe), "..", "..", "..", rel)
+	}
+	return rel
 }
 
 func createTopic(cl *cluster, topic string, partitions int32) {

@@ -764,7 +764,7 @@ public final class HeadwaterExample {
 
   public static void main(String[] args) throws Exception {
     String topic = "";
-    String goldenPath = "../../proto/testdata/golden.json";
+    String goldenPath = "proto/testdata/golden.json"; // from the repository's root
     int numPartitions = 6;
     List<String> rest = new ArrayList<>();
     for (int i = 0; i < args.length; i++) {
@@ -772,6 +772,9 @@ public final class HeadwaterExample {
         case "--topic": topic = args[++i]; break;
         case "--golden": goldenPath = args[++i]; break;
         case "--partitions": numPartitions = Integer.parseInt(args[++i]); break;
+        case "-h": case "--help":
+          System.out.println("usage: HeadwaterExample [--topic NAME] [--partitions N] [--golden PATH] BOOTSTRAP");
+          return;
         default: rest.add(args[i]);
       }
     }

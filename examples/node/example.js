@@ -653,12 +653,17 @@ async function main() {
   const args = process.argv.slice(2);
   const opts = { topic: '', partitions: 6, golden: path.join(__dirname, '../../proto/testdata/golden.json'), proto: path.join(__dirname, '../../proto') };
   const rest = [];
+  const usage = 'usage: node example.js [--topic NAME] [--partitions N] [--golden PATH] [--proto DIR] BOOTSTRAP';
+  if (args.includes('--help') || args.includes('-h')) {
+    console.log(usage);
+    return;
+  }
   for (let i = 0; i < args.length; i++) {
     if (args[i].startsWith('--') && args[i].slice(2) in opts) opts[args[i].slice(2)] = args[++i];
     else rest.push(args[i]);
   }
   if (rest.length !== 1) {
-    console.error('usage: node example.js [--topic NAME] [--partitions N] [--golden PATH] [--proto DIR] BOOTSTRAP');
+    console.error(usage);
     process.exit(2);
   }
   const bootstrap = rest[0].split(',')[0];
