@@ -27,6 +27,7 @@ __all__ = [
     "DecodedRecord",
     "UnknownCompressionError",
     "batch_crc",
+    "crc_header",
     "build_batch",
     "encode_batch_parts",
     "compress",
@@ -94,7 +95,16 @@ def batch_crc(batch: records_pb2.RecordBatch, records: bytes | None = None) -> i
     ``records``: the batch's records bytes when the caller holds them already (reading the field
     copies it: a quarter of a megabyte for a full batch).
     """
-    header = _CRC_HEADER.pack(
+    header = crc_header(batch)
+    return _crc32c.crc32c(batch.records if records is None else records, _crc32c.crc32c(header))
+
+
+def crc_header(batch: records_pb2.RecordBatch) -> bytes:
+    """The 44 big-endian header bytes the CRC covers before the records (records.proto).
+
+    Raises ``struct.error`` when a field is out of its fixed-width range.
+    """
+    return _CRC_HEADER.pack(
         batch.last_offset_delta,
         batch.first_timestamp_ms,
         batch.max_timestamp_ms,
@@ -104,7 +114,6 @@ def batch_crc(batch: records_pb2.RecordBatch, records: bytes | None = None) -> i
         batch.compression,
         batch.record_count,
     )
-    return _crc32c.crc32c(batch.records if records is None else records, _crc32c.crc32c(header))
 
 
 def crc_is_valid(batch: records_pb2.RecordBatch, records: bytes | None = None) -> bool:
