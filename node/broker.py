@@ -418,7 +418,7 @@ class Broker:
             records = b.records  # read once: each read of the field copies it
             code, why = check_header(b, rules, records)
             if code != E.ERROR_CODE_NONE:
-                return code, why
+                return code, f"batch {i}: {why}"
             left = budget.left
             if b.compression == COMPRESSION_NONE:
                 code, why, inflated = check_payload(b, rules, now_ms, left, records)
@@ -433,7 +433,7 @@ class Broker:
                     f"{self.config.max_decompressed_bytes} together; nothing was stored: send fewer",
                 )
             if code != E.ERROR_CODE_NONE:
-                return code, why
+                return code, f"batch {i}: {why}"
         pr.ClearField("error_batch_index")
         if checked_off_loop:
             # Leadership may have moved while the records were checked off the loop.

@@ -39,6 +39,7 @@ __all__ = [
     "stored_batches_size",
     "add_stored_batches",
     "crc_is_valid",
+    "crc_problem",
     "records_problem",
     "check_records",
     "RecordsCheck",
@@ -121,6 +122,20 @@ def crc_is_valid(batch: records_pb2.RecordBatch, records: bytes | None = None) -
         return batch_crc(batch, records) == batch.crc
     except struct.error:  # a header field out of its fixed-width range cannot have a valid CRC
         return False
+
+
+def crc_problem(batch: records_pb2.RecordBatch, records: bytes | None = None) -> str:
+    """Why a batch's ``crc`` is wrong, naming the value it should have, or "" when it is right."""
+    try:
+        expected = batch_crc(batch, records)
+    except struct.error as e:  # a header field out of its fixed-width range
+        return f"crc cannot be computed: a header field is out of range ({e})"
+    if expected == batch.crc:
+        return ""
+    return (
+        f"crc is 0x{batch.crc:08x}, expected 0x{expected:08x} (CRC32C over the 44-byte header and the "
+        "records bytes as sent; see records.proto)"
+    )
 
 
 def _zstd_compressor() -> _zstd.ZstdCompressor:
@@ -210,33 +225,58 @@ def check_records(
     """
     data = batch.records if records is None else records
     first = batch.first_timestamp_ms
+    compression = batch.compression
     try:
-        inflated = decompress(batch.compression, data, max_size)
+        inflated = decompress(compression, data, max_size)
     except InflateLimitError as e:
-        return RecordsCheck(f"records payload cannot be read: {e}", max_size + 1, first)
-    except Exception as e:  # damaged frame, unknown codec
-        return RecordsCheck(f"records payload cannot be read: {e}", 0, first)
+        return RecordsCheck(
+            f"records payload is too large: {e}; expected at most {max_size} bytes inflated "
+            "(max_decompressed_bytes)",
+            max_size + 1,
+            first,
+        )
+    except UnknownCompressionError:
+        return RecordsCheck(f"compression is {compression}, expected {_COMPRESSION_CHOICES}", 0, first)
+    except Exception as e:  # damaged frame
+        return RecordsCheck(
+            f"records payload cannot be inflated: {e}; expected {_FRAMING.get(compression, 'a frame')} "
+            "(records.proto)",
+            0,
+            first,
+        )
     # Count the records before parsing them: a small payload can hold millions of empty records,
     # and parsing those costs far more than their bytes suggest.
     held = _count_records(inflated, batch.record_count)
+    if held < 0:
+        return RecordsCheck(_NOT_RECORDS, len(inflated), first)
     if held != batch.record_count:
-        more = "more than " if held > batch.record_count else ""
+        held_ = f"more than {batch.record_count}" if held > batch.record_count else str(held)
         return RecordsCheck(
-            f"header says {batch.record_count} records, payload holds {more}{held}", len(inflated), first
+            f"record_count is {batch.record_count}, expected {held_}, the number of records in the payload",
+            len(inflated),
+            first,
         )
     try:
         payload = records_pb2.Records.FromString(inflated)
     except Exception as e:  # not a Records message
-        return RecordsCheck(f"records payload cannot be read: {e}", len(inflated), first)
+        return RecordsCheck(f"{_NOT_RECORDS}: {e}", len(inflated), first)
     records_ = payload.records
     if len(records_) != batch.record_count:
         return RecordsCheck(
-            f"header says {batch.record_count} records, payload holds {len(records_)}", len(inflated), first
+            f"record_count is {batch.record_count}, expected {len(records_)}, the number of records in "
+            "the payload",
+            len(inflated),
+            first,
         )
     max_delta = min_delta = None
     for i, r in enumerate(records_):
         if r.offset_delta != i:
-            return RecordsCheck(f"record {i} has offset delta {r.offset_delta}", len(inflated), first)
+            return RecordsCheck(
+                f"record {i}: offset_delta is {r.offset_delta}, expected {i} (offset deltas run "
+                "0..record_count-1 in order)",
+                len(inflated),
+                first,
+            )
         d = r.timestamp_delta_ms
         if max_delta is None or d > max_delta:
             max_delta = d
@@ -244,8 +284,30 @@ def check_records(
             min_delta = d
     assert max_delta is not None and min_delta is not None
     if first + max_delta != batch.max_timestamp_ms:
-        return RecordsCheck("max_timestamp_ms disagrees with the records' timestamps", len(inflated), first)
+        return RecordsCheck(
+            f"max_timestamp_ms is {batch.max_timestamp_ms}, expected {first + max_delta} (the largest "
+            "record timestamp: first_timestamp_ms + the largest timestamp_delta_ms)",
+            len(inflated),
+            first,
+        )
     return RecordsCheck("", len(inflated), first + min_delta)
+
+
+_COMPRESSION_CHOICES = (
+    "0 (COMPRESSION_TYPE_NONE), 1 (COMPRESSION_TYPE_GZIP), 2 (COMPRESSION_TYPE_LZ4) "
+    "or 3 (COMPRESSION_TYPE_ZSTD)"
+)
+_FRAMING = {
+    records_pb2.COMPRESSION_TYPE_GZIP: "one gzip member (RFC 1952) for COMPRESSION_TYPE_GZIP",
+    records_pb2.COMPRESSION_TYPE_LZ4: (
+        "one LZ4 frame (the frame format, not raw LZ4 blocks) for COMPRESSION_TYPE_LZ4"
+    ),
+    records_pb2.COMPRESSION_TYPE_ZSTD: "one zstd frame for COMPRESSION_TYPE_ZSTD",
+}
+_NOT_RECORDS = (
+    "records payload does not parse as records.proto's Records message, expected the serialized "
+    "Records message (compressed as compression says)"
+)
 
 
 def _count_records(data: bytes, limit: int) -> int:
