@@ -184,6 +184,15 @@ def _broken(name: str) -> tuple[records_pb2.RecordBatch, ProduceRules]:
         b = _with_payload(b, lz4.block.compress(b.records), records_pb2.COMPRESSION_TYPE_LZ4)
     elif name == "zlib, not gzip":
         b = _with_payload(b, zlib.compress(b.records), records_pb2.COMPRESSION_TYPE_GZIP)
+    elif name == "two gzip members":
+        member = codec.compress(records_pb2.COMPRESSION_TYPE_GZIP, b.records)
+        b = _with_payload(b, member + member, records_pb2.COMPRESSION_TYPE_GZIP)
+    elif name == "bytes after the zstd frame":
+        frame = codec.compress(records_pb2.COMPRESSION_TYPE_ZSTD, b.records)
+        b = _with_payload(b, frame + b"\x00\x00", records_pb2.COMPRESSION_TYPE_ZSTD)
+    elif name == "lz4 frame cut off":
+        frame = codec.compress(records_pb2.COMPRESSION_TYPE_LZ4, b.records)
+        b = _with_payload(b, frame[:-2], records_pb2.COMPRESSION_TYPE_LZ4)
     elif name == "inflates too far":
         bomb = zstandard.ZstdCompressor().compress(b"\0" * (2 << 20))
         b = _with_payload(b, bomb, records_pb2.COMPRESSION_TYPE_ZSTD)
@@ -251,6 +260,21 @@ def _broken(name: str) -> tuple[records_pb2.RecordBatch, ProduceRules]:
             "expected one LZ4 frame (the frame format, not raw LZ4 blocks) for COMPRESSION_TYPE_LZ4",
         ),
         ("zlib, not gzip", E.ERROR_CODE_CORRUPT_MESSAGE, "expected one gzip member (RFC 1952)"),
+        (
+            "two gzip members",
+            E.ERROR_CODE_CORRUPT_MESSAGE,
+            "bytes follow the first gzip member; expected one gzip member (RFC 1952)",
+        ),
+        (
+            "bytes after the zstd frame",
+            E.ERROR_CODE_CORRUPT_MESSAGE,
+            "2 bytes follow the first frame; expected one zstd frame",
+        ),
+        (
+            "lz4 frame cut off",
+            E.ERROR_CODE_CORRUPT_MESSAGE,
+            "the frame is cut off before its end; expected one LZ4 frame",
+        ),
         (
             "inflates too far",
             E.ERROR_CODE_CORRUPT_MESSAGE,

@@ -47,6 +47,7 @@ __all__ = [
     "CREATE_TIME",
     "LOG_APPEND_TIME",
     "InflateLimitError",
+    "FramingError",
     "COMPRESSION_BY_NAME",
 ]
 
@@ -169,11 +170,18 @@ class InflateLimitError(ValueError):
     """A records payload would inflate past the caller's bound (a compression bomb)."""
 
 
-def decompress(compression: int, data: bytes, max_size: int = 1 << 30) -> bytes:
+class FramingError(ValueError):
+    """A records payload is not exactly one whole frame (or gzip member) of its compression."""
+
+
+def decompress(compression: int, data: bytes, max_size: int = 1 << 30, *, whole: bool = False) -> bytes:
     """Inflate a records payload, never holding more than ``max_size + 1`` inflated bytes.
 
     Raises ``InflateLimitError`` past the bound, ``UnknownCompressionError`` for an unknown codec,
-    and the codec's own error for a damaged frame.
+    and the codec's own error for a damaged frame. With ``whole`` (a producer's batch), also
+    ``FramingError`` unless the payload is one complete frame with nothing after it: decoders in
+    other languages read on across concatenated frames or gzip members, where this one stops after
+    the first, so a payload that holds more than one would decode differently elsewhere.
     """
     if compression == records_pb2.COMPRESSION_TYPE_NONE:
         return data
@@ -184,16 +192,58 @@ def decompress(compression: int, data: bytes, max_size: int = 1 << 30) -> bytes:
         if declared > max_size:
             raise InflateLimitError(f"records payload declares {declared} bytes, above {max_size}")
         out = bytes(_zstd_decompressor().decompress(data, max_output_size=max_size + 1))
+        ended, after = True, (len(data) - _zstd_frame_size(data)) if whole else 0
     elif compression == records_pb2.COMPRESSION_TYPE_LZ4:
-        out = bytes(_lz4.LZ4FrameDecompressor().decompress(data, max_length=max_size + 1))
+        lz = _lz4.LZ4FrameDecompressor()
+        out = bytes(lz.decompress(data, max_length=max_size + 1))
+        ended, after = lz.eof, len(lz.unused_data or b"")
     elif compression == records_pb2.COMPRESSION_TYPE_GZIP:
         d = zlib.decompressobj(31)
         out = d.decompress(data, max_size + 1)
+        ended, after = d.eof, len(d.unused_data)
     else:
         raise UnknownCompressionError(f"unknown compression type {compression}")
     if len(out) > max_size:
         raise InflateLimitError(f"records payload inflates past {max_size} bytes")
+    if whole:
+        unit = "gzip member" if compression == records_pb2.COMPRESSION_TYPE_GZIP else "frame"
+        if not ended:
+            raise FramingError(f"the {unit} is cut off before its end")
+        if after:
+            raise FramingError(f"{after} byte{'s' if after > 1 else ''} follow the first {unit}")
     return out
+
+
+_ZSTD_MAGIC = 0xFD2FB528
+_ZSTD_DICT_ID_BYTES = (0, 1, 2, 4)
+_ZSTD_CONTENT_SIZE_BYTES = (0, 2, 4, 8)
+
+
+def _zstd_frame_size(data: bytes) -> int:
+    """The length of the zstd frame at the start of ``data`` (RFC 8878, 3.1.1), read from its
+    header and block headers without inflating anything; raises ``FramingError`` when ``data`` does
+    not start with a whole zstd frame."""
+    end = len(data)
+    if end < 5 or int.from_bytes(data[:4], "little") != _ZSTD_MAGIC:
+        raise FramingError("the payload does not start with a zstd frame")
+    descriptor = data[4]
+    single_segment = descriptor >> 5 & 1
+    content_size_bytes = _ZSTD_CONTENT_SIZE_BYTES[descriptor >> 6] or single_segment
+    pos = 5 + (not single_segment) + _ZSTD_DICT_ID_BYTES[descriptor & 3] + content_size_bytes
+    while True:
+        if pos + 3 > end:
+            raise FramingError("the frame is cut off before its end")
+        header = int.from_bytes(data[pos : pos + 3], "little")
+        kind, size = header >> 1 & 3, header >> 3
+        if kind == 3:
+            raise FramingError("the frame holds a block of the reserved type")
+        pos += 3 + (1 if kind == 1 else size)  # an RLE block holds one byte
+        if header & 1:  # the last block
+            break
+    pos += 4 if descriptor & 4 else 0  # the content checksum
+    if pos > end:
+        raise FramingError("the frame is cut off before its end")
+    return pos
 
 
 def records_problem(batch: records_pb2.RecordBatch, max_size: int, records: bytes | None = None) -> str:
@@ -227,7 +277,7 @@ def check_records(
     first = batch.first_timestamp_ms
     compression = batch.compression
     try:
-        inflated = decompress(compression, data, max_size)
+        inflated = decompress(compression, data, max_size, whole=True)
     except InflateLimitError as e:
         return RecordsCheck(
             f"records payload is too large: {e}; expected at most {max_size} bytes inflated "
