@@ -302,6 +302,23 @@ KAFKA_UTILS_TEST_MURMUR2 = {
 }
 
 
+# librdkafka's expectations of its Java-compatible murmur2 (src/rdmurmur2.c, unittest_murmur2, the
+# table named java_murmur2_results), as unsigned 32-bit values: every tail length, 0 to 3 bytes.
+LIBRDKAFKA_JAVA_MURMUR2 = {
+    b"kafka": 0xD067CF64,
+    b"giberish123456789": 0x8F552B0C,
+    b"1234": 0x9FC97B14,
+    b"234": 0xE7C009CA,
+    b"34": 0x873930DA,
+    b"4": 0x5A4B5CA1,
+    b"PreAmbleWillBeRemoved,ThePrePartThatIs": 0x78424F1C,
+    b"reAmbleWillBeRemoved,ThePrePartThatIs": 0x4A62B377,
+    b"eAmbleWillBeRemoved,ThePrePartThatIs": 0xE0E4E09E,
+    b"AmbleWillBeRemoved,ThePrePartThatIs": 0x62B8B43F,
+    b"": 0x106E08D9,
+}
+
+
 @pytest.mark.parametrize("v", DOC["partitioner"], ids=[v["key"] or "empty" for v in DOC["partitioner"]])
 def test_partitioner_vector_matches_the_client(v: dict[str, Any]) -> None:
     key = bytes.fromhex(v["key"])
@@ -312,7 +329,7 @@ def test_partitioner_vector_matches_the_client(v: dict[str, Any]) -> None:
         assert p == (v["murmur2"] & 0x7FFFFFFF) % int(n)
 
 
-def test_partitioner_vectors_agree_with_kafkas_own_test() -> None:
+def test_partitioner_vectors_agree_with_kafkas_own_tests() -> None:
     by_key = {bytes.fromhex(v["key"]): v["murmur2"] for v in DOC["partitioner"]}
     shared = KAFKA_UTILS_TEST_MURMUR2.keys() & by_key.keys()
     assert shared == {b"21", b"foobar", b"abc"}
@@ -320,6 +337,9 @@ def test_partitioner_vectors_agree_with_kafkas_own_test() -> None:
         assert murmur2(key) == expected, key
         if key in by_key:
             assert by_key[key] == expected, key
+    for key, unsigned in LIBRDKAFKA_JAVA_MURMUR2.items():
+        assert murmur2(key) & 0xFFFFFFFF == unsigned, key
+    assert by_key[b""] & 0xFFFFFFFF == LIBRDKAFKA_JAVA_MURMUR2[b""]
     assert set(DOC["partitioner"][0]["partitions"]) == {"1", "2", "3", "6", "12", "100"}
     tails = {len(bytes.fromhex(v["key"])) % 4 for v in DOC["partitioner"] if v["key"]}
     assert tails == {0, 1, 2, 3}
