@@ -404,7 +404,10 @@ class Broker:
             pr.leader_id, pr.leader_epoch = p.leader_id, p.leader_epoch
             return check.error_code, check.message
         if not pd.batches:
-            return E.ERROR_CODE_INVALID_REQUEST, "no record batches for this partition"
+            return (
+                E.ERROR_CODE_INVALID_REQUEST,
+                "batches is empty, expected at least one RecordBatch for this partition",
+            )
         cfg = self.topic_config(topic)
         rules = ProduceRules.of_topic(cfg, self.config.max_decompressed_bytes, self.config.max_batch_records)
         checked_off_loop = False

@@ -408,6 +408,9 @@ def test_a_refused_batch_is_never_stored_and_the_answer_names_it(broker: Broker)
     r = produce(broker, "t", batch(NOW), batch(0))
     assert r.error_code == E.ERROR_CODE_INVALID_TIMESTAMP and r.error_batch_index == 1
     assert r.error_message.startswith("batch 1: record timestamp 0 is not a time, expected > 0")
+    r = produce(broker, "t")
+    assert r.error_code == E.ERROR_CODE_INVALID_REQUEST
+    assert r.error_message == "batches is empty, expected at least one RecordBatch for this partition"
     # Beyond the node's before-bound (7 days here), and beyond the default after-bound (1 hour).
     r = produce(broker, "t", batch(NOW - 8 * 24 * HOUR))
     assert r.error_code == E.ERROR_CODE_INVALID_TIMESTAMP
