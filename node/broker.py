@@ -404,7 +404,10 @@ class Broker:
             pr.leader_id, pr.leader_epoch = p.leader_id, p.leader_epoch
             return check.error_code, check.message
         if not pd.batches:
-            return E.ERROR_CODE_INVALID_REQUEST, "no record batches for this partition"
+            return (
+                E.ERROR_CODE_INVALID_REQUEST,
+                "batches is empty, expected at least one RecordBatch for this partition",
+            )
         cfg = self.topic_config(topic)
         rules = ProduceRules.of_topic(cfg, self.config.max_decompressed_bytes, self.config.max_batch_records)
         checked_off_loop = False
@@ -418,7 +421,7 @@ class Broker:
             records = b.records  # read once: each read of the field copies it
             code, why = check_header(b, rules, records)
             if code != E.ERROR_CODE_NONE:
-                return code, why
+                return code, f"batch {i}: {why}"
             left = budget.left
             if b.compression == COMPRESSION_NONE:
                 code, why, inflated = check_payload(b, rules, now_ms, left, records)
@@ -433,7 +436,7 @@ class Broker:
                     f"{self.config.max_decompressed_bytes} together; nothing was stored: send fewer",
                 )
             if code != E.ERROR_CODE_NONE:
-                return code, why
+                return code, f"batch {i}: {why}"
         pr.ClearField("error_batch_index")
         if checked_off_loop:
             # Leadership may have moved while the records were checked off the loop.

@@ -64,24 +64,21 @@ class ProduceRules:
 
 
 def producer_id_problem(producer_id: int, producer_epoch: int, base_sequence: int) -> str:
-    """Why a batch's producer fields break the contract, or "" (records.proto, Producer ids)."""
+    """Why a batch's producer fields break the contract, naming the value expected, or ""
+    (records.proto, Producer ids)."""
     if producer_id < -1:
-        return (
-            f"producer_id {producer_id} is invalid: producer ids are allocated from 1, "
-            "and 0 or -1 mean no producer id"
-        )
+        return f"producer_id is {producer_id}, expected >= 1 (an allocated id), or 0 or -1 for none"
     if not batch_codec.has_producer_id(producer_id):
-        if producer_epoch not in _NONE_VALUES or base_sequence not in _NONE_VALUES:
-            return (
-                f"producer_epoch={producer_epoch} and base_sequence={base_sequence} need a producer id; "
-                f"without one (producer_id {producer_id}) they must be 0 or -1"
-            )
+        for name, value in (("producer_epoch", producer_epoch), ("base_sequence", base_sequence)):
+            if value not in _NONE_VALUES:
+                return (
+                    f"{name} is {value}, expected 0 or -1 without a producer id "
+                    f"(producer_id is {producer_id})"
+                )
         return ""
-    if producer_epoch < 0 or base_sequence < 0:
-        return (
-            f"with producer_id {producer_id}, producer_epoch and base_sequence must be >= 0, "
-            f"got {producer_epoch} and {base_sequence}"
-        )
+    for name, value in (("producer_epoch", producer_epoch), ("base_sequence", base_sequence)):
+        if value < 0:
+            return f"{name} is {value}, expected >= 0 with producer_id {producer_id}"
     return ""
 
 
@@ -95,21 +92,22 @@ def timestamp_problem(min_timestamp_ms: int, max_timestamp_ms: int, now_ms: int,
         return ""  # the leader's clock replaces them
     if min_timestamp_ms <= 0:
         return (
-            f"record timestamp {min_timestamp_ms} is not a time: with message_timestamp_type=CreateTime "
-            "every record needs its create time in ms since the Unix epoch, > 0 (a producer that leaves "
-            "first_timestamp_ms unset sends 0, which time-based retention would delete at once)"
+            f"record timestamp {min_timestamp_ms} is not a time, expected > 0 (ms since the Unix epoch): "
+            "with message_timestamp_type=CreateTime every record needs its create time, "
+            "first_timestamp_ms + timestamp_delta_ms (a producer that leaves first_timestamp_ms unset "
+            "sends 0, which time-based retention would delete at once)"
         )
     before = rules.timestamp_before_max_ms
     if before >= 0 and now_ms - min_timestamp_ms > before:
         return (
             f"record timestamp {min_timestamp_ms} is {now_ms - min_timestamp_ms} ms before the leader's "
-            f"clock ({now_ms}), beyond message_timestamp_before_max_ms={before}"
+            f"clock ({now_ms}), expected at most message_timestamp_before_max_ms={before} ms before it"
         )
     after = rules.timestamp_after_max_ms
     if after >= 0 and max_timestamp_ms - now_ms > after:
         return (
             f"record timestamp {max_timestamp_ms} is {max_timestamp_ms - now_ms} ms after the leader's "
-            f"clock ({now_ms}), beyond message_timestamp_after_max_ms={after}"
+            f"clock ({now_ms}), expected at most message_timestamp_after_max_ms={after} ms after it"
         )
     return ""
 
@@ -136,25 +134,36 @@ def check_header(
     if size > rules.max_message_bytes:
         return (
             E.ERROR_CODE_RECORD_TOO_LARGE,
-            f"batch of {size} bytes exceeds max_message_bytes={rules.max_message_bytes}",
+            f"batch is {size} bytes, expected at most max_message_bytes={rules.max_message_bytes} (the "
+            "serialized RecordBatch, records compressed); nothing was stored",
         )
-    if batch.record_count > rules.max_batch_records:
+    count = batch.record_count
+    if count > rules.max_batch_records:
         return (
             E.ERROR_CODE_RECORD_TOO_LARGE,
-            f"batch of {batch.record_count} records exceeds max_batch_records={rules.max_batch_records}; "
-            "nothing was stored: split it",
+            f"record_count is {count}, expected at most max_batch_records={rules.max_batch_records}; "
+            "nothing was stored: split the batch",
         )
-    if (
-        batch.record_count < 1
-        or batch.last_offset_delta != batch.record_count - 1
-        or not batch_codec.crc_is_valid(batch, records)
-    ):
-        return E.ERROR_CODE_CORRUPT_MESSAGE, "batch CRC or header is invalid; nothing was stored"
+    if count < 1:
+        return (
+            E.ERROR_CODE_CORRUPT_MESSAGE,
+            f"record_count is {count}, expected at least 1 (a batch holds at least one record); "
+            "nothing was stored",
+        )
+    if batch.last_offset_delta != count - 1:
+        return (
+            E.ERROR_CODE_CORRUPT_MESSAGE,
+            f"last_offset_delta is {batch.last_offset_delta}, expected {count - 1} (record_count - 1); "
+            "nothing was stored",
+        )
+    problem = batch_codec.crc_problem(batch, records)
+    if problem:
+        return E.ERROR_CODE_CORRUPT_MESSAGE, f"{problem}; nothing was stored"
     if batch.timestamp_type != batch_codec.CREATE_TIME:
         return (
             E.ERROR_CODE_INVALID_TIMESTAMP,
-            f"timestamp_type={batch.timestamp_type} is the leader's to set: a producer's batch leaves it "
-            "CREATE_TIME (0), whatever the topic's message_timestamp_type; nothing was stored",
+            f"timestamp_type is {batch.timestamp_type}, expected 0 (TIMESTAMP_TYPE_CREATE_TIME): the "
+            "leader sets it, whatever the topic's message_timestamp_type; nothing was stored",
         )
     problem = producer_id_problem(batch.producer_id, batch.producer_epoch, batch.base_sequence)
     if problem:

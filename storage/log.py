@@ -38,7 +38,7 @@ from headwater.v1.batch import (
     LOG_APPEND_TIME,
     RecordBatch,
     batch_crc,
-    crc_is_valid,
+    crc_problem,
     decode_records,
 )
 
@@ -151,32 +151,48 @@ def _last_before(cf: Rdict, key: bytes, lower: bytes) -> tuple[bytes, bytes] | N
 
 def _check_stamped(batch: RecordBatch) -> None:
     """The checks of a batch a leader already stamped (the follower path): CRC and header."""
-    if not crc_is_valid(batch):
-        raise CorruptRecordError(f"batch at {batch.base_offset}: CRC does not match its contents")
+    at = f"batch at offset {batch.base_offset}"
+    problem = crc_problem(batch)
+    if problem:
+        raise CorruptRecordError(f"{at}: {problem}")
     if batch.last_offset_delta < 0 or not 0 <= batch.record_count <= batch.last_offset_delta + 1:
         raise CorruptRecordError(
-            f"batch at {batch.base_offset}: bad header: last_offset_delta={batch.last_offset_delta}, "
-            f"record_count={batch.record_count}"
+            f"{at}: last_offset_delta is {batch.last_offset_delta} and record_count is "
+            f"{batch.record_count}, expected last_offset_delta >= 0 and 0 <= record_count <= "
+            "last_offset_delta + 1"
         )
     if batch.base_offset < 0 or batch.base_offset + batch.last_offset_delta > _I64_MAX:
-        raise CorruptRecordError(f"bad base_offset {batch.base_offset}")
-    if not 0 <= batch.partition_leader_epoch <= _MAX_EPOCH:
-        epoch = batch.partition_leader_epoch
-        raise CorruptRecordError(f"batch at {batch.base_offset}: bad partition_leader_epoch {epoch}")
-
-
-def _check_fresh(batch: RecordBatch) -> None:
-    """The checks of a producer's batch (``append``): CRC and the offset-count header."""
-    if not crc_is_valid(batch):
-        raise CorruptRecordError("batch CRC does not match its contents")
-    if batch.record_count < 1:
-        raise CorruptRecordError(f"a batch holds at least one record, got record_count={batch.record_count}")
-    if batch.last_offset_delta != batch.record_count - 1:
         raise CorruptRecordError(
-            f"last_offset_delta={batch.last_offset_delta} does not match record_count={batch.record_count}"
+            f"base_offset is {batch.base_offset}, expected >= 0 with base_offset + last_offset_delta "
+            f"({batch.last_offset_delta}) <= {_I64_MAX}"
         )
+    if not 0 <= batch.partition_leader_epoch <= _MAX_EPOCH:
+        raise CorruptRecordError(
+            f"{at}: partition_leader_epoch is {batch.partition_leader_epoch}, expected 0..{_MAX_EPOCH}"
+        )
+
+
+def _check_fresh(batch: RecordBatch, index: int) -> None:
+    """The checks of a producer's batch, number ``index`` of an ``append_many``: CRC and the
+    offset-count header (the node checks them first, in ``headwater.node.produce_checks``)."""
+    at = f"batch {index}"
+    count = batch.record_count
+    if count < 1:
+        raise CorruptRecordError(
+            f"{at}: record_count is {count}, expected at least 1 (a batch holds at least one record)"
+        )
+    if batch.last_offset_delta != count - 1:
+        raise CorruptRecordError(
+            f"{at}: last_offset_delta is {batch.last_offset_delta}, expected {count - 1} (record_count - 1)"
+        )
+    problem = crc_problem(batch)
+    if problem:
+        raise CorruptRecordError(f"{at}: {problem}")
     if batch.timestamp_type != CREATE_TIME:
-        raise CorruptRecordError("timestamp_type is the leader's to set: a producer sends CREATE_TIME")
+        raise CorruptRecordError(
+            f"{at}: timestamp_type is {batch.timestamp_type}, expected 0 (TIMESTAMP_TYPE_CREATE_TIME): "
+            "the leader sets it"
+        )
 
 
 class PartitionLog:
@@ -309,8 +325,8 @@ class PartitionLog:
         """
         if not batches:
             raise ValueError("append_many needs at least one batch")
-        for batch in batches:
-            _check_fresh(batch)
+        for i, batch in enumerate(batches):
+            _check_fresh(batch, i)
         if not 0 <= leader_epoch <= _MAX_EPOCH:
             raise ValueError(f"leader_epoch must be in [0, {_MAX_EPOCH}], got {leader_epoch}")
         with self._store._writing() as h, self._lock:

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import gzip
+import os
+import zlib
+
+import lz4.frame
+import pytest
+import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -95,3 +102,53 @@ def test_an_encoded_batch_is_the_serialized_message_byte_for_byte(
     reference.crc = codec.batch_crc(reference)
     encoded = b"".join(codec.encode_batch_parts(records, compression, producer_id=producer_id))
     assert encoded == reference.SerializeToString()
+
+
+def test_a_producers_payload_may_use_any_level_and_option_of_its_format() -> None:
+    """records.proto: one zstd frame, LZ4 frame or gzip member, at any level, with any of the
+    format's options; the frame's length is read from its headers, whatever they hold."""
+    data = b"headwater " * 5000 + os.urandom(200_000) + b"\0" * 100_000  # raw, compressed and RLE blocks
+    zstd_frames = [
+        zstandard.ZstdCompressor(level=level, write_checksum=checksum, write_content_size=size).compress(data)
+        for level in (-5, 1, 3, 19)
+        for checksum in (False, True)
+        for size in (False, True)
+    ]
+    streamed = zstandard.ZstdCompressor().compressobj()
+    zstd_frames.append(streamed.compress(data) + streamed.flush())
+    for frame in zstd_frames:
+        assert codec._zstd_frame_size(frame) == len(frame)
+        assert codec.decompress(records_pb2.COMPRESSION_TYPE_ZSTD, frame, whole=True) == data
+    lz4_frames = [
+        lz4.frame.compress(data, compression_level=level, **options)  # type: ignore[arg-type]
+        for level in (0, 9, 16)
+        for options in (
+            {},
+            {"block_size": lz4.frame.BLOCKSIZE_MAX4MB, "content_checksum": True, "block_checksum": True},
+            {"store_size": False, "block_linked": False},
+        )
+    ]
+    for frame in lz4_frames:
+        assert codec.decompress(records_pb2.COMPRESSION_TYPE_LZ4, frame, whole=True) == data
+    gzip_members = [gzip.compress(data, compresslevel=9, mtime=7)]
+    for level in (0, 1, 9):
+        c = zlib.compressobj(level, zlib.DEFLATED, 31)
+        gzip_members.append(c.compress(data) + c.flush())
+    for member in gzip_members:
+        assert codec.decompress(records_pb2.COMPRESSION_TYPE_GZIP, member, whole=True) == data
+
+
+def test_a_producers_payload_is_exactly_one_frame() -> None:
+    """Decoders elsewhere read on across concatenated frames and gzip members, this one stops after
+    the first: a producer's payload holding more, or less, than one whole frame is refused."""
+    data = b"records " * 100
+    for compression in (
+        records_pb2.COMPRESSION_TYPE_GZIP,
+        records_pb2.COMPRESSION_TYPE_LZ4,
+        records_pb2.COMPRESSION_TYPE_ZSTD,
+    ):
+        frame = codec.compress(compression, data)
+        assert codec.decompress(compression, frame + frame) == data  # a reader stops after the first
+        for bad in (frame + frame, frame + b"\0", frame[:-1]):
+            with pytest.raises((codec.FramingError, zstandard.ZstdError)):
+                codec.decompress(compression, bad, whole=True)

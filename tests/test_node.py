@@ -888,7 +888,7 @@ def test_producer_id_0_means_none_and_below_minus_1_is_refused(
     assert produce(stub, "pids", [], batch=zero).error_code == E.ERROR_CODE_NONE
     bad = codec.build_batch([(None, b"x", None, now)], producer_id=-2)
     r = produce(stub, "pids", [], batch=bad)
-    assert r.error_code == E.ERROR_CODE_INVALID_REQUEST and "producer_id -2" in r.error_message
+    assert r.error_code == E.ERROR_CODE_INVALID_REQUEST and "producer_id is -2" in r.error_message
     half = codec.build_batch([(None, b"x", None, now)], producer_id=0, base_sequence=3)
     assert produce(stub, "pids", [], batch=half).error_code == E.ERROR_CODE_INVALID_REQUEST
     assert fetch(stub, "pids", 0).high_watermark == 1

@@ -117,12 +117,12 @@ def test_producer_fields_the_contract_accepts(producer_id: int, epoch: int, sequ
 @pytest.mark.parametrize(
     ("producer_id", "epoch", "sequence", "named"),
     [
-        (-2, -1, -1, "producer_id -2"),
-        (-(2**63), 0, 0, "producer_id"),
-        (0, 0, 5, "base_sequence=5"),
-        (-1, 2, -1, "producer_epoch=2"),
-        (7, -1, 0, "producer_id 7"),
-        (7, 0, -1, "producer_id 7"),
+        (-2, -1, -1, "producer_id is -2, expected >= 1 (an allocated id), or 0 or -1 for none"),
+        (-(2**63), 0, 0, f"producer_id is {-(2**63)}, expected >= 1"),
+        (0, 0, 5, "base_sequence is 5, expected 0 or -1 without a producer id (producer_id is 0)"),
+        (-1, 2, -1, "producer_epoch is 2, expected 0 or -1 without a producer id (producer_id is -1)"),
+        (7, -1, 0, "producer_epoch is -1, expected >= 0 with producer_id 7"),
+        (7, 0, -1, "base_sequence is -1, expected >= 0 with producer_id 7"),
     ],
 )
 def test_producer_fields_the_contract_refuses(
@@ -131,6 +131,190 @@ def test_producer_fields_the_contract_refuses(
     b = batch(NOW, producer_id=producer_id, producer_epoch=epoch, base_sequence=sequence)
     code, why = check_batch(b, RULES, NOW)
     assert code == E.ERROR_CODE_INVALID_REQUEST and named in why and "nothing was stored" in why
+
+
+# ------------------------------------------------------------------ refusals name the rule and the values
+
+
+def _recrc(b: records_pb2.RecordBatch) -> records_pb2.RecordBatch:
+    b.crc = codec.batch_crc(b)  # a producer that lies consistently: the CRC matches its lie
+    return b
+
+
+def _with_payload(
+    b: records_pb2.RecordBatch, payload: bytes, compression: int | None = None
+) -> records_pb2.RecordBatch:
+    if compression is not None:
+        b.compression = compression  # type: ignore[assignment]
+    b.records = payload
+    return _recrc(b)
+
+
+def _records(*offset_deltas: int) -> bytes:
+    return records_pb2.Records(
+        records=[records_pb2.Record(offset_delta=d, value=b"v") for d in offset_deltas]
+    ).SerializeToString()
+
+
+def _broken(name: str) -> tuple[records_pb2.RecordBatch, ProduceRules]:
+    import zlib
+
+    import lz4.block
+    import zstandard
+
+    b = batch(NOW, NOW + 5)
+    rules = RULES
+    if name == "size":
+        rules = ProduceRules(max_message_bytes=10, max_decompressed_bytes=1 << 20)
+    elif name == "max_batch_records":
+        rules = ProduceRules(max_message_bytes=1 << 20, max_decompressed_bytes=1 << 20, max_batch_records=1)
+    elif name == "record_count zero":
+        b.record_count, b.last_offset_delta = 0, -1
+    elif name == "last_offset_delta":
+        b.last_offset_delta = 3
+    elif name == "crc":
+        b.crc = 0x1234ABCD
+    elif name == "timestamp_type":
+        b.timestamp_type = codec.LOG_APPEND_TIME
+    elif name == "unknown compression":
+        b = _with_payload(b, b.records, 9)
+    elif name == "zstd damaged":
+        b = _with_payload(b, b"\x28\xb5\x2f\xfd" + b"\x00" * 8, records_pb2.COMPRESSION_TYPE_ZSTD)
+    elif name == "lz4 block, not frame":
+        b = _with_payload(b, lz4.block.compress(b.records), records_pb2.COMPRESSION_TYPE_LZ4)
+    elif name == "zlib, not gzip":
+        b = _with_payload(b, zlib.compress(b.records), records_pb2.COMPRESSION_TYPE_GZIP)
+    elif name == "two gzip members":
+        member = codec.compress(records_pb2.COMPRESSION_TYPE_GZIP, b.records)
+        b = _with_payload(b, member + member, records_pb2.COMPRESSION_TYPE_GZIP)
+    elif name == "bytes after the zstd frame":
+        frame = codec.compress(records_pb2.COMPRESSION_TYPE_ZSTD, b.records)
+        b = _with_payload(b, frame + b"\x00\x00", records_pb2.COMPRESSION_TYPE_ZSTD)
+    elif name == "lz4 frame cut off":
+        frame = codec.compress(records_pb2.COMPRESSION_TYPE_LZ4, b.records)
+        b = _with_payload(b, frame[:-2], records_pb2.COMPRESSION_TYPE_LZ4)
+    elif name == "inflates too far":
+        bomb = zstandard.ZstdCompressor().compress(b"\0" * (2 << 20))
+        b = _with_payload(b, bomb, records_pb2.COMPRESSION_TYPE_ZSTD)
+    elif name == "record_count above the payload's":
+        b.record_count, b.last_offset_delta = 3, 2
+        b = _recrc(b)
+    elif name == "record_count below the payload's":
+        b = _with_payload(b, _records(0, 1, 2))
+    elif name == "not a Records message":
+        b = _with_payload(b, b"\xff\xff\xff")
+    elif name == "offset_delta":
+        b = _with_payload(b, _records(0, 2))
+    elif name == "max_timestamp_ms":
+        b.max_timestamp_ms = NOW + 99
+        b = _recrc(b)
+    else:
+        raise AssertionError(name)
+    return b, rules
+
+
+@pytest.mark.parametrize(
+    ("name", "code", "message"),
+    [
+        (
+            "size",
+            E.ERROR_CODE_RECORD_TOO_LARGE,
+            "batch is 74 bytes, expected at most max_message_bytes=10 (the serialized RecordBatch",
+        ),
+        (
+            "max_batch_records",
+            E.ERROR_CODE_RECORD_TOO_LARGE,
+            "record_count is 2, expected at most max_batch_records=1",
+        ),
+        (
+            "record_count zero",
+            E.ERROR_CODE_CORRUPT_MESSAGE,
+            "record_count is 0, expected at least 1 (a batch holds at least one record)",
+        ),
+        (
+            "last_offset_delta",
+            E.ERROR_CODE_CORRUPT_MESSAGE,
+            "last_offset_delta is 3, expected 1 (record_count - 1)",
+        ),
+        (
+            "crc",
+            E.ERROR_CODE_CORRUPT_MESSAGE,
+            "crc is 0x1234abcd, expected 0x{crc:08x} (CRC32C over the 44-byte header and the records bytes "
+            "as sent; see records.proto)",
+        ),
+        (
+            "timestamp_type",
+            E.ERROR_CODE_INVALID_TIMESTAMP,
+            "timestamp_type is 1, expected 0 (TIMESTAMP_TYPE_CREATE_TIME): the leader sets it",
+        ),
+        (
+            "unknown compression",
+            E.ERROR_CODE_CORRUPT_MESSAGE,
+            "compression is 9, expected 0 (COMPRESSION_TYPE_NONE), 1 (COMPRESSION_TYPE_GZIP), "
+            "2 (COMPRESSION_TYPE_LZ4) or 3 (COMPRESSION_TYPE_ZSTD)",
+        ),
+        ("zstd damaged", E.ERROR_CODE_CORRUPT_MESSAGE, "expected one zstd frame for COMPRESSION_TYPE_ZSTD"),
+        (
+            "lz4 block, not frame",
+            E.ERROR_CODE_CORRUPT_MESSAGE,
+            "expected one LZ4 frame (the frame format, not raw LZ4 blocks) for COMPRESSION_TYPE_LZ4",
+        ),
+        ("zlib, not gzip", E.ERROR_CODE_CORRUPT_MESSAGE, "expected one gzip member (RFC 1952)"),
+        (
+            "two gzip members",
+            E.ERROR_CODE_CORRUPT_MESSAGE,
+            "bytes follow the first gzip member; expected one gzip member (RFC 1952)",
+        ),
+        (
+            "bytes after the zstd frame",
+            E.ERROR_CODE_CORRUPT_MESSAGE,
+            "2 bytes follow the first frame; expected one zstd frame",
+        ),
+        (
+            "lz4 frame cut off",
+            E.ERROR_CODE_CORRUPT_MESSAGE,
+            "the frame is cut off before its end; expected one LZ4 frame",
+        ),
+        (
+            "inflates too far",
+            E.ERROR_CODE_CORRUPT_MESSAGE,
+            "expected at most 1048576 bytes inflated (max_decompressed_bytes)",
+        ),
+        (
+            "record_count above the payload's",
+            E.ERROR_CODE_CORRUPT_MESSAGE,
+            "record_count is 3, expected 2, the number of records in the payload",
+        ),
+        (
+            "record_count below the payload's",
+            E.ERROR_CODE_CORRUPT_MESSAGE,
+            "record_count is 2, expected more than 2, the number of records in the payload",
+        ),
+        (
+            "not a Records message",
+            E.ERROR_CODE_CORRUPT_MESSAGE,
+            "records payload does not parse as records.proto's Records message",
+        ),
+        (
+            "offset_delta",
+            E.ERROR_CODE_CORRUPT_MESSAGE,
+            "record 1: offset_delta is 2, expected 1 (offset deltas run 0..record_count-1 in order)",
+        ),
+        (
+            "max_timestamp_ms",
+            E.ERROR_CODE_CORRUPT_MESSAGE,
+            f"max_timestamp_ms is {NOW + 99}, expected {NOW + 5} (the largest record timestamp",
+        ),
+    ],
+)
+def test_a_refusal_names_the_rule_the_value_and_the_expected_value(
+    name: str, code: int, message: str
+) -> None:
+    b, rules = _broken(name)
+    got_code, why = check_batch(b, rules, NOW)
+    assert got_code == code, why
+    assert message.format(crc=codec.batch_crc(b)) in why
+    assert why.endswith("nothing was stored") or why.endswith("nothing was stored: split the batch")
 
 
 # ------------------------------------------------------------------ configs
@@ -223,7 +407,10 @@ def test_a_refused_batch_is_never_stored_and_the_answer_names_it(broker: Broker)
     broker.apply_image(image(CreateTopic("t", TID, ((1,),))), caught_up=True)
     r = produce(broker, "t", batch(NOW), batch(0))
     assert r.error_code == E.ERROR_CODE_INVALID_TIMESTAMP and r.error_batch_index == 1
-    assert "record timestamp 0" in r.error_message
+    assert r.error_message.startswith("batch 1: record timestamp 0 is not a time, expected > 0")
+    r = produce(broker, "t")
+    assert r.error_code == E.ERROR_CODE_INVALID_REQUEST
+    assert r.error_message == "batches is empty, expected at least one RecordBatch for this partition"
     # Beyond the node's before-bound (7 days here), and beyond the default after-bound (1 hour).
     r = produce(broker, "t", batch(NOW - 8 * 24 * HOUR))
     assert r.error_code == E.ERROR_CODE_INVALID_TIMESTAMP
@@ -231,7 +418,7 @@ def test_a_refused_batch_is_never_stored_and_the_answer_names_it(broker: Broker)
     r = produce(broker, "t", batch(NOW + HOUR + 1))
     assert "message_timestamp_after_max_ms=3600000" in r.error_message
     r = produce(broker, "t", batch(NOW, producer_id=-2))
-    assert r.error_code == E.ERROR_CODE_INVALID_REQUEST and "producer_id -2" in r.error_message
+    assert r.error_code == E.ERROR_CODE_INVALID_REQUEST and "producer_id is -2" in r.error_message
     assert broker.partitions[("t", 0)].log.log_end_offset == 0
     ok = produce(broker, "t", batch(NOW - HOUR, NOW + HOUR), batch(NOW, producer_id=0, base_sequence=0))
     assert (ok.error_code, ok.base_offset, ok.log_append_time_ms) == (E.ERROR_CODE_NONE, 0, -1)

@@ -116,16 +116,24 @@ def test_log_append_time_stamps_every_record_with_the_append_time_and_keeps_crc_
 def test_a_producer_batch_that_claims_log_append_time_is_refused(log: PartitionLog) -> None:
     b = batch(10)
     b.timestamp_type = LOG_APPEND_TIME  # not covered by the CRC: the leader's field
-    with pytest.raises(CorruptRecordError):
+    with pytest.raises(
+        CorruptRecordError, match=r"batch 0: timestamp_type is 1, expected 0 \(TIMESTAMP_TYPE_CREATE"
+    ):
         log.append(b, 0, now_ms=5_000)
     assert log.log_end_offset == 0
 
 
 @pytest.mark.parametrize(
-    "breakage",
-    ["crc", "records", "timestamp", "record_count", "last_offset_delta"],
+    ("breakage", "message"),
+    [
+        ("crc", r"batch 0: crc is 0x[0-9a-f]{8}, expected 0x[0-9a-f]{8} \(CRC32C over the 44-byte header"),
+        ("records", "batch 0: crc is "),
+        ("timestamp", "batch 0: crc is "),  # the CRC covers max_timestamp_ms
+        ("record_count", r"batch 0: record_count is 0, expected at least 1 \(a batch holds"),
+        ("last_offset_delta", r"batch 0: last_offset_delta is 5, expected 2 \(record_count - 1\)"),
+    ],
 )
-def test_corrupt_batch_is_refused_and_nothing_is_stored(store: LogStore, breakage: str) -> None:
+def test_corrupt_batch_is_refused_and_nothing_is_stored(store: LogStore, breakage: str, message: str) -> None:
     log = store.open_partition(TOPIC, 0)
     fill(log, [2])
     before = state(log)
@@ -145,7 +153,7 @@ def test_corrupt_batch_is_refused_and_nothing_is_stored(store: LogStore, breakag
         else:
             bad.last_offset_delta = 5
         bad.crc = batch_crc(bad)
-    with pytest.raises(CorruptRecordError) as info:
+    with pytest.raises(CorruptRecordError, match=message) as info:
         log.append(bad, 0, now_ms=0)
     assert info.value.error_code == errors_pb2.ERROR_CODE_CORRUPT_MESSAGE
     assert state(log) == before
@@ -182,7 +190,7 @@ def test_append_stamped_stores_the_leaders_bytes_and_requires_the_log_end(
         follower.append_stamped(stale)
     bad = batch(1)
     bad.base_offset, bad.partition_leader_epoch, bad.crc = 5, 2, bad.crc ^ 1
-    with pytest.raises(CorruptRecordError):
+    with pytest.raises(CorruptRecordError, match=r"batch at offset 5: crc is 0x[0-9a-f]{8}, expected 0x"):
         follower.append_stamped(bad)
     assert follower.log_end_offset == 5
     good = batch(1)

@@ -190,6 +190,39 @@ def test_a_replicated_append_that_would_break_the_log_stores_nothing(
     assert log.epoch_entries() == [(3, 0), (5, 6)]
 
 
+@pytest.mark.parametrize(
+    ("breakage", "message"),
+    [
+        ("crc", r"batch at offset 4: crc is 0x[0-9a-f]{8}, expected 0x[0-9a-f]{8} \(CRC32C over the 44-byte"),
+        ("epoch", r"batch at offset 4: partition_leader_epoch is -1, expected 0\.\.2147483647"),
+        (
+            "offsets",
+            r"batch at offset 4: last_offset_delta is 0 and record_count is 2, expected last_offset_delta "
+            r">= 0 and 0 <= record_count <= last_offset_delta \+ 1",
+        ),
+        ("base_offset", r"base_offset is -1, expected >= 0"),
+    ],
+)
+def test_a_refused_replicated_batch_names_the_rule_and_the_expected_value(
+    store: LogStore, breakage: str, message: str
+) -> None:
+    log = store.open_partition(TOPIC, 0)
+    log.append_replicated([stamped(0, 3), stamped(2, 3)])
+    bad = stamped(4, 3)
+    if breakage == "crc":
+        bad.crc ^= 1
+    elif breakage == "epoch":
+        bad.partition_leader_epoch = -1  # not covered by the CRC
+    elif breakage == "offsets":
+        bad.last_offset_delta = 0
+        bad.crc = batch_crc(bad)
+    else:
+        bad.base_offset = -1
+    with pytest.raises(CorruptRecordError, match=message):
+        log.append_replicated([bad])
+    assert log.log_end_offset == 4
+
+
 def test_a_compacted_batch_keeps_its_offsets_with_fewer_records(store: LogStore) -> None:
     log = store.open_partition(TOPIC, 0)
     b = stamped(0, 1, n=1)

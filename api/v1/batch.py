@@ -27,6 +27,7 @@ __all__ = [
     "DecodedRecord",
     "UnknownCompressionError",
     "batch_crc",
+    "crc_header",
     "build_batch",
     "encode_batch_parts",
     "compress",
@@ -38,6 +39,7 @@ __all__ = [
     "stored_batches_size",
     "add_stored_batches",
     "crc_is_valid",
+    "crc_problem",
     "records_problem",
     "check_records",
     "RecordsCheck",
@@ -45,6 +47,7 @@ __all__ = [
     "CREATE_TIME",
     "LOG_APPEND_TIME",
     "InflateLimitError",
+    "FramingError",
     "COMPRESSION_BY_NAME",
 ]
 
@@ -94,7 +97,16 @@ def batch_crc(batch: records_pb2.RecordBatch, records: bytes | None = None) -> i
     ``records``: the batch's records bytes when the caller holds them already (reading the field
     copies it: a quarter of a megabyte for a full batch).
     """
-    header = _CRC_HEADER.pack(
+    header = crc_header(batch)
+    return _crc32c.crc32c(batch.records if records is None else records, _crc32c.crc32c(header))
+
+
+def crc_header(batch: records_pb2.RecordBatch) -> bytes:
+    """The 44 big-endian header bytes the CRC covers before the records (records.proto).
+
+    Raises ``struct.error`` when a field is out of its fixed-width range.
+    """
+    return _CRC_HEADER.pack(
         batch.last_offset_delta,
         batch.first_timestamp_ms,
         batch.max_timestamp_ms,
@@ -104,7 +116,6 @@ def batch_crc(batch: records_pb2.RecordBatch, records: bytes | None = None) -> i
         batch.compression,
         batch.record_count,
     )
-    return _crc32c.crc32c(batch.records if records is None else records, _crc32c.crc32c(header))
 
 
 def crc_is_valid(batch: records_pb2.RecordBatch, records: bytes | None = None) -> bool:
@@ -112,6 +123,20 @@ def crc_is_valid(batch: records_pb2.RecordBatch, records: bytes | None = None) -
         return batch_crc(batch, records) == batch.crc
     except struct.error:  # a header field out of its fixed-width range cannot have a valid CRC
         return False
+
+
+def crc_problem(batch: records_pb2.RecordBatch, records: bytes | None = None) -> str:
+    """Why a batch's ``crc`` is wrong, naming the value it should have, or "" when it is right."""
+    try:
+        expected = batch_crc(batch, records)
+    except struct.error as e:  # a header field out of its fixed-width range
+        return f"crc cannot be computed: a header field is out of range ({e})"
+    if expected == batch.crc:
+        return ""
+    return (
+        f"crc is 0x{batch.crc:08x}, expected 0x{expected:08x} (CRC32C over the 44-byte header and the "
+        "records bytes as sent; see records.proto)"
+    )
 
 
 def _zstd_compressor() -> _zstd.ZstdCompressor:
@@ -145,11 +170,18 @@ class InflateLimitError(ValueError):
     """A records payload would inflate past the caller's bound (a compression bomb)."""
 
 
-def decompress(compression: int, data: bytes, max_size: int = 1 << 30) -> bytes:
+class FramingError(ValueError):
+    """A records payload is not exactly one whole frame (or gzip member) of its compression."""
+
+
+def decompress(compression: int, data: bytes, max_size: int = 1 << 30, *, whole: bool = False) -> bytes:
     """Inflate a records payload, never holding more than ``max_size + 1`` inflated bytes.
 
     Raises ``InflateLimitError`` past the bound, ``UnknownCompressionError`` for an unknown codec,
-    and the codec's own error for a damaged frame.
+    and the codec's own error for a damaged frame. With ``whole`` (a producer's batch), also
+    ``FramingError`` unless the payload is one complete frame with nothing after it: decoders in
+    other languages read on across concatenated frames or gzip members, where this one stops after
+    the first, so a payload that holds more than one would decode differently elsewhere.
     """
     if compression == records_pb2.COMPRESSION_TYPE_NONE:
         return data
@@ -160,16 +192,58 @@ def decompress(compression: int, data: bytes, max_size: int = 1 << 30) -> bytes:
         if declared > max_size:
             raise InflateLimitError(f"records payload declares {declared} bytes, above {max_size}")
         out = bytes(_zstd_decompressor().decompress(data, max_output_size=max_size + 1))
+        ended, after = True, (len(data) - _zstd_frame_size(data)) if whole else 0
     elif compression == records_pb2.COMPRESSION_TYPE_LZ4:
-        out = bytes(_lz4.LZ4FrameDecompressor().decompress(data, max_length=max_size + 1))
+        lz = _lz4.LZ4FrameDecompressor()
+        out = bytes(lz.decompress(data, max_length=max_size + 1))
+        ended, after = lz.eof, len(lz.unused_data or b"")
     elif compression == records_pb2.COMPRESSION_TYPE_GZIP:
         d = zlib.decompressobj(31)
         out = d.decompress(data, max_size + 1)
+        ended, after = d.eof, len(d.unused_data)
     else:
         raise UnknownCompressionError(f"unknown compression type {compression}")
     if len(out) > max_size:
         raise InflateLimitError(f"records payload inflates past {max_size} bytes")
+    if whole:
+        unit = "gzip member" if compression == records_pb2.COMPRESSION_TYPE_GZIP else "frame"
+        if not ended:
+            raise FramingError(f"the {unit} is cut off before its end")
+        if after:
+            raise FramingError(f"{after} byte{'s' if after > 1 else ''} follow the first {unit}")
     return out
+
+
+_ZSTD_MAGIC = 0xFD2FB528
+_ZSTD_DICT_ID_BYTES = (0, 1, 2, 4)
+_ZSTD_CONTENT_SIZE_BYTES = (0, 2, 4, 8)
+
+
+def _zstd_frame_size(data: bytes) -> int:
+    """The length of the zstd frame at the start of ``data`` (RFC 8878, 3.1.1), read from its
+    header and block headers without inflating anything; raises ``FramingError`` when ``data`` does
+    not start with a whole zstd frame."""
+    end = len(data)
+    if end < 5 or int.from_bytes(data[:4], "little") != _ZSTD_MAGIC:
+        raise FramingError("the payload does not start with a zstd frame")
+    descriptor = data[4]
+    single_segment = descriptor >> 5 & 1
+    content_size_bytes = _ZSTD_CONTENT_SIZE_BYTES[descriptor >> 6] or single_segment
+    pos = 5 + (not single_segment) + _ZSTD_DICT_ID_BYTES[descriptor & 3] + content_size_bytes
+    while True:
+        if pos + 3 > end:
+            raise FramingError("the frame is cut off before its end")
+        header = int.from_bytes(data[pos : pos + 3], "little")
+        kind, size = header >> 1 & 3, header >> 3
+        if kind == 3:
+            raise FramingError("the frame holds a block of the reserved type")
+        pos += 3 + (1 if kind == 1 else size)  # an RLE block holds one byte
+        if header & 1:  # the last block
+            break
+    pos += 4 if descriptor & 4 else 0  # the content checksum
+    if pos > end:
+        raise FramingError("the frame is cut off before its end")
+    return pos
 
 
 def records_problem(batch: records_pb2.RecordBatch, max_size: int, records: bytes | None = None) -> str:
@@ -201,33 +275,58 @@ def check_records(
     """
     data = batch.records if records is None else records
     first = batch.first_timestamp_ms
+    compression = batch.compression
     try:
-        inflated = decompress(batch.compression, data, max_size)
+        inflated = decompress(compression, data, max_size, whole=True)
     except InflateLimitError as e:
-        return RecordsCheck(f"records payload cannot be read: {e}", max_size + 1, first)
-    except Exception as e:  # damaged frame, unknown codec
-        return RecordsCheck(f"records payload cannot be read: {e}", 0, first)
+        return RecordsCheck(
+            f"records payload is too large: {e}; expected at most {max_size} bytes inflated "
+            "(max_decompressed_bytes)",
+            max_size + 1,
+            first,
+        )
+    except UnknownCompressionError:
+        return RecordsCheck(f"compression is {compression}, expected {_COMPRESSION_CHOICES}", 0, first)
+    except Exception as e:  # damaged frame
+        return RecordsCheck(
+            f"records payload cannot be inflated: {e}; expected {_FRAMING.get(compression, 'a frame')} "
+            "(records.proto)",
+            0,
+            first,
+        )
     # Count the records before parsing them: a small payload can hold millions of empty records,
     # and parsing those costs far more than their bytes suggest.
     held = _count_records(inflated, batch.record_count)
+    if held < 0:
+        return RecordsCheck(_NOT_RECORDS, len(inflated), first)
     if held != batch.record_count:
-        more = "more than " if held > batch.record_count else ""
+        held_ = f"more than {batch.record_count}" if held > batch.record_count else str(held)
         return RecordsCheck(
-            f"header says {batch.record_count} records, payload holds {more}{held}", len(inflated), first
+            f"record_count is {batch.record_count}, expected {held_}, the number of records in the payload",
+            len(inflated),
+            first,
         )
     try:
         payload = records_pb2.Records.FromString(inflated)
     except Exception as e:  # not a Records message
-        return RecordsCheck(f"records payload cannot be read: {e}", len(inflated), first)
+        return RecordsCheck(f"{_NOT_RECORDS}: {e}", len(inflated), first)
     records_ = payload.records
     if len(records_) != batch.record_count:
         return RecordsCheck(
-            f"header says {batch.record_count} records, payload holds {len(records_)}", len(inflated), first
+            f"record_count is {batch.record_count}, expected {len(records_)}, the number of records in "
+            "the payload",
+            len(inflated),
+            first,
         )
     max_delta = min_delta = None
     for i, r in enumerate(records_):
         if r.offset_delta != i:
-            return RecordsCheck(f"record {i} has offset delta {r.offset_delta}", len(inflated), first)
+            return RecordsCheck(
+                f"record {i}: offset_delta is {r.offset_delta}, expected {i} (offset deltas run "
+                "0..record_count-1 in order)",
+                len(inflated),
+                first,
+            )
         d = r.timestamp_delta_ms
         if max_delta is None or d > max_delta:
             max_delta = d
@@ -235,8 +334,30 @@ def check_records(
             min_delta = d
     assert max_delta is not None and min_delta is not None
     if first + max_delta != batch.max_timestamp_ms:
-        return RecordsCheck("max_timestamp_ms disagrees with the records' timestamps", len(inflated), first)
+        return RecordsCheck(
+            f"max_timestamp_ms is {batch.max_timestamp_ms}, expected {first + max_delta} (the largest "
+            "record timestamp: first_timestamp_ms + the largest timestamp_delta_ms)",
+            len(inflated),
+            first,
+        )
     return RecordsCheck("", len(inflated), first + min_delta)
+
+
+_COMPRESSION_CHOICES = (
+    "0 (COMPRESSION_TYPE_NONE), 1 (COMPRESSION_TYPE_GZIP), 2 (COMPRESSION_TYPE_LZ4) "
+    "or 3 (COMPRESSION_TYPE_ZSTD)"
+)
+_FRAMING = {
+    records_pb2.COMPRESSION_TYPE_GZIP: "one gzip member (RFC 1952) for COMPRESSION_TYPE_GZIP",
+    records_pb2.COMPRESSION_TYPE_LZ4: (
+        "one LZ4 frame (the frame format, not raw LZ4 blocks) for COMPRESSION_TYPE_LZ4"
+    ),
+    records_pb2.COMPRESSION_TYPE_ZSTD: "one zstd frame for COMPRESSION_TYPE_ZSTD",
+}
+_NOT_RECORDS = (
+    "records payload does not parse as records.proto's Records message, expected the serialized "
+    "Records message (compressed as compression says)"
+)
 
 
 def _count_records(data: bytes, limit: int) -> int:
