@@ -170,6 +170,7 @@ func main() {
 	}
 	w := written{}
 	published := publish(cl, c, g, *topic, w)
+	published += publishStream(cl, c, *topic, w)
 	native := produceNative(cl, c, *topic, w)
 	readSubscribe(cl, c, *topic, w)
 	readFetch(cl, c, *topic, w, true)
@@ -178,7 +179,7 @@ func main() {
 	fmt.Printf("go example: topic %s (%d partitions) via %s\n", *topic, cl.partitions, bootstrap)
 	fmt.Printf("  golden vectors: %d batches, %d partitioner keys, %d checks\n",
 		len(g.Batches), len(g.Partitioner), goldenChecks)
-	fmt.Printf("  wrote %d records (%d with Publish, %d in native batches); read back with Subscribe, Fetch decoded, Fetch raw\n",
+	fmt.Printf("  wrote %d records (%d with Publish and PublishStream, %d in native batches); read back with Subscribe, Fetch decoded, Fetch raw\n",
 		w.count(), published, native)
 	if len(c.failures) > 0 {
 		fmt.Printf("FAILED: %d of %d checks failed (first: %s)\n", len(c.failures), len(c.failures)+c.passed, c.failures[0])
@@ -271,6 +272,59 @@ func publish(cl *cluster, c *checker, g *golden, topic string, w written) int {
 		w.add(res.Partition, r)
 	}
 	return len(recs)
+}
+
+// publishStream sends a few Publish requests on one PublishStream, all before reading an answer,
+// and checks the answers come in request order, each record where murmur2 says.
+func publishStream(cl *cluster, c *checker, topic string, w written) int {
+	ctx, cancel := context.WithTimeout(context.Background(), callTimeout)
+	defer cancel()
+	stream, err := cl.client(cl.bootstrap).PublishStream(ctx)
+	if !c.check(err == nil, "PublishStream via %s: %v", cl.bootstrap, err) {
+		return 0
+	}
+	var sent [][]Rec
+	for req := 0; req < 3; req++ {
+		var recs []Rec
+		pr := &pb.PublishRequest{Topic: topic}
+		for i := 0; i < 4; i++ {
+			r := Rec{Key: []byte(fmt.Sprintf("go-stream-%d-%d", req, i)), Value: []byte(fmt.Sprintf("go-stream-value-%d-%d", req, i)),
+				Headers: []Header{{"request", []byte(fmt.Sprint(req))}}}
+			recs = append(recs, r)
+			pr.Records = append(pr.Records, &pb.PublishRecord{Key: r.Key, Value: r.Value,
+				Headers: []*pb.RecordHeader{{Key: "request", Value: r.Headers[0].Value}}})
+		}
+		if !c.check(stream.Send(&pb.PublishStreamRequest{Request: pr}) == nil, "PublishStream: send request %d", req) {
+			return 0
+		}
+		sent = append(sent, recs)
+	}
+	c.check(stream.CloseSend() == nil, "PublishStream: close the sending side")
+	total := 0
+	for req, recs := range sent {
+		resp, err := stream.Recv()
+		if !c.check(err == nil, "PublishStream: answer %d: %v", req, err) {
+			return total
+		}
+		results := resp.GetResponse().GetResults()
+		if !c.check(len(results) == len(recs), "PublishStream: answer %d has %d results for %d records (answers in request order)",
+			req, len(results), len(recs)) {
+			return total
+		}
+		for i, res := range results {
+			r := recs[i]
+			if !c.check(res.ErrorCode == pb.ErrorCode_ERROR_CODE_NONE, "PublishStream request %d record %d: %v %s",
+				req, i, res.ErrorCode, res.ErrorMessage) {
+				continue
+			}
+			want := partitionForKey(r.Key, cl.partitions)
+			c.check(res.Partition == want, "PublishStream: key %q went to partition %d, murmur2 says %d", r.Key, res.Partition, want)
+			r.Offset, r.TimestampMs = res.Offset, res.TimestampMs
+			w.add(res.Partition, r)
+			total++
+		}
+	}
+	return total
 }
 
 var nativeCodecs = []pb.CompressionType{

@@ -36,9 +36,13 @@ import headwater.v1.RecordsOuterClass.RecordBatch;
 import headwater.v1.RecordsOuterClass.RecordHeader;
 import headwater.v1.RecordsOuterClass.Records;
 import headwater.v1.RecordsOuterClass.TimestampType;
+import headwater.v1.Client.PublishStreamRequest;
+import headwater.v1.Client.PublishStreamResponse;
+import io.grpc.Context;
 import io.grpc.ManagedChannel;
 import io.grpc.ManagedChannelBuilder;
 import io.grpc.StatusRuntimeException;
+import io.grpc.stub.StreamObserver;
 import java.io.ByteArrayInputStream;
 import java.io.ByteArrayOutputStream;
 import java.io.IOException;
@@ -49,13 +53,16 @@ import java.nio.file.Files;
 import java.nio.file.Path;
 import java.util.ArrayList;
 import java.util.Arrays;
+import java.util.Collections;
 import java.util.HashMap;
 import java.util.Iterator;
 import java.util.List;
 import java.util.Map;
 import java.util.TreeMap;
+import java.util.concurrent.CountDownLatch;
 import java.util.concurrent.ThreadLocalRandom;
 import java.util.concurrent.TimeUnit;
+import java.util.concurrent.atomic.AtomicReference;
 import java.util.zip.CRC32C;
 import java.util.zip.GZIPInputStream;
 import java.util.zip.GZIPOutputStream;
@@ -572,6 +579,83 @@ public final class HeadwaterExample {
     return recs.size();
   }
 
+  /**
+   * A few Publish requests on one PublishStream, all sent before any answer is read: the answers
+   * must come in request order, each record where murmur2 says.
+   */
+  int publishStream() throws InterruptedException {
+    List<PublishResponse> answers = Collections.synchronizedList(new ArrayList<>());
+    AtomicReference<Throwable> failed = new AtomicReference<>();
+    CountDownLatch done = new CountDownLatch(1);
+    ManagedChannel ch = channels.computeIfAbsent(bootstrap, a -> ManagedChannelBuilder.forTarget(a).usePlaintext().build());
+    StreamObserver<PublishStreamRequest> requests = HeadwaterServiceGrpc.newStub(ch)
+        .withDeadlineAfter(CALL_TIMEOUT_S, TimeUnit.SECONDS)
+        .publishStream(new StreamObserver<PublishStreamResponse>() {
+          @Override
+          public void onNext(PublishStreamResponse r) {
+            answers.add(r.getResponse());
+          }
+
+          @Override
+          public void onError(Throwable t) {
+            failed.set(t);
+            done.countDown();
+          }
+
+          @Override
+          public void onCompleted() {
+            done.countDown();
+          }
+        });
+    List<List<Rec>> sent = new ArrayList<>();
+    for (int req = 0; req < 3; req++) {
+      List<Rec> recs = new ArrayList<>();
+      PublishRequest.Builder pr = PublishRequest.newBuilder().setTopic(topic);
+      for (int i = 0; i < 4; i++) {
+        Rec r = new Rec(("java-stream-" + req + "-" + i).getBytes(StandardCharsets.UTF_8),
+            ("java-stream-value-" + req + "-" + i).getBytes(StandardCharsets.UTF_8));
+        r.headers.add(new Header("request", Integer.toString(req).getBytes(StandardCharsets.UTF_8)));
+        recs.add(r);
+        pr.addRecords(PublishRecord.newBuilder().setKey(bytes(r.key)).setValue(bytes(r.value))
+            .addHeaders(RecordHeader.newBuilder().setKey("request").setValue(bytes(r.headers.get(0).value()))));
+      }
+      sent.add(recs);
+      requests.onNext(PublishStreamRequest.newBuilder().setRequest(pr).build());
+    }
+    requests.onCompleted();
+    done.await(CALL_TIMEOUT_S + 5, TimeUnit.SECONDS);
+    if (!check(failed.get() == null && done.getCount() == 0, "PublishStream via %s: %s", bootstrap, failed.get())) {
+      return 0;
+    }
+    if (!check(answers.size() == sent.size(), "PublishStream: %d answers for %d requests", answers.size(), sent.size())) {
+      return 0;
+    }
+    int total = 0;
+    for (int req = 0; req < sent.size(); req++) {
+      List<Rec> recs = sent.get(req);
+      List<PublishResult> results = answers.get(req).getResultsList();
+      if (!check(results.size() == recs.size(), "PublishStream: answer %d has %d results for %d records (answers in request order)",
+          req, results.size(), recs.size())) {
+        continue;
+      }
+      for (int i = 0; i < recs.size(); i++) {
+        PublishResult res = results.get(i);
+        Rec r = recs.get(i);
+        if (!check(res.getErrorCode() == ErrorCode.ERROR_CODE_NONE, "PublishStream request %d record %d: %s %s",
+            req, i, res.getErrorCode(), res.getErrorMessage())) {
+          continue;
+        }
+        int want = partitionForKey(r.key, partitions);
+        check(res.getPartition() == want, "PublishStream: key %s went to partition %d, murmur2 says %d", show(r.key), res.getPartition(), want);
+        r.offset = res.getOffset();
+        r.timestampMs = res.getTimestampMs();
+        add(res.getPartition(), r);
+        total++;
+      }
+    }
+    return total;
+  }
+
   static boolean retriable(ErrorCode code) {
     switch (code) {
       case ERROR_CODE_NOT_LEADER_OR_FOLLOWER:
@@ -663,6 +747,9 @@ public final class HeadwaterExample {
       List<Rec> got = new ArrayList<>();
       if (!want.isEmpty()) {
         long lastOffset = want.get(want.size() - 1).offset;
+        // Cancelled once the last record is in: a Subscribe stream never ends by itself.
+        Context.CancellableContext call = Context.current().withCancellation();
+        Context previous = call.attach();
         try {
           Iterator<SubscribeResponse> it = stub(bootstrap).subscribe(
               SubscribeRequest.newBuilder().setTopic(topic).setPartition(p).setOffset(-2).setDecode(true).build());
@@ -679,10 +766,11 @@ public final class HeadwaterExample {
               }
             }
           }
-          // Leaving the loop early leaves the stream open; its deadline ends it, and the channel's
-          // shutdown at exit cancels it.
         } catch (StatusRuntimeException e) {
           check(false, "Subscribe %s/%d: %s", topic, p, e.getStatus());
+        } finally {
+          call.detach(previous);
+          call.cancel(null);
         }
       }
       String diff = sameRecords(got, want);
@@ -794,14 +882,14 @@ public final class HeadwaterExample {
       int goldenChecks = ex.passed;
       ex.createTopic(numPartitions);
       ex.refreshLeaders();
-      int published = ex.publish(golden);
+      int published = ex.publish(golden) + ex.publishStream();
       int nativeCount = ex.produceNative();
       ex.readSubscribe();
       ex.readFetch(true);
       ex.readFetch(false);
       System.out.printf("java example: topic %s (%d partitions) via %s%n", topic, ex.partitions, bootstrap);
       System.out.printf("  golden vectors: %d batches, %d partitioner keys, %d checks%n", ex.goldenBatches, ex.goldenKeys, goldenChecks);
-      System.out.printf("  wrote %d records (%d with Publish, %d in native batches); read back with Subscribe, Fetch decoded, Fetch raw%n",
+      System.out.printf("  wrote %d records (%d with Publish and PublishStream, %d in native batches); read back with Subscribe, Fetch decoded, Fetch raw%n",
           ex.count(), published, nativeCount);
       if (ex.failures.isEmpty()) {
         System.out.printf("OK: %d checks passed in %.1f s%n", ex.passed, (System.nanoTime() - started) / 1e9);
