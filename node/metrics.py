@@ -233,7 +233,7 @@ class _ClusterCollector(Collector):
         )
         yield GaugeMetricFamily(
             "headwater_node_fenced",
-            "1 while this node is fenced (not registered yet, its lease lost, or shutting down), else 0.",
+            "1 while this node is fenced (before it registers, and whenever its heartbeat answer says so).",
             value=int(link.fenced),
         )
         yield GaugeMetricFamily(
@@ -331,7 +331,7 @@ class NodeMetrics:
     def __init__(self, broker: Broker) -> None:
         # A ``*_created`` series beside each counter and histogram doubles what every scrape stores
         # and no dashboard or alert reads it (process-wide; a node process serves one registry).
-        disable_created_metrics()
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry()
         self._broker = broker
         # Topics with per-topic samples, so that a deleted topic's are dropped (bounded label sets).

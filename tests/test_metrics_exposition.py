@@ -138,7 +138,8 @@ def test_metric_values_follow_the_traffic_and_the_cluster_state(served: tuple[No
     assert value(found, "headwater_requests_total", rpc="Fetch", outcome="ok") == 2
     assert value(found, "headwater_request_duration_seconds_count", rpc="Produce") == 1
     assert value(found, "headwater_request_duration_seconds_bucket", rpc="Produce", le="+Inf") == 1
-    assert value(found, "headwater_partition_errors_total", rpc="Fetch", error="UNKNOWN_TOPIC_OR_PARTITION") == 1
+    unknown = {"rpc": "Fetch", "error": "UNKNOWN_TOPIC_OR_PARTITION"}
+    assert value(found, "headwater_partition_errors_total", **unknown) == 1
     assert value(found, "headwater_acks_all_wait_seconds_count") == 1
     # The partition.
     part = {"topic": TOPIC, "partition": "0"}

@@ -136,5 +136,5 @@ def test_the_readme_lists_every_metric_and_alert() -> None:
     section = section[: section.find("\n## ", 1)] if "\n## " in section[1:] else section
     for name in EXPORTED:
         assert f"`{name}`" in section, f"the README's Monitoring section does not list {name}"
-    for rule in alert_rules():
-        assert f"`{rule['alert']}`" in section, f"the README's Monitoring section does not list {rule['alert']}"
+    for alert in (rule["alert"] for rule in alert_rules()):
+        assert f"`{alert}`" in section, f"the README's Monitoring section does not list {alert}"
