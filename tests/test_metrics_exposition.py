@@ -13,6 +13,7 @@ import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -23,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from headwater.node.metrics import EXPORTED, _Guarded
+from headwater.storage.store import LogStore
 from headwater.v1 import batch as codec
 from headwater.v1 import client_pb2 as pb
 from headwater.v1 import client_pb2_grpc
@@ -193,3 +195,15 @@ def test_a_failing_collector_costs_its_own_metrics_never_the_scrape() -> None:
 class _Fine(Collector):
     def collect(self) -> Iterator[Metric]:
         yield GaugeMetricFamily("headwater_other", "Another collector's sample.", value=2)
+
+
+def test_rocksdb_properties_are_summed_over_column_families_and_absent_once_closed(tmp_path: Path) -> None:
+    store = LogStore(str(tmp_path / "log"))
+    try:
+        assert store.rocksdb_property("rocksdb.live-sst-files-size") == 0  # nothing flushed yet
+        memtables = store.rocksdb_property("rocksdb.cur-size-all-mem-tables")
+        assert memtables is not None and memtables > 0  # each column family's empty memtable
+        assert store.rocksdb_property("rocksdb.no-such-property") is None
+    finally:
+        store.close()
+    assert store.rocksdb_property("rocksdb.live-sst-files-size") is None
