@@ -353,7 +353,7 @@ class NodeMetrics:
         )
         self.partition_errors = Counter(
             "headwater_partition_errors",
-            "Partitions a Produce or Fetch answered with an error code, by RPC and code.",
+            "Partitions a Produce, Publish or Fetch answered with an error code, by RPC and code.",
             ["rpc", "error"],
             registry=self.registry,
         )

@@ -59,8 +59,8 @@ def value(found: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str,
 
 @pytest.fixture
 def served(node_factory: object) -> Iterator[tuple[NodeProcess, int]]:
-    """A node with its metrics port, after a produce of 3 records, two fetches (one refused) and a
-    Subscribe answer on topic ``orders``."""
+    """A node with its metrics port, after a produce of 3 records and a publish of 2, two fetches
+    (one refused) and a Subscribe answer on topic ``orders``."""
     port = free_port()
     node: NodeProcess = node_factory(extra_args=["--metrics-port", str(port)])  # type: ignore[operator]
     with grpc.insecure_channel(node.bootstrap) as channel:
@@ -87,6 +87,11 @@ def served(node_factory: object) -> Iterator[tuple[NodeProcess, int]]:
             timeout=10,
         )
         assert produced.topics[0].partitions[0].error_code == 0, produced
+        published = stub.Publish(
+            pb.PublishRequest(topic=TOPIC, records=[pb.PublishRecord(value=v) for v in (b"d", b"e")]),
+            timeout=10,
+        )
+        assert [r.error_code for r in published.results] == [0, 0], published
         for topic in (TOPIC, "no-such-topic"):
             stub.Fetch(
                 pb.FetchRequest(
@@ -130,23 +135,24 @@ def test_the_scrape_is_promtool_clean_and_has_every_exported_metric_with_its_typ
 def test_metric_values_follow_the_traffic_and_the_cluster_state(served: tuple[NodeProcess, int]) -> None:
     node, port = served
     found = samples(scrape(port))
-    # Traffic per topic: 3 records in; the fetch from offset 1 took readers 2 offsets on and the
-    # Subscribe from 0 took them 3.
+    # Traffic per topic: 3 + 2 records in; the fetch from offset 1 took readers 4 offsets on and
+    # the Subscribe from 0 took them 5.
     assert value(found, "headwater_bytes_in_total", topic=TOPIC) > 0
-    assert value(found, "headwater_records_in_total", topic=TOPIC) == 3
+    assert value(found, "headwater_records_in_total", topic=TOPIC) == 3 + 2
     assert value(found, "headwater_bytes_out_total", topic=TOPIC) > 0
-    assert value(found, "headwater_records_out_total", topic=TOPIC) == 2 + 3
+    assert value(found, "headwater_records_out_total", topic=TOPIC) == 4 + 5
     assert value(found, "headwater_requests_total", rpc="Produce", outcome="ok") == 1
+    assert value(found, "headwater_requests_total", rpc="Publish", outcome="ok") == 1
     assert value(found, "headwater_requests_total", rpc="Fetch", outcome="ok") == 2
     assert value(found, "headwater_request_duration_seconds_count", rpc="Produce") == 1
     assert value(found, "headwater_request_duration_seconds_bucket", rpc="Produce", le="+Inf") == 1
     unknown = {"rpc": "Fetch", "error": "UNKNOWN_TOPIC_OR_PARTITION"}
     assert value(found, "headwater_partition_errors_total", **unknown) == 1
-    assert value(found, "headwater_acks_all_wait_seconds_count") == 1
+    assert value(found, "headwater_acks_all_wait_seconds_count") == 2
     # The partition.
     part = {"topic": TOPIC, "partition": "0"}
-    assert value(found, "headwater_log_end_offset", **part) == 3
-    assert value(found, "headwater_high_watermark", **part) == 3
+    assert value(found, "headwater_log_end_offset", **part) == 5
+    assert value(found, "headwater_high_watermark", **part) == 5
     assert value(found, "headwater_log_start_offset", **part) == 0
     assert value(found, "headwater_under_replicated_partitions") == 0
     assert value(found, "headwater_under_min_isr_partitions") == 0
