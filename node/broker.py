@@ -107,6 +107,32 @@ def _wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def _next_offset(stored: bytes) -> int:
+    """The offset after a stored batch, from its first fields alone (the records stay unparsed):
+    fields are serialized in number order, and ``base_offset`` (1), ``partition_leader_epoch`` (2)
+    and ``last_offset_delta`` (3) are non-negative varints with one-byte tags (0 is left out)."""
+    base = delta = 0
+    i, n = 0, len(stored)
+    while i < n:
+        field, wire = stored[i] >> 3, stored[i] & 7
+        if field > 3 or wire != 0:
+            break
+        i += 1
+        value = shift = 0
+        while i < n:
+            b = stored[i]
+            i += 1
+            value |= (b & 0x7F) << shift
+            shift += 7
+            if b < 0x80:
+                break
+        if field == 1:
+            base = value
+        elif field == 3:
+            delta = value
+    return base + delta + 1
+
+
 def _expected_epoch(part: pb.FetchPartition | pb.ListOffsetsPartition) -> int:
     """The leader epoch a request expects, -1 for none. The field is optional (client.proto): absent
     skips the check, as -1 does, while 0 is the first leader epoch and is checked like any other."""
@@ -130,6 +156,8 @@ class FetchResult:
         self.topics: list[tuple[str, list[tuple[pb.FetchPartitionResponse, list[bytes]]]]] = []
         # Bytes of record batches in the answer (for the node's bytes-out metric).
         self.batch_bytes = 0
+        # Offsets the answer takes each topic's readers past (for the records-out metric).
+        self.records: dict[str, int] = {}
         # Read-budget bytes this answer holds (``Broker.fetch``); the caller releases them once sent.
         self.held = 0
 
@@ -207,6 +235,8 @@ class Broker:
         self._group_commit = GroupCommit(store.sync_wal)
         # Told how long each acks=all request waited for its replicas (a metric).
         self.on_ack_wait: Callable[[float], None] | None = None
+        # Told the topic, batch bytes and offsets of each Subscribe answer read (a metric).
+        self.on_subscribe_read: Callable[[str, int, int], None] | None = None
         # The bytes Subscribe streams and Fetch answers hold between reading the log and sending.
         self.read_budget = ReadBudget(config.read_buffer_bytes, config.read_buffer_bytes_per_connection)
 
@@ -621,6 +651,9 @@ class Broker:
                     raw = []  # only a response's first batch may exceed the budget (for progress)
                 batches.extend(raw)
                 total += sum(map(len, raw))
+                if raw:
+                    moved = _next_offset(raw[-1]) - fp.fetch_offset
+                    resp.records[t.topic] = resp.records.get(t.topic, 0) + moved
         resp.batch_bytes = total
         return resp, total, touched, errored
 
@@ -675,7 +708,9 @@ class Broker:
                     budget.release(reader, granted - used)
                     held = used
                     last = records_pb2.RecordBatch.FromString(raw[-1])
-                    offset = last.base_offset + last.last_offset_delta + 1
+                    read_from, offset = offset, last.base_offset + last.last_offset_delta + 1
+                    if self.on_subscribe_read is not None:
+                        self.on_subscribe_read(topic, sum(map(len, raw)), offset - read_from)
                     yield E.ERROR_CODE_NONE, "", p.high_watermark, raw
                     continue
             finally:

@@ -180,7 +180,7 @@ async def run_node(config: NodeConfig, stop: asyncio.Event) -> None:
         broker.catalog.cluster_id = _cluster_id(link, store)
         controller_servicer = link.start_voter(broker.catalog.cluster_id)
         metrics = NodeMetrics(broker)
-        metrics.watch_lease(link)
+        metrics.watch_cluster(link)
         server = grpc.aio.server(options=grpc_server_options(config, max_connections))
         log.info(
             "client connections: at most %s at once, handshake within %d ms, idle ones closed after %d ms",
@@ -196,6 +196,7 @@ async def run_node(config: NodeConfig, stop: asyncio.Event) -> None:
             ReplicationServicer(broker, link.auth, on_sent=metrics.replication_bytes_out.inc), server
         )
         broker.on_ack_wait = metrics.ack_wait.observe
+        broker.on_subscribe_read = metrics.count_out
         services = [SERVICE_NAME, CONTROLLER_SERVICE_NAME, REPLICATION_SERVICE_NAME]
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -343,20 +343,24 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
 
         pending: PendingProduce = await self._handle(rpc, request, context, append)
         assert not isinstance(request, Malformed)
-        self._count_appended(request, pending.response)
+        self._count_appended(request, pending.response, rpc)
         return pending
 
-    def _count_appended(self, request: pb.ProduceRequest, resp: pb.ProduceResponse) -> None:
-        """Count what a Produce appended into the bytes and records in."""
-        appended = 0
-        records = 0
+    def _count_appended(
+        self, request: pb.ProduceRequest, resp: pb.ProduceResponse, rpc: str = "Publish"
+    ) -> None:
+        """Count what a Produce appended into the topics' bytes and records in, and the partitions it
+        refused by error code."""
         for t, tr in zip(request.topics, resp.topics, strict=True):
+            appended = records = 0
             for pd, pr in zip(t.partitions, tr.partitions, strict=True):
                 if pr.error_code == E.ERROR_CODE_NONE:
                     appended += sum(b.ByteSize() for b in pd.batches)
                     records += sum(b.record_count for b in pd.batches)
-        self.metrics.bytes_in.inc(appended)
-        self.metrics.records_in.inc(records)
+                else:
+                    self.metrics.count_error(rpc, pr.error_code)
+            if appended:
+                self.metrics.count_in(t.topic, appended, records)
 
     async def Fetch(  # noqa: N802
         self, request: pb.FetchRequest, context: grpc.aio.ServicerContext
@@ -372,7 +376,7 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
             "Fetch", request, context, lambda: self.broker.fetch(request, peer)
         )
         try:
-            self.metrics.bytes_out.inc(result.batch_bytes)
+            self.metrics.count_fetch(result)
             wire: bytes = result.to_bytes()
             return wire
         finally:
@@ -414,7 +418,7 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
     async def _fetch_decoded_here(self, request: pb.FetchRequest, peer: str) -> pb.FetchResponse:
         result = await self.broker.fetch(request, peer)
         try:
-            self.metrics.bytes_out.inc(result.batch_bytes)
+            self.metrics.count_fetch(result)
             response = result.to_message()
         finally:
             self.broker.read_budget.release(peer, result.held)

@@ -109,6 +109,24 @@ class _Gate:
                     self._cond.notify_all()
 
     @contextlib.contextmanager
+    def try_shared(self) -> Iterator[bool]:
+        """Like ``shared`` but never waits: yields False (holding nothing) while ``exclusive`` is held."""
+        with self._cond:
+            if self._exclusive:
+                got = False
+            else:
+                self._active += 1
+                got = True
+        try:
+            yield got
+        finally:
+            if got:
+                with self._cond:
+                    self._active -= 1
+                    if self._active == 0:
+                        self._cond.notify_all()
+
+    @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
         with self._cond:
             while self._exclusive or self._active:
@@ -269,6 +287,22 @@ class LogStore:
             except Exception as e:
                 self._write_failed = True
                 raise LogWriteError(f"RocksDB could not sync its write-ahead log: {e}") from e
+
+    def rocksdb_property(self, name: str) -> int | None:
+        """RocksDB's integer property ``name`` (e.g. ``rocksdb.live-sst-files-size``) summed over the
+        column families, or None while the database is closed or being reopened. Never waits for a
+        ``recover()``: the metrics read this on the node's event loop."""
+        with self._gate.try_shared() as got:
+            h = self._handles
+            if not got or self._closed or h is None:
+                return None
+            total = 0
+            for rd in (h.db, h.meta, h.timeindex):
+                value = rd.property_int_value(name)
+                if value is None:
+                    return None
+                total += int(value)
+            return total
 
     # ------------------------------------------------------------------ the node's catalog namespace
 

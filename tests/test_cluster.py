@@ -432,7 +432,7 @@ def test_validate_only_creates_nothing_and_checks_assignments(make_cluster: Call
     assert [t.name for t in c.metadata(1).topics] == []
 
 
-def test_replication_health_metrics_count_under_replicated_under_min_isr_and_offline_partitions(
+def test_health_metrics_count_under_replicated_under_min_isr_offline_partitions_and_fenced_nodes(
     make_cluster: Callable[..., Cluster],
 ) -> None:
     c = make_cluster(3)
@@ -455,9 +455,16 @@ def test_replication_health_metrics_count_under_replicated_under_min_isr_and_off
     def led() -> float:
         return total("headwater_leader_partitions") + metric(ports[3], "headwater_leader_partitions")
 
+    def everywhere(name: str) -> float:
+        return total(name) + metric(ports[3], name)
+
     eventually(lambda: led() == 4, 10, "every partition led")
     assert total("headwater_under_replicated_partitions") == 0
     assert total("headwater_offline_partitions") == 0
+    # Exactly one node is the active controller, and it sees every node unfenced.
+    eventually(lambda: everywhere("headwater_active_controller") == 1, 10, "one active controller")
+    assert everywhere("headwater_registered_nodes") == 3
+    assert everywhere("headwater_fenced_nodes") == 0 and everywhere("headwater_node_fenced") == 0
     c.nodes[3].kill9()
     # Node 3 is fenced: it leaves every ISR, its r3 leaderships move, and solo has no leader left.
     eventually(lambda: total("headwater_under_replicated_partitions") == 3, 20, "3 under-replicated")
@@ -466,3 +473,7 @@ def test_replication_health_metrics_count_under_replicated_under_min_isr_and_off
     eventually(lambda: metric(ports[controller], "headwater_offline_partitions") == 1, 10, "solo offline")
     other = next(i for i in live if i != controller)
     assert metric(ports[other], "headwater_offline_partitions") == 0
+    # The controller counts node 3 fenced; the others report 0, so the cluster's sum is 1.
+    eventually(lambda: total("headwater_active_controller") == 1, 10, "one active controller left")
+    assert metric(ports[controller], "headwater_fenced_nodes") == 1
+    assert metric(ports[other], "headwater_fenced_nodes") == 0

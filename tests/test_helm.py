@@ -237,7 +237,7 @@ def test_no_secret_value_appears_in_any_container_args_or_env(helm: str) -> None
             exposed = json.dumps([container.get("command"), container.get("args"), container.get("env")])
             assert value not in exposed, f"the cluster secret shows in container {container['name']}"
             assert "CLUSTER_SECRET" not in exposed, "the secret must come from the file alone"
-    assert value not in one(manifests, "ConfigMap")["data"]["node.toml"]
+    assert value not in one(manifests, "ConfigMap", "hw-headwater")["data"]["node.toml"]
     volumes = {v["name"]: v for v in pods[0]["volumes"]}
     assert volumes["cluster-secret"]["secret"]["secretName"] == secret["metadata"]["name"]
 
@@ -284,14 +284,39 @@ def test_metrics_scenario_keeps_raft_to_the_chart_pods_and_alerts_on_partitions(
     assert raft_rules == [
         {"from": [{"podSelector": {"matchLabels": selector}}], "ports": [{"port": 9392, "protocol": "TCP"}]}
     ]
-    assert "metrics_port = 9404" in one(manifests, "ConfigMap")["data"]["node.toml"]
+    assert "metrics_port = 9404" in one(manifests, "ConfigMap", "hw-headwater")["data"]["node.toml"]
     monitor = one(manifests, "ServiceMonitor")
     assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
     assert monitor["metadata"]["labels"]["release"] == "prometheus"
-    alerts = {r["alert"]: r for g in one(manifests, "PrometheusRule")["spec"]["groups"] for r in g["rules"]}
+    # The PrometheusRule carries the rule groups of files/alerts.yaml unchanged (the one copy).
+    import yaml  # installed with kubernetes-validate, as check-helm does
+
+    rule = one(manifests, "PrometheusRule")
+    assert rule["spec"]["groups"] == yaml.safe_load((CHART / "files" / "alerts.yaml").read_text())["groups"]
+    alerts = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
     assert "headwater_under_replicated_partitions" in alerts["HeadwaterUnderReplicatedPartitions"]["expr"]
     assert alerts["HeadwaterUnderReplicatedPartitions"]["for"] == "5m"
     assert "headwater_offline_partitions" in alerts["HeadwaterOfflinePartitions"]["expr"]
+    # The dashboard ConfigMap: labelled for Grafana's sidecar, holding files/dashboard.json.
+    dashboard = one(manifests, "ConfigMap", "hw-headwater-dashboard")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert dashboard["metadata"]["annotations"] == {"grafana_folder": "Streaming"}
+    shipped = json.loads((CHART / "files" / "dashboard.json").read_text())
+    assert json.loads(dashboard["data"]["headwater.json"]) == shipped
+
+
+def test_monitoring_resources_are_off_by_default_and_follow_metrics_enabled(helm: str) -> None:
+    kinds = {(m["kind"], m["metadata"]["name"]) for m in render(helm)}
+    assert ("ConfigMap", "hw-headwater-dashboard") not in kinds
+    assert not {k for k, _ in kinds} & {"ServiceMonitor", "PrometheusRule"}
+    everything_but_metrics = [
+        "--set", "metrics.serviceMonitor.enabled=true",
+        "--set", "metrics.prometheusRule.enabled=true",
+        "--set", "metrics.grafanaDashboard.enabled=true",
+    ]  # fmt: skip
+    kinds = {(m["kind"], m["metadata"]["name"]) for m in render(helm, *everything_but_metrics)}
+    assert ("ConfigMap", "hw-headwater-dashboard") not in kinds
+    assert not {k for k, _ in kinds} & {"ServiceMonitor", "PrometheusRule"}
 
 
 # ------------------------------------------------------------------ the rendered pods, run here
