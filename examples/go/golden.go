@@ -92,7 +92,8 @@ func unhexOpt(s *string) []byte {
 
 // checkGolden checks CRC32C, every golden batch (header bytes, CRC, records, decompressed payload,
 // decoded records; for uncompressed batches the builder's bytes too) and the partitioner vectors.
-func checkGolden(g *golden, c *checker) {
+// It returns how many batches it decoded and how many it rebuilt byte for byte.
+func checkGolden(g *golden, c *checker) (decoded, rebuilt int) {
 	c.check(crc32c(unhex(g.Crc32cCheck.Input)) == g.Crc32cCheck.Crc, "golden: crc32c of the check input")
 	for _, gb := range g.Batches {
 		name := "golden batch " + gb.Name
@@ -133,11 +134,13 @@ func checkGolden(g *golden, c *checker) {
 			}
 		}
 		c.check(sameRecords(got, want, true) == "", "%s: decoded records: %s", name, sameRecords(got, want, true))
+		decoded++
 		if b.Compression == pb.CompressionType_COMPRESSION_TYPE_NONE {
 			_, built, err := buildBatch(want, BatchFields{pb.CompressionType_COMPRESSION_TYPE_NONE,
 				gb.ProducerID, gb.ProducerEpoch, gb.BaseSequence})
 			c.check(err == nil && bytes.Equal(built, unhex(gb.Batch)),
 				"%s: the builder reproduces the batch byte for byte (built %x)", name, built)
+			rebuilt++
 		}
 	}
 	for _, k := range g.Partitioner {
@@ -150,6 +153,7 @@ func checkGolden(g *golden, c *checker) {
 				"golden partitioner: key %s over %s partitions: %d, golden %d", k.Key, n, partitionForKey(key, count), p)
 		}
 	}
+	return decoded, rebuilt
 }
 
 // sameRecords says how got differs from want ("" when equal): offsets, keys, values (absent versus

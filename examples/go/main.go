@@ -155,7 +155,7 @@ func main() {
 	if err != nil {
 		fatal("golden vectors: %v", err)
 	}
-	checkGolden(g, c)
+	goldenDecoded, goldenRebuilt := checkGolden(g, c)
 	goldenChecks := c.passed
 
 	cl := &cluster{conns: map[string]*grpc.ClientConn{}, bootstrap: bootstrap}
@@ -177,8 +177,8 @@ func main() {
 	readFetch(cl, c, *topic, w, false)
 
 	fmt.Printf("go example: topic %s (%d partitions) via %s\n", *topic, cl.partitions, bootstrap)
-	fmt.Printf("  golden vectors: %d batches, %d partitioner keys, %d checks\n",
-		len(g.Batches), len(g.Partitioner), goldenChecks)
+	fmt.Printf("  golden vectors: %d batches (%d decoded here, %d rebuilt byte for byte), %d partitioner keys, %d checks\n",
+		len(g.Batches), goldenDecoded, goldenRebuilt, len(g.Partitioner), goldenChecks)
 	fmt.Printf("  wrote %d records (%d with Publish and PublishStream, %d in native batches); read back with Subscribe, Fetch decoded, Fetch raw\n",
 		w.count(), published, native)
 	if len(c.failures) > 0 {

@@ -353,6 +353,8 @@ public final class HeadwaterExample {
   }
 
   int goldenBatches;
+  int goldenDecoded;
+  int goldenRebuilt;
   int goldenKeys;
 
   void checkGolden(Map<String, Object> g) throws IOException {
@@ -401,11 +403,13 @@ public final class HeadwaterExample {
       check(Arrays.equals(raw, unhex((String) gb.get("records_uncompressed"))), "%s: decompressed records", name);
       String diff = sameRecords(decodeBatch(b), want);
       check(diff.isEmpty(), "%s: decoded records: %s", name, diff);
+      goldenDecoded++;
       if (b.getCompression() == CompressionType.COMPRESSION_TYPE_NONE) {
         RecordBatch built = buildBatch(want, CompressionType.COMPRESSION_TYPE_NONE, num(gb, "producer_id"),
             (int) num(gb, "producer_epoch"), (int) num(gb, "base_sequence"));
         check(Arrays.equals(built.toByteArray(), unhex((String) gb.get("batch"))),
             "%s: the builder reproduces the batch byte for byte (built %s)", name, hex(built.toByteArray()));
+        goldenRebuilt++;
       }
     }
     for (Object o : list(g.get("partitioner"))) {
@@ -888,7 +892,8 @@ public final class HeadwaterExample {
       ex.readFetch(true);
       ex.readFetch(false);
       System.out.printf("java example: topic %s (%d partitions) via %s%n", topic, ex.partitions, bootstrap);
-      System.out.printf("  golden vectors: %d batches, %d partitioner keys, %d checks%n", ex.goldenBatches, ex.goldenKeys, goldenChecks);
+      System.out.printf("  golden vectors: %d batches (%d decoded here, %d rebuilt byte for byte), %d partitioner keys, %d checks%n",
+          ex.goldenBatches, ex.goldenDecoded, ex.goldenRebuilt, ex.goldenKeys, goldenChecks);
       System.out.printf("  wrote %d records (%d with Publish and PublishStream, %d in native batches); read back with Subscribe, Fetch decoded, Fetch raw%n",
           ex.count(), published, nativeCount);
       if (ex.failures.isEmpty()) {
