@@ -114,7 +114,14 @@ public final class HeadwaterExample {
   }
 
   static String show(byte[] b) {
-    return b == null ? "absent" : "\"" + new String(b, StandardCharsets.ISO_8859_1) + "\"";
+    if (b == null) {
+      return "absent";
+    }
+    StringBuilder sb = new StringBuilder("\"");
+    for (byte x : b) {
+      sb.append(x >= 0x20 && x < 0x7f && x != '"' && x != '\\' ? String.valueOf((char) x) : String.format("\\x%02x", x & 0xff));
+    }
+    return sb.append('"').toString();
   }
 
   /** How got differs from want ("" when equal): offsets, timestamps, keys, values, headers. */
