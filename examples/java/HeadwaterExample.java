@@ -408,6 +408,9 @@ public final class HeadwaterExample {
         continue; // lz4 and zstd: CRC and header checked above; the node decodes them (decode: true)
       }
       check(Arrays.equals(raw, unhex((String) gb.get("records_uncompressed"))), "%s: decompressed records", name);
+      // Compressors differ in their bytes: what must hold is that this one's output inflates back.
+      check(Arrays.equals(decompress(b.getCompression(), compress(b.getCompression(), raw)), raw),
+          "%s: this codec's compression inflates back", name);
       String diff = sameRecords(decodeBatch(b), want);
       check(diff.isEmpty(), "%s: decoded records: %s", name, diff);
       goldenDecoded++;
