@@ -473,7 +473,7 @@ public final class HeadwaterExample {
       }
       byte[] raw = decompress(b.getCompression(), records);
       if (raw == null) {
-        continue; // lz4 and zstd: CRC and header checked above; the node decodes them (decode: true)
+        continue; // zstd: CRC and header checked above; the node decodes it (decode: true)
       }
       check(Arrays.equals(raw, unhex((String) gb.get("records_uncompressed"))), "%s: decompressed records", name);
       if (b.getCompression() != CompressionType.COMPRESSION_TYPE_LZ4) { // inflated here, never deflated
