@@ -22,7 +22,7 @@ COPY raft/ raft/
 COPY storage/ storage/
 COPY chaos/ chaos/
 
-# The wheel is built from the source (as CI proves it), then installed with its dependencies into
+# The wheel is built from the source (the same wheel CI installs and smoke-tests), then installed with its dependencies into
 # a venv of its own, which is all the final stage takes.
 RUN python3 -m venv /opt/headwater \
     && /opt/headwater/bin/pip wheel --no-deps --wheel-dir /tmp/dist . \
@@ -33,10 +33,14 @@ RUN python3 -m venv /opt/headwater \
 # ---------------------------------------------------------------- final: the venv on a slim base
 FROM ${BASE_IMAGE}
 
+LABEL org.opencontainers.image.title="headwater" \
+      org.opencontainers.image.description="Headwater node: a replicated, partitioned event log" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
 # The same user and group ids as the chart's securityContext (helm/headwater/values.yaml); USER is
 # numeric so that Kubernetes can check runAsNonRoot.
-RUN groupadd --system --gid 10001 headwater \
-    && useradd --system --uid 10001 --gid headwater --no-create-home \
+RUN groupadd --gid 10001 headwater \
+    && useradd --uid 10001 --gid headwater --no-create-home \
        --home-dir /var/lib/headwater --shell /usr/sbin/nologin headwater \
     && mkdir -p /var/lib/headwater \
     && chown headwater:headwater /var/lib/headwater \
