@@ -29,6 +29,9 @@ __all__ = ["HeadwaterService", "add_to_server"]
 
 log = logging.getLogger("headwater.node")
 T = TypeVar("T")
+R = TypeVar("R")
+# What gives a stream request's answer once it is started (see HeadwaterService._answer_in_order).
+Answer = Callable[[], Awaitable[R]]
 E = errors_pb2
 # Call metadata on a Subscribe that a node relays to the partition's leader.
 _RELAYED = "headwater-relayed"
@@ -194,11 +197,35 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
         # Past max_produce_requests a stream waits for its turn with the one request it has read, and
         # reads no further, so flow control holds its sender back (an idle stream holds no turn).
         refused: set[tuple[str, int]] = set()
+
+        async def append(
+            request: pb.ProduceRequest | Malformed,
+        ) -> Callable[[], Awaitable[pb.ProduceResponse]]:
+            async with self._produce_slots:
+                pending = await self._append("ProduceStream", request, context, refused)
+            return pending.settle
+
+        async for response in self._answer_in_order(requests, append):
+            yield pb.ProduceStreamResponse(response=response)
+
+    async def _answer_in_order(
+        self,
+        requests: AsyncIterator[Any],
+        start: Callable[[Any], Awaitable[Answer[R]]],
+    ) -> AsyncIterator[R]:
+        """The answers of a stream of requests, in the order the requests came.
+
+        Each request (the message's ``request``, or the Malformed stand-in) is started by ``start``
+        in arrival order, one at a time; ``start`` returns once it may take the next, with what
+        gives the request's answer. At most _STREAM_IN_FLIGHT requests are read and not yet
+        answered: past that the stream is not read, so flow control holds its sender back. A
+        failure (a refused call's abort, a broken stream) ends the answers too.
+        """
         incoming = aiter(requests)
-        appended: asyncio.Queue[PendingProduce | BaseException | None] = asyncio.Queue()
+        started: asyncio.Queue[Answer[R] | BaseException | None] = asyncio.Queue()
         room = asyncio.Semaphore(_STREAM_IN_FLIGHT)
 
-        async def append_in_order() -> None:
+        async def read() -> None:
             try:
                 while True:
                     await room.acquire()
@@ -206,25 +233,23 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
                     if message is None:
                         break
                     request = message if isinstance(message, Malformed) else message.request
-                    async with self._produce_slots:
-                        appended.put_nowait(await self._append("ProduceStream", request, context, refused))
-            except BaseException as e:  # a refused call (abort) or a broken stream ends the answers too
-                appended.put_nowait(e)
+                    started.put_nowait(await start(request))
+            except BaseException as e:
+                started.put_nowait(e)
                 raise
-            appended.put_nowait(None)
+            started.put_nowait(None)
 
-        appender = asyncio.create_task(append_in_order())
+        reader = asyncio.create_task(read())
         try:
-            while (item := await appended.get()) is not None:
+            while (item := await started.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
-                response = await item.settle()
-                yield pb.ProduceStreamResponse(response=response)
+                yield await item()
                 room.release()
         finally:
-            appender.cancel()
+            reader.cancel()
             with contextlib.suppress(BaseException):
-                await appender
+                await reader
 
     async def _next_unless_stopping(self, incoming: AsyncIterator[T]) -> T | None:
         """The stream's next message; None at its end, or once the node is stopping."""
@@ -255,11 +280,8 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
     async def PublishStream(  # noqa: N802
         self, requests: AsyncIterator[pb.PublishStreamRequest | Malformed], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.PublishStreamResponse]:
-        # Up to _STREAM_IN_FLIGHT requests of a stream are published at once and answered in the
-        # order they came; past that the stream is not read, so flow control holds its sender back.
-        incoming = aiter(requests)
-        started: asyncio.Queue[asyncio.Task[pb.PublishResponse] | BaseException | None] = asyncio.Queue()
-        room = asyncio.Semaphore(_STREAM_IN_FLIGHT)
+        # Up to _STREAM_IN_FLIGHT requests of a stream are published at once, answered in order.
+        tasks: set[asyncio.Task[pb.PublishResponse]] = set()
 
         async def publish(request: pb.PublishRequest | Malformed) -> pb.PublishResponse:
             async with self._produce_slots:
@@ -275,36 +297,20 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
                 finally:
                     self._producing -= 1
 
-        async def read() -> None:
-            try:
-                while True:
-                    await room.acquire()
-                    message = await self._next_unless_stopping(incoming)
-                    if message is None:
-                        break
-                    request = message if isinstance(message, Malformed) else message.request
-                    started.put_nowait(asyncio.ensure_future(publish(request)))
-            except BaseException as e:  # a broken stream ends the answers too
-                started.put_nowait(e)
-                raise
-            started.put_nowait(None)
+        async def begin(
+            request: pb.PublishRequest | Malformed,
+        ) -> Callable[[], Awaitable[pb.PublishResponse]]:
+            task = asyncio.ensure_future(publish(request))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            return lambda: task
 
-        reader = asyncio.create_task(read())
-        tasks: list[asyncio.Task[pb.PublishResponse]] = []
         try:
-            while (item := await started.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                tasks.append(item)
-                response = await item
+            async for response in self._answer_in_order(requests, begin):
                 yield pb.PublishStreamResponse(response=response)
-                room.release()
         finally:
-            reader.cancel()
             for task in tasks:
                 task.cancel()
-            with contextlib.suppress(BaseException):
-                await reader
 
     async def _admit_unary(self, rpc: str, context: grpc.aio.ServicerContext) -> None:
         """Refuse a unary produce past max_produce_requests: it is already in memory, so waiting
