@@ -16,7 +16,6 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import grpc
 
@@ -25,10 +24,10 @@ from headwater.node.cluster import ClusterLink
 from headwater.node.produce_checks import ProduceRules, timestamp_problem
 from headwater.v1 import batch as batch_codec
 from headwater.v1 import client_pb2 as pb
-from headwater.v1 import client_pb2_grpc, errors_pb2
+from headwater.v1 import client_pb2_grpc, errors_pb2, records_pb2
 from headwater.v1.partitioner import partition_for_key
 
-__all__ = ["Publisher", "PublishPlan", "plan", "RETRIABLE", "DEFAULT_ACKS"]
+__all__ = ["Publisher", "PublishPlan", "plan", "build_batches", "RETRIABLE", "DEFAULT_ACKS"]
 
 log = logging.getLogger("headwater.node")
 E = errors_pb2
@@ -54,6 +53,8 @@ RETRIABLE = frozenset(
 # Room left in a batch for its header fields and each record's framing, beyond keys, values and headers.
 _BATCH_OVERHEAD = 128
 _RECORD_OVERHEAD = 32
+# Requests with more records than this have their batches encoded off the event loop.
+_BUILD_ON_LOOP_RECORDS = 2000
 _FIRST_BACKOFF_S = 0.05
 _MAX_BACKOFF_S = 0.5
 
@@ -136,6 +137,26 @@ def plan(
     return out
 
 
+def build_batches(
+    req: pb.PublishRequest, the_plan: PublishPlan, now_ms: int
+) -> dict[int, list[records_pb2.RecordBatch]]:
+    """The batches of each partition of ``the_plan``, compressed as the request says; a record
+    without a timestamp gets ``now_ms``."""
+    out: dict[int, list[records_pb2.RecordBatch]] = {}
+    for p, batches in the_plan.batches.items():
+        built = out[p] = []
+        for members in batches:
+            tuples = []
+            for i in members:
+                r = req.records[i]
+                headers = [(h.key, h.value if h.HasField("value") else None) for h in r.headers]
+                key = r.key if r.HasField("key") else None
+                value = r.value if r.HasField("value") else None
+                tuples.append((key, value, headers, r.timestamp_ms or now_ms))
+            built.append(batch_codec.build_batch(tuples, req.compression))
+    return out
+
+
 class Publisher:
     """Sends Publish requests' records to their partitions' leaders (see the module docstring).
 
@@ -207,27 +228,21 @@ class Publisher:
             results[i].error_code, results[i].error_message = code, why
         timeout_s = req.timeout_ms / 1000 if req.timeout_ms > 0 else 30.0
         deadline = asyncio.get_running_loop().time() + timeout_s
-        sends = []
-        for p, batches in the_plan.batches.items():
-            built = []
-            for members in batches:
-                tuples = []
-                for i in members:
-                    r = req.records[i]
-                    ts = r.timestamp_ms or now_ms
-                    results[i].timestamp_ms = ts
-                    headers = [(h.key, h.value if h.HasField("value") else None) for h in r.headers]
-                    tuples.append(
-                        (
-                            r.key if r.HasField("key") else None,
-                            r.value if r.HasField("value") else None,
-                            headers,
-                            ts,
-                        )
-                    )
-                built.append(batch_codec.build_batch(tuples, req.compression))
-            members_of_p = [i for members in batches for i in members]
-            sends.append(self._send(topic, p, built, [results[i] for i in members_of_p], acks, deadline))
+        for i in range(len(req.records)):
+            if i not in the_plan.refused:
+                results[i].timestamp_ms = req.records[i].timestamp_ms or now_ms
+        if len(req.records) > _BUILD_ON_LOOP_RECORDS:
+            # A large request's batches are encoded on a worker thread, so that the event loop (and
+            # with it the node's lease) is not held for the whole encoding.
+            built = await asyncio.to_thread(build_batches, req, the_plan, now_ms)
+        else:
+            built = build_batches(req, the_plan, now_ms)
+        sends = [
+            self._send(
+                topic, p, built[p], [results[i] for b in the_plan.batches[p] for i in b], acks, deadline
+            )
+            for p in the_plan.batches
+        ]
         await asyncio.gather(*sends)
         return resp
 
@@ -243,7 +258,7 @@ class Publisher:
         self,
         topic: str,
         partition: int,
-        batches: list[Any],
+        batches: list[records_pb2.RecordBatch],
         results: list[pb.PublishResult],
         acks: int,
         deadline: float,

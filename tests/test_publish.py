@@ -299,3 +299,26 @@ def test_a_publish_rides_over_its_leaders_death(cluster: Cluster) -> None:
     finally:
         victim.launch()
         victim.wait_serving(30)
+
+
+def test_a_large_request_is_encoded_off_the_loop_and_stored_whole(cluster: Cluster) -> None:
+    # More records than _BUILD_ON_LOOP_RECORDS: the batches are built on a worker thread.
+    records = [_rec(None, f"bulk-{i}".encode()) for i in range(3000)]
+    ch, stub = _stub(cluster, 2)
+    with ch:
+        resp = stub.Publish(pb.PublishRequest(topic=TOPIC, records=records, compression=3), timeout=30)
+    assert all(r.error_code == E.ERROR_CODE_NONE for r in resp.results)
+    (partition,) = {r.partition for r in resp.results}  # keyless: one partition per request
+    offsets = [r.offset for r in resp.results]
+    assert offsets == list(range(offsets[0], offsets[0] + 3000))
+    ch, stub = _stub(cluster, 3)
+    values: dict[int, bytes] = {}
+    with ch:
+        req = pb.FetchRequest(decode=True)
+        req.topics.add(topic=TOPIC).partitions.add(partition=partition, fetch_offset=offsets[0])
+        while len(values) < 3000:
+            pr = stub.Fetch(req, timeout=10).topics[0].partitions[0]
+            assert pr.error_code == E.ERROR_CODE_NONE, pr.error_message
+            values.update((cr.offset, cr.value) for cr in pr.records if cr.offset <= offsets[-1])
+            req.topics[0].partitions[0].fetch_offset = pr.records[-1].offset + 1
+    assert [values[o] for o in offsets] == [f"bulk-{i}".encode() for i in range(3000)]
