@@ -27,7 +27,7 @@ import grpc
 from headwater.node.auth import NodeAuth
 from headwater.node.broker import Broker
 from headwater.node.partition import Partition, compare_leader_epoch
-from headwater.node.rpc import Malformed, add_service
+from headwater.node.rpc import Malformed, add_service, next_unless_stopping
 from headwater.storage import OffsetOutOfRangeError
 from headwater.v1 import batch as batch_codec
 from headwater.v1 import errors_pb2, replication_pb2
@@ -86,6 +86,13 @@ class ReplicationServicer:
         # None: this node holds no cluster secret, so no follower can prove itself; every stream
         # is refused.
         self.auth = auth
+        # Set when the node stops: open streams end instead of waiting for their next request.
+        self._stopping = asyncio.Event()
+
+    def close_streams(self) -> None:
+        """The node is stopping: each Replicate stream ends after the request in hand, rather than
+        holding the server's shutdown until its grace period runs out."""
+        self._stopping.set()
 
     # ----------------------------------------------------------------- the stream
 
@@ -95,7 +102,9 @@ class ReplicationServicer:
         """One answer per request, in order (the follower sends the next once it has the last)."""
         reader = f"replicate:{context.peer() or ''}"
         identity: tuple[int, int] | None = None
-        async for request in request_iterator:
+        incoming = aiter(request_iterator)
+        # The stream ends when the follower ends it, or when this node stops (close_streams).
+        while (request := await next_unless_stopping(incoming, self._stopping)) is not None:
             if isinstance(request, Malformed):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"undecodable request: {request.error}")
             if identity is None or request.node_token:

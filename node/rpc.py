@@ -7,13 +7,14 @@ would fail the call with UNKNOWN), and a handler may answer with wire bytes it a
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import AsyncIterator, Callable
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
-__all__ = ["Malformed", "add_service"]
+__all__ = ["Malformed", "add_service", "next_unless_stopping"]
 
 
 class Malformed:
@@ -59,3 +60,25 @@ def add_service(servicer: object, server: grpc.aio.Server, module: ModuleType, s
             response_serializer=_serializer(getattr(module, method.output_type.name)),
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+
+
+T = TypeVar("T")
+
+
+async def next_unless_stopping(incoming: AsyncIterator[T], stopping: asyncio.Event) -> T | None:
+    """A stream's next message; None at its end, or once ``stopping`` is set (the node is stopping:
+    a handler waiting for a peer's next request would otherwise hold the server's shutdown for its
+    whole grace period)."""
+    if stopping.is_set():
+        return None
+    message = asyncio.ensure_future(anext(incoming))
+    stopped = asyncio.ensure_future(stopping.wait())
+    await asyncio.wait((message, stopped), return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if not message.done():
+        message.cancel()
+        return None
+    try:
+        return message.result()
+    except StopAsyncIteration:
+        return None

@@ -192,9 +192,8 @@ async def run_node(config: NodeConfig, stop: asyncio.Event) -> None:
         add_to_server(service, server)
         add_controller_to_server(controller_servicer, server)
         # Followers authenticate with node tokens made from the cluster secret ``start_voter`` read.
-        add_replication_to_server(
-            ReplicationServicer(broker, link.auth, on_sent=metrics.replication_bytes_out.inc), server
-        )
+        replication = ReplicationServicer(broker, link.auth, on_sent=metrics.replication_bytes_out.inc)
+        add_replication_to_server(replication, server)
         broker.on_ack_wait = metrics.ack_wait.observe
         broker.on_subscribe_read = metrics.count_out
         services = [SERVICE_NAME, CONTROLLER_SERVICE_NAME, REPLICATION_SERVICE_NAME]
@@ -252,6 +251,7 @@ async def run_node(config: NodeConfig, stop: asyncio.Event) -> None:
             await isr_sender.close()
         broker.close()
         service.close_streams()
+        replication.close_streams()
         # The voter and its metadata streams stop first, so the server's grace covers in-flight
         # requests only, not watches that would never end on their own.
         await link.close()

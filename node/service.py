@@ -20,7 +20,7 @@ from headwater.node.broker import Broker, FetchResult, PendingProduce
 from headwater.node.cluster import ClusterLink, timeout_of
 from headwater.node.metrics import NodeMetrics
 from headwater.node.publish import Publisher
-from headwater.node.rpc import Malformed, add_service
+from headwater.node.rpc import Malformed, add_service, next_unless_stopping
 from headwater.v1 import batch as batch_codec
 from headwater.v1 import client_pb2, client_pb2_grpc, errors_pb2, records_pb2
 from headwater.v1 import client_pb2 as pb
@@ -229,7 +229,7 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
             try:
                 while True:
                     await room.acquire()
-                    message = await self._next_unless_stopping(incoming)
+                    message = await next_unless_stopping(incoming, self._stopping)
                     if message is None:
                         break
                     request = message if isinstance(message, Malformed) else message.request
@@ -250,22 +250,6 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
             reader.cancel()
             with contextlib.suppress(BaseException):
                 await reader
-
-    async def _next_unless_stopping(self, incoming: AsyncIterator[T]) -> T | None:
-        """The stream's next message; None at its end, or once the node is stopping."""
-        if self._stopping.is_set():
-            return None
-        message = asyncio.ensure_future(anext(incoming))
-        stopping = asyncio.ensure_future(self._stopping.wait())
-        await asyncio.wait((message, stopping), return_when=asyncio.FIRST_COMPLETED)
-        stopping.cancel()
-        if not message.done():
-            message.cancel()
-            return None
-        try:
-            return message.result()
-        except StopAsyncIteration:
-            return None
 
     async def Publish(
         self, request: pb.PublishRequest, context: grpc.aio.ServicerContext
