@@ -255,11 +255,7 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
         self, request: pb.PublishRequest, context: grpc.aio.ServicerContext
     ) -> pb.PublishResponse:  # noqa: N802,E501
         await self._admit_unary("Publish", context)
-        self._producing += 1
-        try:
-            return await self._handle("Publish", request, context, lambda: self.publisher.publish(request))
-        finally:
-            self._producing -= 1
+        return await self._publish("Publish", request, context)
 
     async def PublishStream(  # noqa: N802
         self, requests: AsyncIterator[pb.PublishStreamRequest | Malformed], context: grpc.aio.ServicerContext
@@ -269,17 +265,7 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
 
         async def publish(request: pb.PublishRequest | Malformed) -> pb.PublishResponse:
             async with self._produce_slots:
-                self._producing += 1
-                try:
-                    response: pb.PublishResponse = await self._handle(
-                        "PublishStream",
-                        request,
-                        context,
-                        lambda: self.publisher.publish(request),  # type: ignore[arg-type]
-                    )
-                    return response
-                finally:
-                    self._producing -= 1
+                return await self._publish("PublishStream", request, context)
 
         async def begin(
             request: pb.PublishRequest | Malformed,
@@ -295,6 +281,22 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
         finally:
             for task in tasks:
                 task.cancel()
+
+    async def _publish(
+        self, rpc: str, request: pb.PublishRequest | Malformed, context: grpc.aio.ServicerContext
+    ) -> pb.PublishResponse:
+        """One Publish request, counted among the produce requests being handled."""
+        self._producing += 1
+        try:
+            response: pb.PublishResponse = await self._handle(
+                rpc,
+                request,
+                context,
+                lambda: self.publisher.publish(request),  # type: ignore[arg-type]
+            )
+            return response
+        finally:
+            self._producing -= 1
 
     async def _admit_unary(self, rpc: str, context: grpc.aio.ServicerContext) -> None:
         """Refuse a unary produce past max_produce_requests: it is already in memory, so waiting
@@ -377,9 +379,7 @@ class HeadwaterService(client_pb2_grpc.HeadwaterServiceServicer):
         """A Fetch with ``decode``: this node reads the partitions it leads (or knows no other
         leader of) and asks the other partitions' leaders, once, for theirs (a relayed request is
         never relayed again); the answers come back in the request's order, records decoded."""
-        local = pb.FetchRequest()
-        local.CopyFrom(request)
-        del local.topics[:]
+        local = _empty_copy(request)
         remote: dict[str, pb.FetchRequest] = {}
         for t in request.topics:
             for fp in t.partitions:
